@@ -1,0 +1,138 @@
+"""A PyTorch helper that turns a model factory and a loss into :class:`ClientWork`.
+
+Local training is plain mini-batch SGD (McMahan et al. 2017, "Communication-Efficient Learning
+of Deep Networks from Decentralized Data"), optionally with FedProx's proximal term
+``mu/2 * ||w - w_global||^2`` (Li et al. 2020, "Federated Optimization in Heterogeneous
+Networks"). The local shuffle of client ``c`` in round ``r`` is
+``np.random.RandomState([seed, r, c]).permutation(n_train)``, one permutation per local epoch;
+batches are consecutive slices of it, the last one possibly short.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedloom.data.dataset import ClientDataset
+from fedloom.errors import DataError
+from fedloom.messages import EvaluateConfig, Evaluation, TrainConfig, Update
+from fedloom.params import Params
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy; sequence outputs ``(B, T, V)`` are averaged over every position."""
+    if logits.dim() > 2:
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+    return F.cross_entropy(logits, target)
+
+
+def get_params(model: nn.Module) -> Params:
+    """The model's parameters as new float arrays, in ``model.parameters()`` order."""
+    return [p.detach().cpu().numpy().copy() for p in model.parameters()]
+
+
+def set_params(model: nn.Module, params: Params) -> None:
+    """Copy ``params`` into the model in place (shapes must match)."""
+    with torch.no_grad():
+        for p, a in zip(model.parameters(), params, strict=True):
+            p.copy_(torch.from_numpy(np.asarray(a)))
+
+
+@torch.no_grad()
+def evaluate_arrays(
+    model: nn.Module, x: np.ndarray, y: np.ndarray, loss_fn: LossFn = cross_entropy, batch_size: int = 256
+) -> Evaluation:
+    """Mean loss and accuracy of ``model`` on arrays; sequence targets count every position."""
+    if len(y) == 0:
+        raise DataError("cannot evaluate on 0 examples")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, positions = 0.0, 0, 0
+    for start in range(0, len(y), batch_size):
+        xb = torch.from_numpy(x[start : start + batch_size]).to(device)
+        yb = torch.from_numpy(y[start : start + batch_size]).to(device)
+        out = model(xb)
+        loss_sum += float(loss_fn(out, yb)) * yb.numel()
+        correct += int((out.argmax(dim=-1) == yb).sum())
+        positions += yb.numel()
+    model.train(was_training)
+    return Evaluation(loss=loss_sum / positions, accuracy=correct / positions, num_examples=len(y))
+
+
+class TorchClientWork:
+    """Local SGD and evaluation for any ``nn.Module`` built by ``model_fn``.
+
+    One model instance is built on first use and reused for every client the process serves,
+    so a simulated client costs a parameter copy, not a model construction.
+    """
+
+    def __init__(self, model_fn: Callable[[], nn.Module], loss_fn: LossFn = cross_entropy, device: str = "cpu"):
+        self.model_fn = model_fn
+        self.loss_fn = loss_fn
+        self.device = torch.device(device)
+        self._model: nn.Module | None = None
+
+    def initial_params(self, seed: int) -> Params:
+        """Parameters of a fresh model built after ``torch.manual_seed(seed)``."""
+        torch.manual_seed(seed)
+        return get_params(self.model_fn())
+
+    @property
+    def model(self) -> nn.Module:
+        if self._model is None:
+            self._model = self.model_fn().to(self.device)
+        return self._model
+
+    def train(self, params: Params, data: ClientDataset, config: TrainConfig) -> Update:
+        n = data.num_train
+        if n == 0:
+            raise DataError("no training examples", client_id=data.client_id, stage="train")
+        model = self.model
+        set_params(model, params)
+        model.train()
+        weights = list(model.parameters())
+        anchor = [w.detach().clone() for w in weights] if config.mu > 0 else None
+        x = torch.from_numpy(data.x_train).to(self.device)
+        y = torch.from_numpy(data.y_train).to(self.device)
+        rng = np.random.RandomState([config.seed, config.round, data.client_id])
+        loss_sum = torch.zeros((), device=self.device)
+        steps = seen = 0
+        for _ in range(config.local_epochs):
+            order = torch.from_numpy(rng.permutation(n)).to(self.device)
+            for start in range(0, n, config.batch_size):
+                if config.max_steps is not None and steps >= config.max_steps:
+                    break
+                idx = order[start : start + config.batch_size]
+                for w in weights:
+                    w.grad = None
+                loss = self.loss_fn(model(x[idx]), y[idx])
+                loss.backward()
+                with torch.no_grad():
+                    for i, w in enumerate(weights):
+                        if anchor is not None:
+                            w.grad.add_(w - anchor[i], alpha=config.mu)
+                        w.add_(w.grad, alpha=-config.lr)
+                loss_sum += loss.detach() * len(idx)
+                steps += 1
+                seen += len(idx)
+        new = get_params(model)
+        delta = [a - np.asarray(b) for a, b in zip(new, params)]
+        metrics = {"loss": float(loss_sum) / max(seen, 1), "examples": float(seen), "steps": float(steps)}
+        return Update(values=delta, weight=float(n), kind="delta", metrics=metrics)
+
+    def evaluate(self, params: Params, data: ClientDataset, config: EvaluateConfig) -> Evaluation:
+        if data.num_test == 0:
+            raise DataError("no test examples", client_id=data.client_id, stage="evaluate")
+        return self.evaluate_params(params, data.x_test, data.y_test, config.batch_size)
+
+    def evaluate_params(self, params: Params, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> Evaluation:
+        """Evaluate ``params`` on arrays (used for the server's centralised evaluation too)."""
+        set_params(self.model, params)
+        return evaluate_arrays(self.model, x, y, self.loss_fn, batch_size)

@@ -1,0 +1,56 @@
+"""The client side's one interface, and the handler that turns requests into replies."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from fedloom.data.dataset import ClientDataset
+from fedloom.errors import FedloomError
+from fedloom.messages import (
+    ErrorReply,
+    EvaluateConfig,
+    EvaluateReply,
+    EvaluateRequest,
+    Evaluation,
+    Reply,
+    Request,
+    TrainConfig,
+    TrainReply,
+    TrainRequest,
+    Update,
+)
+from fedloom.params import Params
+
+
+class ClientWork(Protocol):
+    """What a client does with its own data: the user's ``client_update`` and evaluation.
+
+    Both methods are pure with respect to the network: they see the parameters the server
+    sent, the client's local data and the request's settings, and return a value.
+    """
+
+    def train(self, params: Params, data: ClientDataset, config: TrainConfig) -> Update: ...
+
+    def evaluate(self, params: Params, data: ClientDataset, config: EvaluateConfig) -> Evaluation: ...
+
+
+def _error(exc: BaseException) -> ErrorReply:
+    if isinstance(exc, FedloomError):
+        return ErrorReply(exc.code, str(exc))
+    return ErrorReply("client_failed", f"{type(exc).__name__}: {exc}")
+
+
+def handle(request: Request, work: ClientWork, data: ClientDataset) -> Reply:
+    """Run one request against a client's work and data; any failure becomes an error reply."""
+    if isinstance(request, TrainRequest):
+        try:
+            return TrainReply(request.client_id, request.round, update=work.train(request.params, data, request.config))
+        except Exception as exc:  # noqa: BLE001 - a client failure must not stop the round
+            return TrainReply(request.client_id, request.round, error=_error(exc))
+    if isinstance(request, EvaluateRequest):
+        try:
+            evaluation = work.evaluate(request.params, data, request.config)
+            return EvaluateReply(request.client_id, request.round, evaluation=evaluation)
+        except Exception as exc:  # noqa: BLE001
+            return EvaluateReply(request.client_id, request.round, error=_error(exc))
+    raise TypeError(f"not a request: {type(request).__name__}")

@@ -1,0 +1,109 @@
+"""Typed messages between server and clients.
+
+The server sends a :class:`TrainRequest` or :class:`EvaluateRequest`; a client answers with a
+:class:`TrainReply` or :class:`EvaluateReply`. A reply carries either its result or an
+:class:`ErrorReply` (a code and a reason), so a failure never crosses a transport as an
+exception. Messages are plain frozen dataclasses of numbers, strings and numpy arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from fedloom.params import Params
+
+
+@dataclass(frozen=True)
+class ErrorReply:
+    """Why a request failed: a stable ``code`` (see ``errors.py``) and a human ``reason``."""
+
+    code: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Update:
+    """What one client contributes to a round.
+
+    ``values`` are either the client's new parameters (``kind="params"``) or the change from
+    the parameters it was sent (``kind="delta"``). ``weight`` is the number of examples the
+    update stands for (FedAvg's n_k). ``metrics`` are per-client numbers such as train loss.
+    """
+
+    values: Params
+    weight: float
+    kind: Literal["delta", "params"] = "delta"
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training settings sent with every train request.
+
+    ``max_steps`` caps local SGD steps (None = no cap); ``mu`` is FedProx's proximal
+    coefficient (0 = plain FedAvg). ``seed`` and ``round`` seed the client's local shuffle.
+    """
+
+    lr: float = 0.1
+    batch_size: int = 10
+    local_epochs: int = 1
+    max_steps: int | None = None
+    mu: float = 0.0
+    seed: int = 0
+    round: int = 1
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Settings for client-side evaluation."""
+
+    batch_size: int = 256
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Result of evaluating parameters on some data: mean loss and accuracy over ``num_examples``.
+
+    For sequence targets the accuracy counts positions; ``num_examples`` counts samples.
+    """
+
+    loss: float
+    accuracy: float
+    num_examples: int
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    client_id: int
+    round: int
+    params: Params
+    config: TrainConfig
+
+
+@dataclass(frozen=True)
+class TrainReply:
+    client_id: int
+    round: int
+    update: Update | None = None
+    error: ErrorReply | None = None
+
+
+@dataclass(frozen=True)
+class EvaluateRequest:
+    client_id: int
+    round: int
+    params: Params
+    config: EvaluateConfig = EvaluateConfig()
+
+
+@dataclass(frozen=True)
+class EvaluateReply:
+    client_id: int
+    round: int
+    evaluation: Evaluation | None = None
+    error: ErrorReply | None = None
+
+
+Request = TrainRequest | EvaluateRequest
+Reply = TrainReply | EvaluateReply

@@ -1,0 +1,31 @@
+"""A strategy: the pieces a server combines, each replaceable on its own."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fedloom.aggregation.reducers import Reducer, weighted_mean
+from fedloom.messages import EvaluateConfig, TrainConfig
+from fedloom.server.optimizers import ServerOptimizer, sgd
+from fedloom.server.selection import ClientSelector, UniformSelector
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """Who to ask (``selector``, ``clients_per_round``), what they do (``train``), how their
+    updates are combined (``reducer``) and applied (``optimizer``).
+
+    FedAvg is the default: uniform selection, weighted mean, server SGD with lr 1. FedProx is
+    ``train.mu > 0``; FedAvgM/FedAdam/FedYogi/FedAdagrad swap ``optimizer``.
+    ``min_updates`` is the number of valid updates a round needs to be applied;
+    ``evaluate_clients`` clients (0 = none) run federated evaluation after each evaluated round.
+    """
+
+    clients_per_round: int
+    train: TrainConfig = field(default_factory=TrainConfig)
+    selector: ClientSelector = field(default_factory=UniformSelector)
+    reducer: Reducer = weighted_mean
+    optimizer: ServerOptimizer = field(default_factory=sgd)
+    min_updates: int = 1
+    evaluate_clients: int = 0
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)

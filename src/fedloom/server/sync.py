@@ -1,0 +1,143 @@
+"""The synchronous server: round logic with no I/O.
+
+Each round: select clients, build train requests with the current global model, and, once the
+replies are in, validate them, reduce them to one delta and apply the server optimizer. A
+transport (in-process for simulation, gRPC for deployment) moves the messages in between.
+Every method returns new values; nothing is kept between calls but the configuration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from fedloom.errors import FedloomError, RoundError
+from fedloom.messages import EvaluateReply, EvaluateRequest, TrainReply, TrainRequest
+from fedloom.params import Params, ParamSpec
+from fedloom.server.optimizers import OptState
+from fedloom.server.strategy import Strategy
+from fedloom.server.validation import as_delta
+
+
+@dataclass(frozen=True)
+class ServerState:
+    """The global model after ``round`` completed rounds, and the optimizer's state."""
+
+    round: int
+    params: Params
+    opt_state: OptState
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What happened in one training round."""
+
+    round: int
+    selected: list[int]
+    accepted: list[int]
+    rejected: dict[int, str] = field(default_factory=dict)
+    train_loss: float = float("nan")
+    examples: float = 0.0
+
+
+@dataclass(frozen=True)
+class FederatedEvaluation:
+    """Example-weighted mean of the clients' own evaluations."""
+
+    loss: float
+    accuracy: float
+    num_clients: int
+    num_examples: int
+
+
+class SyncServer:
+    """Synchronous rounds over clients ``0..num_clients-1`` with a :class:`Strategy`."""
+
+    def __init__(self, strategy: Strategy, num_clients: int):
+        if num_clients < 1:
+            raise RoundError("a federation needs at least one client")
+        self.strategy = strategy
+        self.num_clients = num_clients
+
+    def init(self, params: Params) -> ServerState:
+        return ServerState(0, [np.array(p, copy=True) for p in params], self.strategy.optimizer.init(params))
+
+    def train_requests(self, state: ServerState) -> list[TrainRequest]:
+        """Requests for round ``state.round + 1``, one per selected client."""
+        rnd = state.round + 1
+        chosen = self.strategy.selector.select(rnd, range(self.num_clients), self.strategy.clients_per_round)
+        config = replace(self.strategy.train, round=rnd)
+        return [TrainRequest(cid, rnd, state.params, config) for cid in chosen]
+
+    def apply(self, state: ServerState, requests: Sequence[TrainRequest],
+              replies: Sequence[TrainReply]) -> tuple[RoundResult, ServerState]:
+        """Aggregate the valid replies to ``requests`` into the next global model.
+
+        Invalid or failed replies are recorded in ``RoundResult.rejected`` with their reason.
+        With fewer than ``strategy.min_updates`` valid updates the model is left unchanged and
+        the round still counts (its result says why).
+        """
+        rnd = state.round + 1
+        asked = {r.client_id for r in requests}
+        spec = ParamSpec.of(state.params)
+        deltas, weights, accepted, rejected = [], [], [], {}
+        loss_sum = examples = 0.0
+        for reply in replies:
+            cid = reply.client_id
+            if cid not in asked or reply.round != rnd:
+                rejected[cid] = f"not asked in round {rnd}"
+                continue
+            if reply.error is not None:
+                rejected[cid] = f"{reply.error.code}: {reply.error.reason}"
+                continue
+            try:
+                deltas.append(as_delta(reply.update, state.params, spec, cid))
+            except FedloomError as exc:
+                rejected[cid] = f"{exc.code}: {exc.message}"
+                continue
+            weights.append(reply.update.weight)
+            accepted.append(cid)
+            seen = reply.update.metrics.get("examples", reply.update.weight)
+            if "loss" in reply.update.metrics:
+                loss_sum += reply.update.metrics["loss"] * seen
+                examples += seen
+        for cid in asked - set(accepted) - set(rejected):
+            rejected[cid] = "no reply"
+        result = RoundResult(rnd, [r.client_id for r in requests], accepted, rejected,
+                             loss_sum / examples if examples else float("nan"), examples)
+        if len(accepted) < max(1, self.strategy.min_updates):
+            return result, ServerState(rnd, state.params, state.opt_state)
+        delta = self.strategy.reducer(deltas, weights)
+        params, opt_state = self.strategy.optimizer.update(delta, state.params, state.opt_state)
+        return result, ServerState(rnd, params, opt_state)
+
+    def evaluate_requests(self, state: ServerState, seed: int = 0) -> list[EvaluateRequest]:
+        """Federated evaluation of the current model on ``strategy.evaluate_clients`` clients.
+
+        Clients are drawn by ``np.random.RandomState([seed, round, 1])`` (all of them when the
+        number asked is at least the federation's size).
+        """
+        k = self.strategy.evaluate_clients
+        if k <= 0:
+            return []
+        if k >= self.num_clients:
+            chosen = list(range(self.num_clients))
+        else:
+            chosen = sorted(np.random.RandomState([seed, state.round, 1]).choice(self.num_clients, k, replace=False))
+        return [EvaluateRequest(int(c), state.round, state.params, self.strategy.evaluate) for c in chosen]
+
+    @staticmethod
+    def summarize(replies: Sequence[EvaluateReply]) -> FederatedEvaluation | None:
+        """Example-weighted mean loss and accuracy of the successful evaluation replies."""
+        good = [r.evaluation for r in replies if r.evaluation is not None and r.evaluation.num_examples > 0]
+        n = sum(e.num_examples for e in good)
+        if not n:
+            return None
+        return FederatedEvaluation(
+            loss=sum(e.loss * e.num_examples for e in good) / n,
+            accuracy=sum(e.accuracy * e.num_examples for e in good) / n,
+            num_clients=len(good),
+            num_examples=n,
+        )

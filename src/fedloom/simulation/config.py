@@ -1,0 +1,228 @@
+"""The simulation config: one dataclass per TOML section, every field with a default and a comment.
+
+``load_config(path, overrides)`` reads a TOML file, applies ``key=value`` overrides and checks
+every value before any data is loaded or model built; a bad value raises
+:class:`fedloom.errors.ConfigError` naming the key (``client.lr: must be > 0, got -1.0``).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from fedloom.errors import ConfigError
+
+DATASETS = ("shakespeare", "synthetic", "digits", "breast_cancer", "leaf")
+PARTITIONS = ("natural", "iid", "dirichlet", "shards")
+MODELS = ("logreg", "mlp", "cnn", "char_lstm")
+OPTIMIZERS = ("sgd", "momentum", "adagrad", "adam", "yogi")
+
+
+def _f(default: Any, doc: str, check: str = "") -> Any:
+    """A field with its comment and an optional check: ``>0``, ``>=0``, ``>=1``, ``0..1`` or a tuple of choices."""
+    kw = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
+    return field(**kw, metadata={"doc": doc, "check": check})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = _f("run", "name of the run; its folder is OUT_DIR/NAME-TIMESTAMP")
+    seed: int = _f(0, "seeds model init, client selection and every local shuffle", ">=0")
+    rounds: int = _f(20, "number of training rounds", ">=1")
+    out_dir: str = _f("runs", "folder that receives run folders")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = _f("shakespeare", "shakespeare | synthetic | digits | breast_cancer | leaf", DATASETS)
+    partition: str = _f("natural", "natural (one client per role/user) | iid | dirichlet | shards", PARTITIONS)
+    num_clients: int = _f(0, "clients; 0 = the dataset's natural number (all roles, 1000 synthetic users)", ">=0")
+    alpha: float = _f(0.5, "Dirichlet concentration for partition = dirichlet (smaller = more skew)", ">0")
+    shards_per_client: int = _f(2, "label shards per client for partition = shards", ">=1")
+    synthetic_alpha: float = _f(1.0, "Synthetic(alpha, beta): spread of the clients' models", ">=0")
+    synthetic_beta: float = _f(1.0, "Synthetic(alpha, beta): spread of the clients' features", ">=0")
+    path: str = _f("", "leaf: training JSON file or folder")
+    test_path: str = _f("", "leaf: test JSON file or folder; empty = split each user's samples")
+    train_fraction: float = _f(0.8, "share of each client's samples used for training (the rest is its test split)", "0..1")
+    seq_len: int = _f(80, "characters per input window for shakespeare", ">=1")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = _f("char_lstm", "logreg | mlp | cnn | char_lstm", MODELS)
+    embed_dim: int = _f(8, "char_lstm: embedding size", ">=1")
+    hidden_size: int = _f(128, "char_lstm: LSTM hidden units per layer", ">=1")
+    num_layers: int = _f(1, "char_lstm: stacked LSTM layers", ">=1")
+    hidden: list[int] = _f([64], "mlp: hidden layer widths")
+    channels: int = _f(16, "cnn: channels of the first convolution", ">=1")
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    lr: float = _f(1.0, "local SGD learning rate", ">0")
+    batch_size: int = _f(10, "local mini-batch size", ">=1")
+    local_epochs: int = _f(1, "passes over the local training split per round", ">=1")
+    max_steps: int = _f(0, "cap on local SGD steps per round; 0 = no cap", ">=0")
+    mu: float = _f(0.0, "FedProx proximal coefficient; 0 = plain FedAvg", ">=0")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    clients_per_round: int = _f(10, "clients sampled uniformly per round", ">=1")
+    optimizer: str = _f("sgd", "sgd (FedAvg) | momentum (FedAvgM) | adagrad | adam | yogi", OPTIMIZERS)
+    lr: float = _f(1.0, "server learning rate (1.0 with sgd = FedAvg)", ">0")
+    momentum: float = _f(0.9, "momentum: server momentum coefficient", "0..1")
+    beta1: float = _f(0.9, "adagrad/adam/yogi: first-moment decay", "0..1")
+    beta2: float = _f(0.99, "adam/yogi: second-moment decay", "0..1")
+    tau: float = _f(1e-3, "adagrad/adam/yogi: adaptivity (added to sqrt(v))", ">0")
+    min_updates: int = _f(1, "valid updates needed to apply a round", ">=1")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = _f(5, "centralised evaluation every N rounds (and always after the last)", ">=1")
+    max_examples: int = _f(0, "cap on centralised test samples (first N of the union); 0 = all", ">=0")
+    federated_clients: int = _f(0, "clients that evaluate on their own test split when evaluating; 0 = none", ">=0")
+    batch_size: int = _f(256, "evaluation batch size", ">=1")
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _check_value(key: str, value: Any, expected: Any, check: Any) -> Any:
+    """Return ``value`` converted to the field's type, or raise ConfigError naming ``key``."""
+    if expected in (int, "int"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"must be an integer, got {value!r}")
+    elif expected in (float, "float"):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(key, f"must be a number, got {value!r}")
+        value = float(value)
+        if value != value:
+            raise ConfigError(key, "must be a number, got nan")
+    elif expected in (str, "str"):
+        if not isinstance(value, str):
+            raise ConfigError(key, f"must be a string, got {value!r}")
+    elif expected in (list[int], "list[int]"):
+        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                                  for v in value):
+            raise ConfigError(key, f"must be a list of positive integers, got {value!r}")
+    if isinstance(check, tuple) and value not in check:
+        raise ConfigError(key, f"must be one of {', '.join(check)}; got {value!r}")
+    bounds = {">0": lambda v: v > 0, ">=0": lambda v: v >= 0, ">=1": lambda v: v >= 1, "0..1": lambda v: 0 <= v <= 1}
+    if isinstance(check, str) and check and not bounds[check](value):
+        rule = {"0..1": "between 0 and 1"}.get(check, check.replace(">=", ">= ").replace(">0", "> 0"))
+        raise ConfigError(key, f"must be {rule}, got {value!r}")
+    return value
+
+
+def _section(cls: type, key: str, values: Any) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(key, f"must be a table, got {values!r}")
+    known = {f.name: f for f in fields(cls)}
+    for name in values:
+        if name not in known:
+            raise ConfigError(f"{key}.{name}", f"unknown setting; known: {', '.join(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        f = known[name]
+        kwargs[name] = _check_value(f"{key}.{name}", value, f.type, f.metadata["check"])
+    return cls(**kwargs)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Build and check a :class:`Config` from parsed TOML."""
+    sections = {f.name: f for f in fields(Config)}
+    for name in raw:
+        if name not in sections:
+            raise ConfigError(name, f"unknown section; known: {', '.join(sections)}")
+    base = Config()
+    parts = {name: _section(type(getattr(base, name)), name, raw.get(name, {})) for name in sections}
+    return _check_whole(Config(**parts))
+
+
+def _check_whole(cfg: Config) -> Config:
+    """Checks that involve more than one field."""
+    d = cfg.data
+    if d.dataset in ("shakespeare", "synthetic", "leaf") and d.partition != "natural":
+        raise ConfigError("data.partition", f"{d.dataset} is split by its natural key; use partition = \"natural\"")
+    if d.dataset in ("digits", "breast_cancer") and d.partition == "natural":
+        raise ConfigError("data.partition", f"{d.dataset} has no natural clients; use iid, dirichlet or shards")
+    if d.dataset in ("digits", "breast_cancer") and d.num_clients < 1:
+        raise ConfigError("data.num_clients", f"{d.dataset} needs num_clients >= 1")
+    if d.dataset == "leaf" and not d.path:
+        raise ConfigError("data.path", "leaf needs the path of its JSON file or folder")
+    if (d.dataset == "shakespeare") != (cfg.model.name == "char_lstm"):
+        raise ConfigError("model.name", f"{cfg.model.name!r} does not fit dataset {d.dataset!r}; "
+                                        "char_lstm is for character data, the others for feature data")
+    if not 0 < d.train_fraction < 1:
+        raise ConfigError("data.train_fraction", f"must be strictly between 0 and 1, got {d.train_fraction}")
+    return cfg
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"client.lr=0.5"`` -> ``(["client", "lr"], 0.5)``; the value is read as TOML, else as a string."""
+    key, sep, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise ConfigError(key.strip() or item, "overrides look like section.key=value")
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    return parts, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a TOML config (or the defaults when ``path`` is None) and apply ``section.key=value`` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError("config", f"no such file: {path}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
+    for item in overrides:
+        (section, key), value = parse_override(item)
+        table = raw.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(section, f"must be a table, got {table!r}")
+        table[key] = value
+    return config_from_dict(raw)
+
+
+def with_rounds(cfg: Config, rounds: int) -> Config:
+    """``cfg`` with ``run.rounds`` replaced (checked)."""
+    return replace(cfg, run=_section(RunConfig, "run", {**cfg.run.__dict__, "rounds": rounds}))
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return repr(v)
+
+
+def to_toml(cfg: Config) -> str:
+    """The whole config as commented TOML (what a run folder keeps, and a template to start from)."""
+    lines = []
+    for sec in fields(Config):
+        lines.append(f"[{sec.name}]")
+        part = getattr(cfg, sec.name)
+        for f in fields(part):
+            lines.append(f"{f.name} = {_toml_value(getattr(part, f.name))}  # {f.metadata['doc']}")
+        lines.append("")
+    return "\n".join(lines)

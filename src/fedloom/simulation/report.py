@@ -1,0 +1,73 @@
+"""Run folders: the per-round metrics file and the plots drawn from it."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+from fedloom.errors import DataError
+
+METRIC_COLUMNS = ("round", "train_loss", "test_loss", "test_accuracy", "fed_loss", "fed_accuracy", "clients",
+                  "accepted", "rejected", "examples", "round_s", "elapsed_s")
+
+
+def write_metrics(path: Path, rows: list[dict[str, float]]) -> None:
+    """Write one CSV row per round; a metric not measured in a round is left empty."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if row.get(k) is None else row[k] for k in METRIC_COLUMNS})
+
+
+def read_metrics(path: Path) -> list[dict[str, float]]:
+    """Read a ``metrics.csv``; empty cells become NaN."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except FileNotFoundError:
+        raise DataError(f"no metrics file at {path}") from None
+    if not rows or "round" not in rows[0]:
+        raise DataError(f"{path} has no per-round metrics")
+    try:
+        return [{k: float(v) if v not in ("", None) else math.nan for k, v in row.items()} for row in rows]
+    except ValueError as exc:
+        raise DataError(f"{path}: {exc}") from None
+
+
+def plot_run(run_dir: str | Path) -> Path:
+    """Draw ``accuracy.png`` (test accuracy and losses against rounds) from a run folder's metrics."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir / "metrics.csv")
+    rounds = [r["round"] for r in rows]
+
+    def series(key: str) -> tuple[list[float], list[float]]:
+        pts = [(r["round"], r[key]) for r in rows if not math.isnan(r.get(key, math.nan))]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in (("test_accuracy", "centralised test"), ("fed_accuracy", "federated (clients' test)")):
+        xs, ys = series(key)
+        if xs:
+            ax_acc.plot(xs, ys, marker="o", markersize=3, label=label)
+    ax_acc.set(xlabel="round", ylabel="accuracy", title=f"{run_dir.name}: accuracy")
+    ax_acc.grid(alpha=0.3)
+    ax_acc.legend()
+    for key, label in (("train_loss", "train (clients)"), ("test_loss", "centralised test")):
+        xs, ys = series(key)
+        if xs:
+            ax_loss.plot(xs, ys, label=label)
+    ax_loss.set(xlabel="round", ylabel="loss", title="loss", xlim=(min(rounds), max(rounds)))
+    ax_loss.grid(alpha=0.3)
+    ax_loss.legend()
+    fig.tight_layout()
+    out = run_dir / "accuracy.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

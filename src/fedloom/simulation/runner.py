@@ -1,0 +1,170 @@
+"""The in-process simulation: build everything a config names, run the rounds, write the run folder."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from fedloom.client.torch_work import TorchClientWork
+from fedloom.data.dataset import FederatedDataset
+from fedloom.errors import ConfigError, DataError
+from fedloom.messages import EvaluateConfig, TrainConfig
+from fedloom.models import build_model
+from fedloom.params import Params
+from fedloom.server import Strategy, SyncServer, UniformSelector, adagrad, adam, momentum, sgd, yogi
+from fedloom.server.optimizers import ServerOptimizer
+from fedloom.simulation.config import Config, to_toml
+from fedloom.simulation.report import plot_run, write_metrics
+from fedloom.transport.inprocess import InProcessTransport
+
+
+def load_dataset(cfg: Config) -> FederatedDataset:
+    """The federated dataset the config's ``[data]`` section names."""
+    from fedloom import data as fd
+
+    d, seed = cfg.data, cfg.run.seed
+    if d.dataset == "shakespeare":
+        return fd.load_shakespeare(seq_len=d.seq_len, train_fraction=d.train_fraction,
+                                   max_clients=d.num_clients or None)
+    if d.dataset == "synthetic":
+        return fd.synthetic(alpha=d.synthetic_alpha, beta=d.synthetic_beta, num_clients=d.num_clients or 1000,
+                            seed=seed, train_fraction=d.train_fraction)
+    if d.dataset == "leaf":
+        return fd.load_leaf(d.path, d.test_path or None, train_fraction=d.train_fraction)
+    return fd.tabular(d.dataset, d.num_clients, partition=d.partition, alpha=d.alpha,
+                      shards_per_client=d.shards_per_client, seed=seed, train_fraction=d.train_fraction)
+
+
+def model_factory(cfg: Config, dataset: FederatedDataset) -> Callable[[], nn.Module]:
+    """A zero-argument function building the config's model for this dataset's inputs."""
+    sample = next((c.x_train for c in dataset.clients if c.num_train), None)
+    if sample is None:
+        raise DataError(f"dataset {dataset.name!r} has no training samples")
+    m = cfg.model
+    input_shape = tuple(sample.shape[1:])
+    return lambda: build_model(m.name, input_shape, dataset.num_classes, hidden=tuple(m.hidden), channels=m.channels,
+                               embed_dim=m.embed_dim, hidden_size=m.hidden_size, num_layers=m.num_layers)
+
+
+def server_optimizer(cfg: Config) -> ServerOptimizer:
+    s = cfg.server
+    return {
+        "sgd": lambda: sgd(s.lr),
+        "momentum": lambda: momentum(s.lr, s.momentum),
+        "adagrad": lambda: adagrad(s.lr, s.beta1, s.tau),
+        "adam": lambda: adam(s.lr, s.beta1, s.beta2, s.tau),
+        "yogi": lambda: yogi(s.lr, s.beta1, s.beta2, s.tau),
+    }[s.optimizer]()
+
+
+def build_strategy(cfg: Config) -> Strategy:
+    c = cfg.client
+    train = TrainConfig(lr=c.lr, batch_size=c.batch_size, local_epochs=c.local_epochs,
+                        max_steps=c.max_steps or None, mu=c.mu, seed=cfg.run.seed)
+    return Strategy(
+        clients_per_round=cfg.server.clients_per_round,
+        train=train,
+        selector=UniformSelector(cfg.run.seed),
+        optimizer=server_optimizer(cfg),
+        min_updates=cfg.server.min_updates,
+        evaluate_clients=cfg.eval.federated_clients,
+        evaluate=EvaluateConfig(batch_size=cfg.eval.batch_size),
+    )
+
+
+@dataclass
+class RunResult:
+    """A finished simulation: per-round metrics, the final model and where it was written."""
+
+    config: Config
+    history: list[dict[str, float]]
+    params: Params
+    run_dir: Path | None = None
+    train_s: float = 0.0  # the training rounds alone: selection, client work, aggregation (no evaluation)
+    setup_s: float = 0.0  # data loading and model construction
+    param_names: list[str] = field(default_factory=list)
+
+    @property
+    def final_accuracy(self) -> float:
+        return self.history[-1]["test_accuracy"]
+
+
+def _run_dir(cfg: Config) -> Path:
+    root = Path(cfg.run.out_dir)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    path, n = root / f"{cfg.run.name}-{stamp}", 1
+    while path.exists():
+        n += 1
+        path = root / f"{cfg.run.name}-{stamp}-{n}"
+    path.mkdir(parents=True)
+    return path
+
+
+def save_params(path: Path, params: Params, names: list[str]) -> None:
+    """Save parameters as ``.npz`` keyed by parameter name (read back with :func:`load_params`)."""
+    np.savez(path, **dict(zip(names, params)))
+
+
+def load_params(path: str | Path) -> tuple[list[str], Params]:
+    """Read a model saved by :func:`save_params` (never unpickles)."""
+    with np.load(path, allow_pickle=False) as f:
+        return list(f.files), [f[k] for k in f.files]
+
+
+def simulate(cfg: Config, *, progress: bool = True, write: bool = True) -> RunResult:
+    """Run the whole simulation the config describes; write its run folder unless ``write`` is False."""
+    from fedloom.simulation.progress import RoundProgress
+
+    start = time.perf_counter()
+    dataset = load_dataset(cfg)
+    work = TorchClientWork(model_factory(cfg, dataset))
+    params = work.initial_params(cfg.run.seed)
+    names = [n for n, _ in work.model.named_parameters()]
+    strategy = build_strategy(cfg)
+    if strategy.clients_per_round > len(dataset):
+        raise ConfigError("server.clients_per_round",
+                          f"asks for {strategy.clients_per_round} clients but {dataset.name} has {len(dataset)}")
+    server = SyncServer(strategy, len(dataset))
+    transport = InProcessTransport(work, dataset)
+    x_test, y_test = dataset.test_union()
+    if cfg.eval.max_examples:
+        x_test, y_test = x_test[: cfg.eval.max_examples], y_test[: cfg.eval.max_examples]
+    state = server.init(params)
+    setup_s = time.perf_counter() - start
+    history: list[dict[str, float]] = []
+    train_s = 0.0
+    with RoundProgress(cfg.run.rounds, cfg.run.name, enabled=progress) as bar:
+        for _ in range(cfg.run.rounds):
+            t0 = time.perf_counter()
+            requests = server.train_requests(state)
+            result, state = server.apply(state, requests, transport.exchange(requests))
+            train_s += time.perf_counter() - t0
+            row: dict[str, float] = {
+                "round": state.round, "train_loss": result.train_loss, "clients": len(result.selected),
+                "accepted": len(result.accepted), "rejected": len(result.rejected), "examples": result.examples,
+            }
+            if state.round % cfg.eval.every == 0 or state.round == cfg.run.rounds:
+                central = work.evaluate_params(state.params, x_test, y_test, cfg.eval.batch_size)
+                row.update(test_loss=central.loss, test_accuracy=central.accuracy)
+                fed = server.summarize(transport.exchange(server.evaluate_requests(state, cfg.run.seed)))
+                if fed is not None:
+                    row.update(fed_loss=fed.loss, fed_accuracy=fed.accuracy)
+            row["round_s"] = time.perf_counter() - t0
+            row["elapsed_s"] = time.perf_counter() - start
+            history.append(row)
+            bar.advance(row)
+    result = RunResult(cfg, history, state.params, train_s=train_s, setup_s=setup_s,
+                       param_names=names)
+    if write:
+        result.run_dir = _run_dir(cfg)
+        (result.run_dir / "config.toml").write_text(to_toml(cfg))
+        write_metrics(result.run_dir / "metrics.csv", history)
+        save_params(result.run_dir / "model.npz", state.params, names)
+        plot_run(result.run_dir)
+    return result

@@ -1,0 +1,31 @@
+"""The in-process transport: delivers requests to simulated clients in this process."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from fedloom.client.work import ClientWork, handle
+from fedloom.data.dataset import FederatedDataset
+from fedloom.messages import ErrorReply, EvaluateReply, EvaluateRequest, Reply, Request, TrainReply
+
+
+class InProcessTransport:
+    """Runs each request against the addressed client's data, one after another.
+
+    It knows nothing of learning: it routes a request to ``handle(request, work, data[id])`` and
+    returns the replies in request order. A request for an unknown client gets an error reply.
+    """
+
+    def __init__(self, work: ClientWork, data: FederatedDataset):
+        self.work = work
+        self.data = data
+
+    def exchange(self, requests: Sequence[Request]) -> list[Reply]:
+        return [self._one(r) for r in requests]
+
+    def _one(self, request: Request) -> Reply:
+        if not 0 <= request.client_id < len(self.data):
+            err = ErrorReply("unknown_client", f"no client {request.client_id}")
+            kind = EvaluateReply if isinstance(request, EvaluateRequest) else TrainReply
+            return kind(request.client_id, request.round, error=err)
+        return handle(request, self.work, self.data[request.client_id])

@@ -1,0 +1,132 @@
+"""The synchronous server's round logic, driven through the in-process transport."""
+
+import numpy as np
+import pytest
+import torch
+
+from fedloom.client import TorchClientWork
+from fedloom.data.dataset import ClientDataset, FederatedDataset
+from fedloom.messages import EvaluateReply, Evaluation, TrainConfig, TrainReply, Update
+from fedloom.models import LogisticRegression
+from fedloom.server import Strategy, SyncServer, UniformSelector
+from fedloom.transport import InProcessTransport
+
+
+def federation(sizes, dim=5, classes=3, seed=0):
+    rng = np.random.RandomState(seed)
+    clients = []
+    for cid, n in enumerate(sizes):
+        x = rng.normal(size=(n, dim)).astype(np.float32)
+        y = rng.randint(0, classes, n).astype(np.int64)
+        cut = max(1, int(0.8 * n))
+        clients.append(ClientDataset(cid, x[:cut], y[:cut], x[cut:], y[cut:]))
+    return FederatedDataset("toy", clients, classes)
+
+
+def test_fedavg_one_client_one_step_equals_centralised_sgd():
+    data = federation([20])
+    work = TorchClientWork(lambda: LogisticRegression(5, 3))
+    params = work.initial_params(0)
+    strategy = Strategy(1, TrainConfig(lr=0.3, batch_size=20, max_steps=1))
+    server = SyncServer(strategy, 1)
+    state = server.init(params)
+    reqs = server.train_requests(state)
+    _, state = server.apply(state, reqs, InProcessTransport(work, data).exchange(reqs))
+
+    torch.manual_seed(0)
+    model = LogisticRegression(5, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    c = data[0]
+    loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(c.x_train)), torch.from_numpy(c.y_train))
+    loss.backward()
+    opt.step()
+    for got, want in zip(state.params, model.parameters()):
+        np.testing.assert_allclose(got, want.detach().numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_uniform_selection_is_seeded_per_round():
+    sel = UniformSelector(seed=0)
+    assert sel.select(3, range(1000), 10) == list(np.random.RandomState([0, 3]).choice(1000, 10, replace=False))
+    assert sel.select(3, range(1000), 10) != sel.select(4, range(1000), 10)
+    assert len(set(sel.select(1, range(50), 50))) == 50
+
+
+class Scripted:
+    """Client work that returns what the test tells it to, per client id."""
+
+    def __init__(self, replies):
+        self.replies = replies
+
+    def train(self, params, data, config):
+        out = self.replies[data.client_id]
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    def evaluate(self, params, data, config):
+        return Evaluation(loss=float(data.client_id), accuracy=0.5, num_examples=data.num_test)
+
+
+def test_bad_updates_are_rejected_with_reasons_and_the_round_goes_on():
+    data = federation([10, 10, 10, 10, 10])
+    params = [np.zeros(2, np.float32)]
+    good = [np.array([1.0, 2.0], np.float32)]
+    replies = {
+        0: Update(good, weight=1.0),
+        1: Update([np.array([np.nan, 0.0], np.float32)], weight=1.0),
+        2: Update([np.zeros(3, np.float32)], weight=1.0),
+        3: RuntimeError("disk full"),
+        4: Update(good, weight=-1.0),
+    }
+    server = SyncServer(Strategy(5), 5)
+    state = server.init(params)
+    reqs = server.train_requests(state)
+    result, new = server.apply(state, reqs, InProcessTransport(Scripted(replies), data).exchange(reqs))
+    assert result.accepted == [0]
+    assert "NaN" in result.rejected[1]
+    assert "expected <f4[2]" in result.rejected[2]
+    assert "disk full" in result.rejected[3]
+    assert "weight" in result.rejected[4]
+    np.testing.assert_array_equal(new.params[0], [1.0, 2.0])
+    np.testing.assert_array_equal(state.params[0], [0.0, 0.0])  # old state untouched
+
+
+def test_round_without_enough_updates_keeps_the_model():
+    data = federation([10, 10])
+    params = [np.zeros(2, np.float32)]
+    replies = {0: Update([np.ones(2, np.float32)], 1.0), 1: RuntimeError("crash")}
+    server = SyncServer(Strategy(2, min_updates=2), 2)
+    state = server.init(params)
+    reqs = server.train_requests(state)
+    result, new = server.apply(state, reqs, InProcessTransport(Scripted(replies), data).exchange(reqs))
+    assert new.round == 1 and result.accepted == [0]
+    np.testing.assert_array_equal(new.params[0], [0.0, 0.0])
+
+
+def test_replies_from_clients_not_asked_are_ignored():
+    server = SyncServer(Strategy(1), 3)
+    state = server.init([np.zeros(1, np.float32)])
+    reqs = server.train_requests(state)
+    stranger = 1 - reqs[0].client_id if reqs[0].client_id < 2 else 0
+    replies = [TrainReply(stranger, 1, update=Update([np.ones(1, np.float32)], 1.0))]
+    result, new = server.apply(state, reqs, replies)
+    assert stranger in result.rejected and reqs[0].client_id in result.rejected
+    assert result.rejected[reqs[0].client_id] == "no reply"
+    np.testing.assert_array_equal(new.params[0], [0.0])
+
+
+def test_params_kind_updates_become_deltas():
+    server = SyncServer(Strategy(1), 1)
+    state = server.init([np.full(2, 3.0, np.float32)])
+    reqs = server.train_requests(state)
+    reply = TrainReply(0, 1, update=Update([np.full(2, 5.0, np.float32)], 2.0, kind="params"))
+    _, new = server.apply(state, reqs, [reply])
+    np.testing.assert_array_equal(new.params[0], [5.0, 5.0])
+
+
+def test_federated_evaluation_is_example_weighted():
+    replies = [EvaluateReply(0, 1, Evaluation(1.0, 0.2, 10)), EvaluateReply(1, 1, Evaluation(3.0, 0.8, 30)),
+               EvaluateReply(2, 1, error=None)]
+    fed = SyncServer.summarize(replies)
+    assert fed.loss == pytest.approx(2.5) and fed.accuracy == pytest.approx(0.65)
+    assert fed.num_clients == 2 and fed.num_examples == 40
