@@ -43,7 +43,8 @@ class ParamSpec:
             )
         for i, (p, shape, dtype) in enumerate(zip(params, self.shapes, self.dtypes)):
             if not isinstance(p, np.ndarray):
-                raise ShapeError(f"array {i} is {type(p).__name__}, not a numpy array", client_id=client_id, stage=stage)
+                raise ShapeError(f"array {i} is {type(p).__name__}, not a numpy array",
+                                 client_id=client_id, stage=stage)
             if tuple(p.shape) != shape or p.dtype.str != dtype:
                 raise ShapeError(
                     f"array {i} is {p.dtype.str}{list(p.shape)}, expected {dtype}{list(shape)}",

@@ -26,9 +26,11 @@ class ClientDataset:
 
     def __post_init__(self) -> None:
         if len(self.x_train) != len(self.y_train):
-            raise DataError(f"{len(self.x_train)} train inputs but {len(self.y_train)} labels", client_id=self.client_id)
+            raise DataError(f"{len(self.x_train)} train inputs but {len(self.y_train)} labels",
+                            client_id=self.client_id)
         if len(self.x_test) != len(self.y_test):
-            raise DataError(f"{len(self.x_test)} test inputs but {len(self.y_test)} labels", client_id=self.client_id)
+            raise DataError(f"{len(self.x_test)} test inputs but {len(self.y_test)} labels",
+                            client_id=self.client_id)
 
     @property
     def num_train(self) -> int:

@@ -45,7 +45,7 @@ class DataConfig:
     synthetic_beta: float = _f(1.0, "Synthetic(alpha, beta): spread of the clients' features", ">=0")
     path: str = _f("", "leaf: training JSON file or folder")
     test_path: str = _f("", "leaf: test JSON file or folder; empty = split each user's samples")
-    train_fraction: float = _f(0.8, "share of each client's samples used for training (the rest is its test split)", "0..1")
+    train_fraction: float = _f(0.8, "share of each client's samples for training; the rest is its test split", "0..1")
     seq_len: int = _f(80, "characters per input window for shakespeare", ">=1")
 
 
