@@ -1,0 +1,72 @@
+"""The ``fedloom`` command in a real subprocess, on a tiny config."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+TINY = """
+[run]
+name = "tiny"
+rounds = 3
+out_dir = "{out}"
+
+[data]
+dataset = "shakespeare"
+num_clients = 8
+
+[model]
+hidden_size = 16
+
+[client]
+max_steps = 2
+
+[server]
+clients_per_round = 4
+
+[eval]
+every = 2
+max_examples = 40
+federated_clients = 3
+"""
+
+
+def fedloom(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "fedloom.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def test_simulate_then_report(tmp_path):
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY.format(out=tmp_path / "runs"))
+    done = fedloom("simulate", str(config), "--rounds", "2", "--set", "client.lr=0.5", "--quiet", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("tiny: 2 rounds, final test accuracy")
+    (run,) = (tmp_path / "runs").iterdir()
+    assert str(run) in done.stdout
+    assert 'lr = 0.5' in (run / "config.toml").read_text() and "rounds = 2" in (run / "config.toml").read_text()
+    rows = (run / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[2].split(",")[3] != ""  # evaluated after the last round
+    (run / "accuracy.png").unlink()
+    done = fedloom("report", str(run), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (run / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bad_config_value_names_the_key_before_training(tmp_path):
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY.format(out=tmp_path / "runs"))
+    done = fedloom("simulate", str(config), "--set", "client.lr=-1", cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "fedloom: error: client.lr: must be > 0, got -1.0"
+    assert not (tmp_path / "runs").exists()
+    done = fedloom("report", str(tmp_path / "nowhere"), cwd=tmp_path)
+    assert done.returncode == 2 and "no run folder" in done.stderr
+
+
+def test_readme_example_runs():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    code = readme.split("## A custom client update and strategy in 20 lines")[1].split("```python\n")[1].split("```")[0]
+    assert len(code.strip().splitlines()) <= 25
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("round 20: client loss")
