@@ -21,6 +21,7 @@ from fedloom.data.dataset import ClientDataset
 from fedloom.errors import DataError
 from fedloom.messages import EvaluateConfig, Evaluation, TrainConfig, Update
 from fedloom.params import Params
+from fedloom.seeding import keyed_rng
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -101,7 +102,7 @@ class TorchClientWork:
         anchor = [w.detach().clone() for w in weights] if config.mu > 0 else None
         x = torch.from_numpy(data.x_train).to(self.device)
         y = torch.from_numpy(data.y_train).to(self.device)
-        rng = np.random.RandomState([config.seed, config.round, data.client_id])
+        rng = keyed_rng(config.seed, config.round, data.client_id)
         loss_sum = torch.zeros((), device=self.device)
         steps = seen = 0
         for _ in range(config.local_epochs):

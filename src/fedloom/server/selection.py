@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-import numpy as np
+from fedloom.seeding import keyed_rng
 
 
 class ClientSelector(Protocol):
@@ -28,5 +28,5 @@ class UniformSelector:
 
     def select(self, round: int, candidates: Sequence[int], k: int) -> list[int]:
         k = min(k, len(candidates))
-        picks = np.random.RandomState([self.seed, round]).choice(len(candidates), k, replace=False)
+        picks = keyed_rng(self.seed, round).choice(len(candidates), k, replace=False)
         return [int(candidates[i]) for i in picks]

@@ -18,6 +18,8 @@ DATASETS = ("shakespeare", "synthetic", "digits", "breast_cancer", "leaf")
 PARTITIONS = ("natural", "iid", "dirichlet", "shards")
 MODELS = ("logreg", "mlp", "cnn", "char_lstm")
 OPTIMIZERS = ("sgd", "momentum", "adagrad", "adam", "yogi")
+ENGINES = ("sequential", "vectorized", "process", "ray")
+DEVICES = ("cpu", "cuda")
 
 
 def _f(default: Any, doc: str, check: str = "") -> Any:
@@ -89,6 +91,18 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class EngineConfig:
+    name: str = _f("vectorized", "sequential | vectorized (clients trained together) | process (all cores) | ray",
+                   ENGINES)
+    workers: int = _f(0, "process/ray: worker processes or actors; 0 = one per core (process) or per CPU (ray)",
+                      ">=0")
+    vectorize: bool = _f(True, "process/ray: each worker trains its share of the clients vectorized")
+    group_size: int = _f(0, "vectorized: most clients trained together; 0 = all of a round's clients", ">=0")
+    device: str = _f("cpu", "cpu | cuda: where clients train", DEVICES)
+    ray_address: str = _f("", "ray: cluster address (\"auto\", \"ray://head:10001\"); empty = start a local Ray")
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -96,6 +110,7 @@ class Config:
     client: ClientConfig = field(default_factory=ClientConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
 
 def _check_value(key: str, value: Any, expected: Any, check: Any) -> Any:
@@ -109,6 +124,9 @@ def _check_value(key: str, value: Any, expected: Any, check: Any) -> Any:
         value = float(value)
         if value != value:
             raise ConfigError(key, "must be a number, got nan")
+    elif expected in (bool, "bool"):
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"must be true or false, got {value!r}")
     elif expected in (str, "str"):
         if not isinstance(value, str):
             raise ConfigError(key, f"must be a string, got {value!r}")

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import nn
 
 from fedloom.client.torch_work import TorchClientWork
@@ -20,6 +23,7 @@ from fedloom.params import Params
 from fedloom.server import Strategy, SyncServer, UniformSelector, adagrad, adam, momentum, sgd, yogi
 from fedloom.server.optimizers import ServerOptimizer
 from fedloom.simulation.config import Config, to_toml
+from fedloom.simulation.engines import Engine, local_engine
 from fedloom.simulation.report import plot_run, write_metrics
 from fedloom.transport.inprocess import InProcessTransport
 
@@ -50,6 +54,32 @@ def model_factory(cfg: Config, dataset: FederatedDataset) -> Callable[[], nn.Mod
     input_shape = tuple(sample.shape[1:])
     return lambda: build_model(m.name, input_shape, dataset.num_classes, hidden=tuple(m.hidden), channels=m.channels,
                                embed_dim=m.embed_dim, hidden_size=m.hidden_size, num_layers=m.num_layers)
+
+
+def build_clients(cfg: Config) -> tuple[TorchClientWork, FederatedDataset]:
+    """The client work and data a config describes; a picklable ``ClientSpec`` as ``partial(build_clients, cfg)``."""
+    dataset = load_dataset(cfg)
+    return TorchClientWork(model_factory(cfg, dataset), device=cfg.engine.device), dataset
+
+
+def build_engine(cfg: Config, work: TorchClientWork, dataset: FederatedDataset) -> Engine:
+    """The engine ``[engine] name`` selects; process and Ray workers rebuild the clients from ``cfg``."""
+    e = cfg.engine
+    if e.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("engine.device", "CUDA is not available on this machine")
+    if e.name == "sequential":
+        return InProcessTransport(work, dataset)
+    if e.name == "vectorized":
+        return local_engine(work, dataset, vectorize=True, group_size=e.group_size)
+    spec = partial(build_clients, cfg)
+    if e.name == "process":
+        from fedloom.simulation.pool import ProcessPoolTransport
+
+        return ProcessPoolTransport(spec, workers=e.workers, vectorize=e.vectorize, group_size=e.group_size)
+    from fedloom.simulation.ray_engine import RayTransport
+
+    return RayTransport(spec, address=e.ray_address, workers=e.workers, vectorize=e.vectorize,
+                        group_size=e.group_size)
 
 
 def server_optimizer(cfg: Config) -> ServerOptimizer:
@@ -122,8 +152,7 @@ def simulate(cfg: Config, *, progress: bool = True, write: bool = True) -> RunRe
     from fedloom.simulation.progress import RoundProgress
 
     start = time.perf_counter()
-    dataset = load_dataset(cfg)
-    work = TorchClientWork(model_factory(cfg, dataset))
+    work, dataset = build_clients(cfg)
     params = work.initial_params(cfg.run.seed)
     names = [n for n, _ in work.model.named_parameters()]
     strategy = build_strategy(cfg)
@@ -131,15 +160,15 @@ def simulate(cfg: Config, *, progress: bool = True, write: bool = True) -> RunRe
         raise ConfigError("server.clients_per_round",
                           f"asks for {strategy.clients_per_round} clients but {dataset.name} has {len(dataset)}")
     server = SyncServer(strategy, len(dataset))
-    transport = InProcessTransport(work, dataset)
     x_test, y_test = dataset.test_union()
     if cfg.eval.max_examples:
         x_test, y_test = x_test[: cfg.eval.max_examples], y_test[: cfg.eval.max_examples]
     state = server.init(params)
+    transport = build_engine(cfg, work, dataset)
     setup_s = time.perf_counter() - start
     history: list[dict[str, float]] = []
     train_s = 0.0
-    with RoundProgress(cfg.run.rounds, cfg.run.name, enabled=progress) as bar:
+    with closing(transport), RoundProgress(cfg.run.rounds, cfg.run.name, enabled=progress) as bar:
         for _ in range(cfg.run.rounds):
             t0 = time.perf_counter()
             requests = server.train_requests(state)

@@ -23,6 +23,9 @@ class InProcessTransport:
     def exchange(self, requests: Sequence[Request]) -> list[Reply]:
         return [self._one(r) for r in requests]
 
+    def close(self) -> None:
+        """Nothing to release; present so every engine has the same interface."""
+
     def _one(self, request: Request) -> Reply:
         if not 0 <= request.client_id < len(self.data):
             err = ErrorReply("unknown_client", f"no client {request.client_id}")

@@ -1,0 +1,55 @@
+"""Simulation engines: how the simulated clients' work is executed on this host or a cluster.
+
+Every engine is a transport: ``exchange(requests) -> replies`` and ``close()``. They differ only
+in where and how the clients' work runs:
+
+- ``sequential`` — one client after another in this process (:class:`InProcessTransport`).
+- ``vectorized`` — clients that share one architecture train together, parameters stacked along
+  a leading client axis (:class:`fedloom.simulation.vectorized.VectorizedTransport`).
+- ``process`` — a pool of local worker processes, each holding the client data once and running
+  a sequential or vectorized engine over its share of a round's requests.
+- ``ray`` — the same workers as Ray actors, for clusters beyond one machine.
+
+Workers are built from a :data:`ClientSpec`: a picklable zero-argument callable returning the
+client work and the federated dataset, so data is loaded once per worker, never sent per round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from fedloom.client.work import ClientWork
+from fedloom.data.dataset import FederatedDataset
+from fedloom.messages import Reply, Request
+from fedloom.transport.inprocess import InProcessTransport
+
+ClientSpec = Callable[[], tuple[ClientWork, FederatedDataset]]
+
+ENGINES = ("sequential", "vectorized", "process", "ray")
+
+
+class Engine(Protocol):
+    def exchange(self, requests: Sequence[Request]) -> list[Reply]: ...
+
+    def close(self) -> None: ...
+
+
+def local_engine(work: ClientWork, data: FederatedDataset, vectorize: bool, group_size: int = 0) -> Engine:
+    """The in-process engine: vectorized when asked (it falls back to sequential by itself)."""
+    if vectorize:
+        from fedloom.simulation.vectorized import VectorizedTransport
+
+        return VectorizedTransport(work, data, group_size=group_size)
+    return InProcessTransport(work, data)
+
+
+def split_balanced(requests: Sequence[Request], weights: Sequence[float], parts: int) -> list[list[Request]]:
+    """Split requests into ``parts`` groups of similar total weight (largest first, greedy)."""
+    groups: list[list[Request]] = [[] for _ in range(parts)]
+    loads = [0.0] * parts
+    for i in sorted(range(len(requests)), key=lambda i: -weights[i]):
+        k = loads.index(min(loads))
+        groups[k].append(requests[i])
+        loads[k] += weights[i]
+    return groups

@@ -1,0 +1,279 @@
+"""The process engine: a pool of local worker processes sharing a round's clients.
+
+Each worker is started with the ``spawn`` method (never ``fork``: forking a process in which
+torch has started its thread pools can deadlock). A worker calls the :data:`ClientSpec` once at
+start-up, so the client data is loaded once per worker and never sent per round, reports its
+clients' train and test sizes, builds a local engine (vectorized or sequential, see
+:func:`~fedloom.simulation.engines.local_engine`) and then serves rounds. With two or more
+workers each one runs torch on a single thread (``torch.set_num_threads(1)``): the workers
+themselves use the cores, and letting each also start one thread per core would oversubscribe
+them and slow every worker down.
+
+A round's requests are split over the workers by :func:`split_balanced` (weight: the client's
+train size, or test size for an evaluation), each worker receives its whole share in one
+message, so the parameters all requests share are pickled once per worker, and the replies come
+back in request order.
+
+Failures never hang or stop the parent: a worker that dies (killed, crashed, out of memory) is
+noticed by its process sentinel or end-of-file on its pipe, its requests get error replies with
+code ``worker_failed`` and it is restarted for the next round. An exception raised by a worker's
+engine comes back as error replies too, and the worker keeps serving. An optional ``timeout``
+bounds a round: a worker that takes longer is killed and treated as dead.
+
+Security: requests and replies are pickled over ``multiprocessing`` pipes between this process and
+the child processes it started itself. That is trusted local IPC; nothing read from the network
+or a user's file is ever unpickled here.
+
+Scripts that create a pool must guard their entry point with ``if __name__ == "__main__":``,
+as ``spawn`` imports the main module again in every worker.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import logging
+import multiprocessing as mp
+import os
+import time
+import traceback
+import weakref
+from collections.abc import Sequence
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from fedloom.errors import FedloomError
+from fedloom.messages import ErrorReply, EvaluateReply, EvaluateRequest, Reply, Request, TrainReply
+from fedloom.simulation.engines import ClientSpec, local_engine, split_balanced
+
+log = logging.getLogger("fedloom")
+
+_POLL_S = 0.2  # how often a waiting parent checks that its workers are still alive
+_STOP_S = 5.0  # how long close() waits for a worker to leave before killing it
+
+
+class WorkerError(FedloomError):
+    """A worker process could not start (its client spec failed, or it died while loading)."""
+
+    code = "worker_failed"
+
+
+def error_replies(requests: Sequence[Request], reason: str, code: str = "worker_failed") -> list[Reply]:
+    """One error reply per request, of the reply type that matches the request."""
+    err = ErrorReply(code, reason)
+    return [(EvaluateReply if isinstance(r, EvaluateRequest) else TrainReply)(r.client_id, r.round, error=err)
+            for r in requests]
+
+
+def _serve(conn: Connection, spec: ClientSpec, vectorize: bool, group_size: int, single_thread: bool) -> None:
+    """A worker's whole life: load the clients once, report their sizes, then answer rounds until told to stop."""
+    if single_thread:
+        import torch
+
+        torch.set_num_threads(1)
+    try:
+        work, data = spec()
+        engine = local_engine(work, data, vectorize, group_size)
+        sizes = ([c.num_train for c in data.clients], [c.num_test for c in data.clients])
+    except Exception:  # noqa: BLE001 - reported to the parent, which raises WorkerError
+        conn.send(("failed", traceback.format_exc()))
+        return
+    conn.send(("ready", sizes))
+    while True:
+        try:
+            requests = conn.recv()
+        except (EOFError, OSError):  # the parent is gone
+            return
+        if requests is None:
+            return
+        try:
+            replies = engine.exchange(requests)
+        except Exception as exc:  # noqa: BLE001 - an engine failure fails this share, not the worker
+            replies = error_replies(requests, f"{type(exc).__name__}: {exc}")
+        conn.send(replies)
+
+
+class _Worker:
+    """The parent's handle on one worker process: its process and its end of the pipe."""
+
+    def __init__(self, ctx: Any, args: tuple[Any, ...], index: int):
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_serve, args=(child, *args), name=f"fedloom-worker-{index}", daemon=True)
+        self.process.start()
+        child.close()  # only the worker holds it now, so its death reads as end-of-file here
+        self.ready = False
+        self.broken = False  # could not start: its slot is left out of rounds until a restart works
+
+    def await_ready(self) -> tuple[list[int], list[int]]:
+        """Block until the worker has loaded its clients; return their (train, test) sizes."""
+        message = self.receive(None)
+        if message is None:
+            raise WorkerError(f"worker {self.process.name} died while starting (exit code {self.process.exitcode})")
+        status, payload = message
+        if status != "ready":
+            raise WorkerError(f"worker {self.process.name} could not load its clients:\n{payload}")
+        self.ready = True
+        return payload
+
+    def receive(self, deadline: float | None) -> Any:
+        """The worker's next message, or None once it is dead (or past ``deadline``, when it is killed)."""
+        while True:
+            alive = self.process.is_alive()  # checked before the pipe, so a last message is never missed
+            if self.conn.poll():
+                try:
+                    return self.conn.recv()
+                except Exception:  # noqa: BLE001 - end-of-file or a message cut short by death
+                    return None
+            if not alive:
+                return None
+            if deadline is not None and time.monotonic() > deadline:
+                self.kill()
+                return None
+            wait([self.conn, self.process.sentinel], timeout=_POLL_S)
+
+    def send(self, message: Any) -> bool:
+        try:
+            self.conn.send(message)
+            return True
+        except (OSError, ValueError):  # broken pipe: the worker is dead
+            return False
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join()
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            self.send(None)
+            self.process.join(_STOP_S)
+        self.kill()
+        self.conn.close()
+
+
+def _close_if_alive(ref: weakref.ref[ProcessPoolTransport]) -> None:
+    transport = ref()
+    if transport is not None:
+        transport.close()
+
+
+class ProcessPoolTransport:
+    """Runs a round's requests on ``workers`` local processes, each holding the client data once.
+
+    ``workers=0`` means one per core (``os.cpu_count()``); ``vectorize`` and ``group_size`` set up
+    each worker's local engine. ``timeout`` (seconds, None = none) bounds how long a round waits
+    for a worker before killing it. Close it (or use it as a context manager) to stop the workers;
+    they never outlive this process.
+    """
+
+    def __init__(self, spec: ClientSpec, workers: int = 0, vectorize: bool = True, group_size: int = 0,
+                 *, timeout: float | None = None):
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0, got {workers}")
+        self.num_workers = workers or os.cpu_count() or 1
+        self.timeout = timeout
+        self._ctx = mp.get_context("spawn")
+        self._args = (spec, vectorize, group_size, self.num_workers >= 2)
+        self._workers: list[_Worker] = []
+        self._closed = False
+        self._atexit = functools.partial(_close_if_alive, weakref.ref(self))
+        atexit.register(self._atexit)
+        try:
+            self._workers = [_Worker(self._ctx, self._args, i) for i in range(self.num_workers)]
+            self.train_sizes, self.test_sizes = self._await_all()
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> ProcessPoolTransport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown may have torn down what close() uses
+            pass
+
+    @property
+    def pids(self) -> list[int]:
+        """The worker processes' ids (for monitoring, and for tests that kill one)."""
+        return [w.process.pid for w in self._workers]
+
+    def exchange(self, requests: Sequence[Request]) -> list[Reply]:
+        """Run the requests on the workers; replies come back in request order, failures as error replies."""
+        if self._closed:
+            raise RuntimeError("the process pool is closed")
+        if not requests:
+            return []
+        live = self._revive()
+        if not live:
+            return error_replies(requests, "no worker process could start; see the fedloom log")
+        weights = [self._weight(r) for r in requests]
+        # split positions rather than requests, so each reply finds its request's place again
+        parts: list[list[int]] = split_balanced(list(range(len(requests))), weights, len(live))  # type: ignore[arg-type]
+        groups = {k: g for k, g in zip(live, parts) if g}
+        replies: list[Reply | None] = [None] * len(requests)
+        sent = {k: g for k, g in groups.items() if self._workers[k].send([requests[i] for i in g])}
+        for k, group in groups.items():
+            if k not in sent:
+                self._fail(k, group, requests, replies, "its process had died")
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        for k, group in sent.items():
+            answer = self._workers[k].receive(deadline)
+            if isinstance(answer, list) and len(answer) == len(group):
+                for i, reply in zip(group, answer):
+                    replies[i] = reply
+            else:
+                self._fail(k, group, requests, replies, "it died or timed out during the round")
+        return replies  # type: ignore[return-value]
+
+    def close(self) -> None:
+        """Stop every worker (safe to call more than once)."""
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self._atexit)
+        for w in self._workers:
+            w.stop()
+
+    def _weight(self, request: Request) -> float:
+        sizes = self.test_sizes if isinstance(request, EvaluateRequest) else self.train_sizes
+        return float(sizes[request.client_id]) if 0 <= request.client_id < len(sizes) else 0.0
+
+    def _await_all(self) -> tuple[list[int], list[int]]:
+        sizes = [w.await_ready() for w in self._workers]
+        if any(s != sizes[0] for s in sizes):
+            raise WorkerError("workers loaded different clients; the client spec must be deterministic")
+        return sizes[0]
+
+    def _fail(self, k: int, group: list[int], requests: Sequence[Request], replies: list[Reply | None],
+              why: str) -> None:
+        """Error replies for worker ``k``'s share, and a fresh worker started in its place."""
+        dead = self._workers[k]
+        reason = f"worker {k} (pid {dead.process.pid}) failed: {why}; exit code {dead.process.exitcode}"
+        for i, reply in zip(group, error_replies([requests[i] for i in group], reason)):
+            replies[i] = reply
+        dead.stop()
+        self._workers[k] = _Worker(self._ctx, self._args, k)  # loads its clients while the server aggregates
+
+    def _revive(self) -> list[int]:
+        """Before a round: restart workers that died or could not start, wait for them; the ones able to serve."""
+        for k, w in enumerate(self._workers):
+            if w.broken or (w.ready and not w.process.is_alive()):
+                w.stop()
+                self._workers[k] = _Worker(self._ctx, self._args, k)
+        live = []
+        for k, w in enumerate(self._workers):
+            if not w.ready:
+                try:
+                    if w.await_ready() != (self.train_sizes, self.test_sizes):
+                        raise WorkerError("a restarted worker loaded different clients")
+                except WorkerError as exc:
+                    w.broken = True
+                    log.warning("process pool: worker %d left out of this round: %s", k, exc)
+                    continue
+            live.append(k)
+        return live
