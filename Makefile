@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+RAY_STAMP := $(VENV)/.installed-ray
 
 .PHONY: demo test lint bench clean
 
@@ -12,16 +13,21 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
+$(RAY_STAMP): $(STAMP) requirements-ray.txt
+	$(BIN)/python -m pip install --quiet -r requirements-ray.txt
+	touch $(RAY_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/fedloom simulate examples/keyboard.toml
 
-test: $(STAMP)
+test: $(RAY_STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run wa
 	$(BIN)/python -m benchmarks.run wb
+	$(BIN)/python -m benchmarks.run wa-scaled
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

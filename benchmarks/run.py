@@ -1,60 +1,98 @@
-"""Run a reference workload with fedloom and with a plain PyTorch loop; print one JSON line each.
+"""Run a reference workload with a plain PyTorch loop and with fedloom's engines; one JSON line each.
 
-    python -m benchmarks.run wa        # W-A: FedProx Synthetic(1, 1), 1000 clients, logistic regression
-    python -m benchmarks.run wb        # W-B: Shakespeare roles, character LSTM
-    python -m benchmarks.run wa --repeat 5   # best of 5 training times per implementation (default 3)
+    python -m benchmarks.run wa          # W-A: FedProx Synthetic(1, 1), 1000 clients, logistic regression
+    python -m benchmarks.run wb          # W-B: Shakespeare roles, character LSTM
+    python -m benchmarks.run wa-scaled   # W-A with 10,000 clients, 1,000 per round
+    python -m benchmarks.run wa --repeat 5
 
-Fields: workload, implementation, rounds, clients_per_round, total_clients, wall_s (start-up,
-data and training), train_s (the rounds alone), per_round_s, accuracy, examples, and for
-fedloom ``ratio`` = fedloom train_s / plain train_s.
+Each implementation runs in its own child process of this script (so start-up and peak memory are
+its own): imports, data, one untimed warm-up round, then ``--repeat`` timed runs, of which the
+fastest counts. Fields: workload, implementation, rounds, clients_per_round, total_clients,
+wall_s (imports + data + the fastest run with its evaluation), train_s (the rounds alone),
+per_round_s, accuracy, examples, peak_rss_mb, and ``ratio`` = plain train_s / this train_s
+(the speed-up over the plain loop; 1.0 for the plain loop itself).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
+import subprocess
+import sys
 import time
 from dataclasses import replace
 
 T0 = time.perf_counter()
 
-from benchmarks.workloads import WORKLOADS, load, plain_fedavg  # noqa: E402
+from benchmarks.workloads import WORKLOADS, Workload, load, plain_fedavg  # noqa: E402
 from fedloom.simulation.runner import simulate  # noqa: E402
+
+
+def _one_round(cfg):
+    return replace(cfg, run=replace(cfg.run, rounds=1))
+
+
+def measure(wl: Workload, implementation: str, repeat: int) -> dict:
+    """Run one implementation in this process and return its JSON record (without the ratio)."""
+    import_s = time.perf_counter() - T0
+    cfg = wl.config
+    runs = []
+    if implementation == "plain-pytorch":
+        t = time.perf_counter()
+        dataset = load(wl)
+        data_s = time.perf_counter() - t
+        plain_fedavg(_one_round(cfg), dataset)
+        for _ in range(repeat):
+            t = time.perf_counter()
+            r = plain_fedavg(cfg, dataset)
+            runs.append((r.train_s, time.perf_counter() - t, r.accuracy, r.examples))
+    else:
+        cfg = wl.with_engine(implementation)
+        data_s = 0.0  # simulate() loads its own data: it is inside the run's total
+        simulate(_one_round(cfg), progress=False, write=False)
+        for _ in range(repeat):
+            t = time.perf_counter()
+            r = simulate(cfg, progress=False, write=False)
+            runs.append((r.train_s, time.perf_counter() - t, r.final_accuracy,
+                         int(sum(row["examples"] for row in r.history))))
+    train_s, total_s, accuracy, examples = min(runs)
+    return {"workload": wl.name, "implementation": implementation, "rounds": cfg.run.rounds,
+            "clients_per_round": cfg.server.clients_per_round, "total_clients": cfg.data.num_clients or None,
+            "wall_s": round(import_s + data_s + total_s, 3), "train_s": round(train_s, 3),
+            "per_round_s": round(train_s / cfg.run.rounds, 4), "accuracy": round(accuracy, 4),
+            "examples": examples, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run")
     parser.add_argument("workload", choices=sorted(WORKLOADS))
-    parser.add_argument("--repeat", type=int, default=3,
-                        help="timed runs per implementation, after one untimed round each; the fastest is reported")
+    parser.add_argument("--repeat", type=int, help="timed runs per implementation (default: the workload's)")
+    parser.add_argument("--only", help="run one implementation in this process (used by the parent)")
+    parser.add_argument("--implementations", help="comma-separated subset to run after plain-pytorch "
+                        "(default: the workload's; fedloom-vectorized-cuda is added where a GPU is present)")
     args = parser.parse_args(argv)
     wl = WORKLOADS[args.workload]
-    cfg = wl.config
-    import_s = time.perf_counter() - T0
-    warm = replace(cfg, run=replace(cfg.run, rounds=1))  # one untimed round each: lazy init, thread pools
-    plain_fedavg(warm, load(wl))
-    simulate(warm, progress=False, write=False)
-    plain_runs, fed_runs = [], []
-    for _ in range(args.repeat):
-        t = time.perf_counter()
-        dataset = load(wl)
-        plain = plain_fedavg(cfg, dataset)
-        plain_runs.append((plain, import_s + time.perf_counter() - t))
-        t = time.perf_counter()
-        fed = simulate(cfg, progress=False, write=False)
-        fed_runs.append((fed, import_s + time.perf_counter() - t))
-    plain, plain_wall = min(plain_runs, key=lambda r: r[0].train_s)
-    fed, fed_wall = min(fed_runs, key=lambda r: r[0].train_s)
-    common = {"workload": wl.name, "rounds": cfg.run.rounds, "clients_per_round": cfg.server.clients_per_round,
-              "total_clients": len(dataset)}
-    print(json.dumps({**common, "implementation": "plain-pytorch", "wall_s": round(plain_wall, 3),
-                      "train_s": round(plain.train_s, 3), "per_round_s": round(plain.train_s / cfg.run.rounds, 4),
-                      "accuracy": round(plain.accuracy, 4), "examples": plain.examples}))
-    examples = int(sum(r["examples"] for r in fed.history))
-    print(json.dumps({**common, "implementation": "fedloom-sequential", "wall_s": round(fed_wall, 3),
-                      "train_s": round(fed.train_s, 3), "per_round_s": round(fed.train_s / cfg.run.rounds, 4),
-                      "accuracy": round(fed.final_accuracy, 4), "examples": examples,
-                      "ratio": round(fed.train_s / plain.train_s, 3)}))
+    repeat = args.repeat or wl.repeat
+    if args.only:
+        print(json.dumps(measure(wl, args.only, repeat)), flush=True)
+        return
+    import torch
+
+    variants = args.implementations.split(",") if args.implementations else list(wl.variants)
+    if not args.implementations and torch.cuda.is_available():
+        variants.append("fedloom-vectorized-cuda")
+    base = None
+    for impl in ("plain-pytorch", *variants):
+        cmd = [sys.executable, "-m", "benchmarks.run", args.workload, "--only", impl, "--repeat", str(repeat)]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            print(json.dumps({"workload": wl.name, "implementation": impl, "error": done.stderr.strip()[-500:]}))
+            continue
+        record = json.loads(done.stdout.strip().splitlines()[-1])
+        base = base or record["train_s"]
+        record["ratio"] = round(base / record["train_s"], 2)
+        print(json.dumps(record), flush=True)
 
 
 if __name__ == "__main__":

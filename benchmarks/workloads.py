@@ -8,7 +8,7 @@ with ``RandomState([0, r, c]).permutation(n_train)``; FedAvg weights are train-s
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -18,30 +18,55 @@ from fedloom.data.dataset import FederatedDataset
 from fedloom.simulation.config import Config, config_from_dict
 from fedloom.simulation.runner import load_dataset, model_factory
 
+_WA = {
+    "run": {"name": "wa", "seed": 0, "rounds": 20},
+    "data": {"dataset": "synthetic", "num_clients": 1000, "synthetic_alpha": 1.0, "synthetic_beta": 1.0},
+    "model": {"name": "logreg"},
+    "client": {"lr": 0.01, "batch_size": 10, "local_epochs": 1, "max_steps": 0},
+    "server": {"clients_per_round": 100, "optimizer": "sgd", "lr": 1.0},
+    "eval": {"every": 20},
+    "engine": {"name": "sequential"},
+}
+_WB = {
+    "run": {"name": "wb", "seed": 0, "rounds": 10},
+    "data": {"dataset": "shakespeare"},
+    "model": {"name": "char_lstm", "embed_dim": 8, "hidden_size": 128, "num_layers": 1},
+    "client": {"lr": 1.0, "batch_size": 10, "local_epochs": 1, "max_steps": 20},
+    "server": {"clients_per_round": 10, "optimizer": "sgd", "lr": 1.0},
+    "eval": {"every": 10},
+    "engine": {"name": "sequential"},
+}
+_WA_SCALED = {**_WA, "run": {**_WA["run"], "name": "wa-scaled"}, "data": {**_WA["data"], "num_clients": 10000},
+              "server": {**_WA["server"], "clients_per_round": 1000}}
+
+# fedloom engines compared with the plain loop: label -> [engine] settings.
+ENGINE_VARIANTS = {
+    "fedloom-sequential": {"name": "sequential"},
+    "fedloom-vectorized": {"name": "vectorized"},
+    "fedloom-process": {"name": "process", "vectorize": False},
+    "fedloom-vectorized-process": {"name": "process", "vectorize": True},
+    "fedloom-vectorized-cuda": {"name": "vectorized", "device": "cuda"},  # only where a GPU is present
+}
+
 
 @dataclass(frozen=True)
 class Workload:
     name: str
     config: Config
+    variants: tuple[str, ...]
+    repeat: int = 3
+
+    def with_engine(self, variant: str) -> Config:
+        engine = replace(self.config.engine, **ENGINE_VARIANTS[variant])
+        return replace(self.config, engine=engine)
 
 
+ALL = ("fedloom-sequential", "fedloom-vectorized", "fedloom-process", "fedloom-vectorized-process")
 WORKLOADS = {
-    "wa": Workload("W-A synthetic-overhead", config_from_dict({
-        "run": {"name": "wa", "seed": 0, "rounds": 20},
-        "data": {"dataset": "synthetic", "num_clients": 1000, "synthetic_alpha": 1.0, "synthetic_beta": 1.0},
-        "model": {"name": "logreg"},
-        "client": {"lr": 0.01, "batch_size": 10, "local_epochs": 1, "max_steps": 0},
-        "server": {"clients_per_round": 100, "optimizer": "sgd", "lr": 1.0},
-        "eval": {"every": 20},
-    })),
-    "wb": Workload("W-B shakespeare-keyboard", config_from_dict({
-        "run": {"name": "wb", "seed": 0, "rounds": 10},
-        "data": {"dataset": "shakespeare"},
-        "model": {"name": "char_lstm", "embed_dim": 8, "hidden_size": 128, "num_layers": 1},
-        "client": {"lr": 1.0, "batch_size": 10, "local_epochs": 1, "max_steps": 20},
-        "server": {"clients_per_round": 10, "optimizer": "sgd", "lr": 1.0},
-        "eval": {"every": 10},
-    })),
+    "wa": Workload("W-A synthetic-overhead", config_from_dict(_WA), ALL),
+    "wb": Workload("W-B shakespeare-keyboard", config_from_dict(_WB), ALL),
+    "wa-scaled": Workload("W-A scaled (10,000 clients, 1,000 per round)", config_from_dict(_WA_SCALED),
+                          ("fedloom-sequential", "fedloom-vectorized", "fedloom-vectorized-process"), repeat=1),
 }
 
 

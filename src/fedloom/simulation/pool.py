@@ -35,6 +35,8 @@ import functools
 import logging
 import multiprocessing as mp
 import os
+import pickle
+import signal
 import time
 import traceback
 import weakref
@@ -67,6 +69,7 @@ def error_replies(requests: Sequence[Request], reason: str, code: str = "worker_
 
 def _serve(conn: Connection, spec: ClientSpec, vectorize: bool, group_size: int, single_thread: bool) -> None:
     """A worker's whole life: load the clients once, report their sizes, then answer rounds until told to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it then stops the workers
     if single_thread:
         import torch
 
@@ -90,7 +93,10 @@ def _serve(conn: Connection, spec: ClientSpec, vectorize: bool, group_size: int,
             replies = engine.exchange(requests)
         except Exception as exc:  # noqa: BLE001 - an engine failure fails this share, not the worker
             replies = error_replies(requests, f"{type(exc).__name__}: {exc}")
-        conn.send(replies)
+        try:
+            conn.send(replies)
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:  # pickled before anything is written
+            conn.send(error_replies(requests, f"replies could not be sent: {type(exc).__name__}: {exc}"))
 
 
 class _Worker:
@@ -179,7 +185,8 @@ class ProcessPoolTransport:
         self._atexit = functools.partial(_close_if_alive, weakref.ref(self))
         atexit.register(self._atexit)
         try:
-            self._workers = [_Worker(self._ctx, self._args, i) for i in range(self.num_workers)]
+            for i in range(self.num_workers):
+                self._workers.append(_Worker(self._ctx, self._args, i))
             self.train_sizes, self.test_sizes = self._await_all()
         except BaseException:
             self.close()
@@ -201,6 +208,11 @@ class ProcessPoolTransport:
     def pids(self) -> list[int]:
         """The worker processes' ids (for monitoring, and for tests that kill one)."""
         return [w.process.pid for w in self._workers]
+
+    @property
+    def workers_alive(self) -> list[bool]:
+        """Whether each worker process is running now (a dead one is restarted before the next round)."""
+        return [w.process.is_alive() for w in self._workers]
 
     def exchange(self, requests: Sequence[Request]) -> list[Reply]:
         """Run the requests on the workers; replies come back in request order, failures as error replies."""
