@@ -25,7 +25,7 @@ _WA = {
     "client": {"lr": 0.01, "batch_size": 10, "local_epochs": 1, "max_steps": 0},
     "server": {"clients_per_round": 100, "optimizer": "sgd", "lr": 1.0},
     "eval": {"every": 20},
-    "engine": {"name": "sequential"},
+    "engine": {"executor": "sequential"},
 }
 _WB = {
     "run": {"name": "wb", "seed": 0, "rounds": 10},
@@ -34,18 +34,18 @@ _WB = {
     "client": {"lr": 1.0, "batch_size": 10, "local_epochs": 1, "max_steps": 20},
     "server": {"clients_per_round": 10, "optimizer": "sgd", "lr": 1.0},
     "eval": {"every": 10},
-    "engine": {"name": "sequential"},
+    "engine": {"executor": "sequential"},
 }
 _WA_SCALED = {**_WA, "run": {**_WA["run"], "name": "wa-scaled"}, "data": {**_WA["data"], "num_clients": 10000},
               "server": {**_WA["server"], "clients_per_round": 1000}}
 
 # fedloom engines compared with the plain loop: label -> [engine] settings.
 ENGINE_VARIANTS = {
-    "fedloom-sequential": {"name": "sequential"},
-    "fedloom-vectorized": {"name": "vectorized"},
-    "fedloom-process": {"name": "process", "vectorize": False},
-    "fedloom-vectorized-process": {"name": "process", "vectorize": True},
-    "fedloom-vectorized-cuda": {"name": "vectorized", "device": "cuda"},  # only where a GPU is present
+    "fedloom-sequential": {"executor": "sequential"},
+    "fedloom-vectorized": {"executor": "vectorized"},
+    "fedloom-process": {"executor": "process", "vectorize": False},
+    "fedloom-vectorized-process": {"executor": "process", "vectorize": True},
+    "fedloom-vectorized-cuda": {"executor": "vectorized", "device": "cuda"},  # only where a GPU is present
 }
 
 

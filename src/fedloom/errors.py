@@ -69,3 +69,9 @@ class RoundError(FedloomError):
     """A round cannot be completed (for example: no valid update arrived)."""
 
     code = "round_failed"
+
+
+class WorkerError(FedloomError):
+    """A simulation worker process or actor could not start (its client spec failed, or it died loading)."""
+
+    code = "worker_failed"

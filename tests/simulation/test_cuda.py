@@ -17,7 +17,7 @@ def test_cuda_vectorized_equals_cpu_sequential(name):
     cfg = WORKLOADS[name].config
     cfg = replace(cfg, run=replace(cfg.run, rounds=3), eval=replace(cfg.eval, every=3))
     cpu = simulate(cfg, progress=False, write=False)
-    gpu = simulate(replace(cfg, engine=replace(cfg.engine, name="vectorized", device="cuda")), progress=False,
+    gpu = simulate(replace(cfg, engine=replace(cfg.engine, executor="vectorized", device="cuda")), progress=False,
                    write=False)
     for a, b in zip(cpu.params, gpu.params):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 
 from fedloom.data.dataset import FederatedDataset
+from fedloom.errors import WorkerError
 from fedloom.messages import EvaluateReply, EvaluateRequest, TrainConfig, TrainReply, TrainRequest
 from fedloom.server import SyncServer
 from fedloom.simulation.config import load_config
-from fedloom.simulation.engines import split_balanced
-from fedloom.simulation.pool import ProcessPoolTransport, WorkerError
+from fedloom.simulation.engines import request_cost, split_balanced
+from fedloom.simulation.pool import ProcessPoolTransport
 from fedloom.simulation.runner import build_clients, build_strategy
 from fedloom.transport.inprocess import InProcessTransport
 
@@ -116,8 +117,7 @@ def ok(reply):
 
 def share_of(pool, requests, client):
     """Positions of the requests sent to the same worker as ``client``'s (the pool's documented split)."""
-    weights = [(pool.test_sizes if isinstance(r, EvaluateRequest) else pool.train_sizes)[r.client_id]
-               for r in requests]
+    weights = [request_cost(r, pool.train_sizes, pool.test_sizes) for r in requests]
     parts = split_balanced(list(range(len(requests))), weights, pool.num_workers)
     return next(set(p) for p in parts if any(requests[i].client_id == client for i in p))
 

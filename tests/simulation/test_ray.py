@@ -19,7 +19,7 @@ import fedloom  # noqa: E402
 from fedloom.messages import TrainConfig, TrainRequest  # noqa: E402
 from fedloom.server import SyncServer  # noqa: E402
 from fedloom.simulation.config import load_config  # noqa: E402
-from fedloom.simulation.engines import split_balanced  # noqa: E402
+from fedloom.simulation.engines import request_cost, split_balanced  # noqa: E402
 from fedloom.simulation.ray_engine import RayTransport  # noqa: E402
 from fedloom.simulation.runner import build_clients, build_strategy  # noqa: E402
 from fedloom.transport.inprocess import InProcessTransport  # noqa: E402
@@ -145,7 +145,8 @@ def test_ray_cluster_equals_sequential_and_survives_a_dead_actor(cluster, sequen
 
         ray.kill(rt.actors[0])
         replies = rt.exchange(requests)
-        first_share = split_balanced(list(range(10)), [rt.train_sizes[c] for c in range(10)], 2)[0]
+        costs = [request_cost(r, rt.train_sizes, rt.test_sizes) for r in requests]
+        first_share = split_balanced(list(range(10)), costs, 2)[0]
         assert {i for i, r in enumerate(replies) if r.error is not None} == set(first_share)
         assert {r.error.code for r in replies if r.error is not None} == {"worker_failed"}
         assert all(r.error is None for r in rt.exchange(requests))  # a new actor took the dead one's place

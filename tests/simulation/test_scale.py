@@ -10,7 +10,7 @@ from fedloom.simulation.config import load_config
 from fedloom.simulation.runner import simulate
 cfg = load_config(None, ['data.dataset="synthetic"', 'data.num_clients=10000', 'model.name="logreg"',
                          'client.lr=0.01', 'server.clients_per_round=1000', 'run.rounds=3', 'eval.every=1',
-                         'engine.name="vectorized"'])
+                         'engine.executor="vectorized"'])
 r = simulate(cfg, progress=False, write=False)
 print(json.dumps({"accepted": [h["accepted"] for h in r.history], "acc": [h["test_accuracy"] for h in r.history],
                   "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))

@@ -92,8 +92,8 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    name: str = _f("vectorized", "sequential | vectorized (clients trained together) | process (all cores) | ray",
-                   ENGINES)
+    executor: str = _f("vectorized", "sequential | vectorized (clients trained together) | process (all cores) | ray",
+                       ENGINES)
     workers: int = _f(0, "process/ray: worker processes or actors; 0 = one per core (process) or per CPU (ray)",
                       ">=0")
     vectorize: bool = _f(True, "process/ray: each worker trains its share of the clients vectorized")

@@ -21,7 +21,7 @@ from typing import Protocol
 
 from fedloom.client.work import ClientWork
 from fedloom.data.dataset import FederatedDataset
-from fedloom.messages import Reply, Request
+from fedloom.messages import Reply, Request, TrainRequest
 from fedloom.transport.inprocess import InProcessTransport
 
 ClientSpec = Callable[[], tuple[ClientWork, FederatedDataset]]
@@ -42,6 +42,19 @@ def local_engine(work: ClientWork, data: FederatedDataset, vectorize: bool, grou
 
         return VectorizedTransport(work, data, group_size=group_size)
     return InProcessTransport(work, data)
+
+
+def request_cost(request: Request, train_sizes: Sequence[int], test_sizes: Sequence[int]) -> float:
+    """Expected work of a request: local SGD steps for training (epochs and step cap counted),
+    samples for evaluation; 0 for an unknown client."""
+    cid = request.client_id
+    if not 0 <= cid < len(train_sizes):
+        return 0.0
+    if isinstance(request, TrainRequest):
+        c = request.config
+        steps = c.local_epochs * -(-train_sizes[cid] // c.batch_size)
+        return float(min(steps, c.max_steps) if c.max_steps is not None else steps)
+    return float(test_sizes[cid])
 
 
 def split_balanced(requests: Sequence[Request], weights: Sequence[float], parts: int) -> list[list[Request]]:

@@ -10,7 +10,7 @@ themselves use the cores, and letting each also start one thread per core would 
 them and slow every worker down.
 
 A round's requests are split over the workers by :func:`split_balanced` (weight: the client's
-train size, or test size for an evaluation), each worker receives its whole share in one
+local steps, or test size for an evaluation), each worker receives its whole share in one
 message, so the parameters all requests share are pickled once per worker, and the replies come
 back in request order.
 
@@ -44,9 +44,9 @@ from collections.abc import Sequence
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from fedloom.errors import FedloomError
+from fedloom.errors import WorkerError
 from fedloom.messages import ErrorReply, EvaluateReply, EvaluateRequest, Reply, Request, TrainReply
-from fedloom.simulation.engines import ClientSpec, local_engine, split_balanced
+from fedloom.simulation.engines import ClientSpec, local_engine, request_cost, split_balanced
 
 log = logging.getLogger("fedloom")
 
@@ -54,10 +54,6 @@ _POLL_S = 0.2  # how often a waiting parent checks that its workers are still al
 _STOP_S = 5.0  # how long close() waits for a worker to leave before killing it
 
 
-class WorkerError(FedloomError):
-    """A worker process could not start (its client spec failed, or it died while loading)."""
-
-    code = "worker_failed"
 
 
 def error_replies(requests: Sequence[Request], reason: str, code: str = "worker_failed") -> list[Reply]:
@@ -223,7 +219,7 @@ class ProcessPoolTransport:
         live = self._revive()
         if not live:
             return error_replies(requests, "no worker process could start; see the fedloom log")
-        weights = [self._weight(r) for r in requests]
+        weights = [request_cost(r, self.train_sizes, self.test_sizes) for r in requests]
         # split positions rather than requests, so each reply finds its request's place again
         parts: list[list[int]] = split_balanced(list(range(len(requests))), weights, len(live))  # type: ignore[arg-type]
         groups = {k: g for k, g in zip(live, parts) if g}
@@ -250,10 +246,6 @@ class ProcessPoolTransport:
         atexit.unregister(self._atexit)
         for w in self._workers:
             w.stop()
-
-    def _weight(self, request: Request) -> float:
-        sizes = self.test_sizes if isinstance(request, EvaluateRequest) else self.train_sizes
-        return float(sizes[request.client_id]) if 0 <= request.client_id < len(sizes) else 0.0
 
     def _await_all(self) -> tuple[list[int], list[int]]:
         sizes = [w.await_ready() for w in self._workers]

@@ -4,7 +4,7 @@ Each actor calls the :data:`ClientSpec` once when it starts, so every machine lo
 data itself (it must be available there) and nothing but requests and replies travels per round.
 An actor reports its clients' sizes, builds a local engine (vectorized or sequential) and serves
 one ``run(requests)`` call per round. A round's requests are split over the actors by
-:func:`split_balanced` (train size, or test size for an evaluation), each actor gets its whole
+:func:`split_balanced` (local steps, or test size for an evaluation), each actor gets its whole
 share in one call, all calls run at once, and the replies come back in request order.
 
 An exception in an actor's engine comes back as error replies. An actor that dies (its process
@@ -26,10 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from fedloom.messages import EvaluateRequest, Reply, Request, TrainReply
+from fedloom.errors import WorkerError
+from fedloom.messages import Reply, Request, TrainReply
 from fedloom.params import Params
-from fedloom.simulation.engines import ClientSpec, local_engine, split_balanced
-from fedloom.simulation.pool import WorkerError, error_replies
+from fedloom.simulation.engines import ClientSpec, local_engine, request_cost, split_balanced
+from fedloom.simulation.pool import error_replies
 
 log = logging.getLogger("fedloom")
 
@@ -134,7 +135,7 @@ class RayTransport:
             raise RuntimeError("the Ray transport is closed")
         if not requests:
             return []
-        weights = [self._weight(r) for r in requests]
+        weights = [request_cost(r, self.train_sizes, self.test_sizes) for r in requests]
         parts: list[list[int]] = split_balanced(list(range(len(requests))), weights, len(self._actors))  # type: ignore[arg-type]
         calls = {k: (g, self._actors[k].run.remote([requests[i] for i in g])) for k, g in enumerate(parts) if g}
         replies: list[Reply | None] = [None] * len(requests)
@@ -159,10 +160,6 @@ class RayTransport:
             self._ray.kill(actor)
         except Exception:  # noqa: BLE001 - already dead, or the cluster is gone
             pass
-
-    def _weight(self, request: Request) -> float:
-        sizes = self.test_sizes if isinstance(request, EvaluateRequest) else self.train_sizes
-        return float(sizes[request.client_id]) if 0 <= request.client_id < len(sizes) else 0.0
 
     def _collect(self, k: int, ref: Any, requests: list[Request]) -> list[Reply]:
         """Actor ``k``'s replies; if it failed, error replies, and a new actor in its place when it died."""

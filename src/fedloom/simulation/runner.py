@@ -63,16 +63,16 @@ def build_clients(cfg: Config) -> tuple[TorchClientWork, FederatedDataset]:
 
 
 def build_engine(cfg: Config, work: TorchClientWork, dataset: FederatedDataset) -> Engine:
-    """The engine ``[engine] name`` selects; process and Ray workers rebuild the clients from ``cfg``."""
+    """The engine ``[engine] executor`` selects; process and Ray workers rebuild the clients from ``cfg``."""
     e = cfg.engine
     if e.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("engine.device", "CUDA is not available on this machine")
-    if e.name == "sequential":
+    if e.executor == "sequential":
         return InProcessTransport(work, dataset)
-    if e.name == "vectorized":
+    if e.executor == "vectorized":
         return local_engine(work, dataset, vectorize=True, group_size=e.group_size)
     spec = partial(build_clients, cfg)
-    if e.name == "process":
+    if e.executor == "process":
         from fedloom.simulation.pool import ProcessPoolTransport
 
         return ProcessPoolTransport(spec, workers=e.workers, vectorize=e.vectorize, group_size=e.group_size)
