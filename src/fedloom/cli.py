@@ -39,8 +39,50 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _server(args: argparse.Namespace) -> int:
+    import logging
+
+    from fedloom.deploy.server import serve
+    from fedloom.simulation.config import load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    cfg = load_config(args.config, args.set or [])
+
+    def show(row: dict[str, float]) -> None:
+        fed = f", federated accuracy {row['fed_accuracy']:.4f}" if "fed_accuracy" in row else ""
+        print(f"round {int(row['round'])}: test accuracy {row['test_accuracy']:.4f}, loss {row['test_loss']:.4f}, "
+              f"{int(row['accepted'])} updates{fed}", flush=True)
+
+    state = serve(cfg, on_round=show)
+    print(f"{cfg.run.name}: finished after round {state.round}; state in {cfg.deploy.state_dir}")
+    return 0
+
+
+def _client(args: argparse.Namespace) -> int:
+    import logging
+
+    from fedloom.deploy.client import run_client
+    from fedloom.simulation.config import load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    cfg = load_config(args.config, args.set or [])
+    done = run_client(cfg, args.server)
+    print(f"{cfg.deploy.name}: run finished, {done} tasks done")
+    return 0
+
+
+def _certs(args: argparse.Namespace) -> int:
+    from fedloom.deploy.certs import make_dev_pki
+
+    paths = make_dev_pki(Path(args.out_dir), server_names=args.server_name or ["localhost", "127.0.0.1"],
+                         clients=args.client or [], overwrite=args.overwrite)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fedloom", description="Federated learning: simulate and report.")
+    parser = argparse.ArgumentParser(prog="fedloom", description="Federated learning: simulate, report, deploy.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("simulate", help="run an in-process simulation from a TOML config")
     p.add_argument("config", help="TOML config file (see examples/)")
@@ -51,6 +93,21 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("report", help="redraw the plots of a run folder")
     p.add_argument("run_dir")
     p.set_defaults(func=_report)
+    p = sub.add_parser("server", help="run a federated server over gRPC (the [deploy] section configures it)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.set_defaults(func=_server)
+    p = sub.add_parser("client", help="take part in a server's run with this machine's data")
+    p.add_argument("--server", help="HOST:PORT of the server (default: deploy.address)")
+    p.add_argument("--config", required=True, help="config naming the data, the model and the credentials")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.set_defaults(func=_client)
+    p = sub.add_parser("certs", help="create a development CA and server/client certificates")
+    p.add_argument("out_dir")
+    p.add_argument("--client", action="append", help="a client certificate to issue (repeatable)")
+    p.add_argument("--server-name", action="append", help="server DNS name or IP (default: localhost, 127.0.0.1)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing CA")
+    p.set_defaults(func=_certs)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

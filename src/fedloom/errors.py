@@ -75,3 +75,9 @@ class WorkerError(FedloomError):
     """A simulation worker process or actor could not start (its client spec failed, or it died loading)."""
 
     code = "worker_failed"
+
+
+class ClientRefused(FedloomError):
+    """The server refused this client: unknown or revoked token, or a certificate of another client."""
+
+    code = "refused"

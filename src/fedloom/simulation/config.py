@@ -103,6 +103,25 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class DeployConfig:
+    address: str = _f("127.0.0.1:7443", "server: HOST:PORT to listen on; client: the server to connect to")
+    state_dir: str = _f("fedloom-server", "server: folder of its SQLite state, checkpoints and client tokens")
+    clients: list[str] = _f([], "server: client names enrolled at first start (ids 0..n-1; tokens in state_dir/tokens)")
+    min_clients: int = _f(1, "server: clients that must have joined before the first round", ">=1")
+    round_timeout_s: float = _f(600.0, "server: longest wait for a round's replies", ">0")
+    heartbeat_s: float = _f(5.0, "seconds between client heartbeats; a client silent for 3 of them is lost", ">0")
+    max_message_mb: int = _f(256, "largest message accepted, checked before allocation", ">=1")
+    tls: bool = _f(True, "encrypt with TLS (false only for local experiments)")
+    mutual_tls: bool = _f(False, "server: also require client certificates signed by ca")
+    ca: str = _f("", "CA certificate (PEM): the client trusts it; with mutual_tls the server checks clients with it")
+    cert: str = _f("", "this process's certificate (PEM): the server's, or the client's for mutual TLS")
+    key: str = _f("", "this process's private key (PEM)")
+    name: str = _f("", "client: its enrolled name")
+    token_file: str = _f("", "client: file holding its enrolment token")
+    client_index: int = _f(0, "client: which client of the configured dataset holds this process's data", ">=0")
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -111,6 +130,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    deploy: DeployConfig = field(default_factory=DeployConfig)
 
 
 def _check_value(key: str, value: Any, expected: Any, check: Any) -> Any:
@@ -130,6 +150,9 @@ def _check_value(key: str, value: Any, expected: Any, check: Any) -> Any:
     elif expected in (str, "str"):
         if not isinstance(value, str):
             raise ConfigError(key, f"must be a string, got {value!r}")
+    elif expected in (list[str], "list[str]"):
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(key, f"must be a list of non-empty strings, got {value!r}")
     elif expected in (list[int], "list[int]"):
         if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
                                                   for v in value):
