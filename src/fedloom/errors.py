@@ -81,3 +81,15 @@ class ClientRefused(FedloomError):
     """The server refused this client: unknown or revoked token, or a certificate of another client."""
 
     code = "refused"
+
+
+class CertError(FedloomError):
+    """Certificates cannot be made or read (an existing CA, a bad name, a malformed PEM)."""
+
+    code = "bad_cert"
+
+
+class StateError(FedloomError):
+    """The server state database or a checkpoint is unusable, or a call does not fit the recorded state."""
+
+    code = "bad_state"

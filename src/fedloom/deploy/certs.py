@@ -24,14 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedloom.errors import FedloomError
-
-
-class CertError(FedloomError):
-    """Certificates cannot be made or read (an existing CA, a bad name, a malformed PEM)."""
-
-    code = "bad_cert"
-
+from fedloom.errors import CertError
 
 _CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _CLOCK_SKEW = datetime.timedelta(minutes=5)
@@ -84,7 +77,8 @@ def make_dev_pki(
     _write_pair(paths["ca"], paths["ca_key"], ca_cert, ca_key)
     paths["server"], paths["server_key"] = out_dir / "server.pem", out_dir / "server.key"
     key = _new_key()
-    _write_pair(paths["server"], paths["server_key"], _server_certificate(key, server_names, ca_cert, ca_key, days), key)
+    server_cert = _server_certificate(key, server_names, ca_cert, ca_key, days)
+    _write_pair(paths["server"], paths["server_key"], server_cert, key)
     for name in clients:
         paths[f"client:{name}"], paths[f"client_key:{name}"] = add_client(out_dir, name, days)
     return paths
@@ -138,8 +132,9 @@ def _name(cn: str) -> x509.Name:
                       x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
-def _builder(subject: x509.Name, issuer: x509.Name, key: ec.EllipticCurvePrivateKey, days: int) -> x509.CertificateBuilder:
-    now = datetime.datetime.now(datetime.timezone.utc)
+def _builder(subject: x509.Name, issuer: x509.Name, key: ec.EllipticCurvePrivateKey,
+             days: int) -> x509.CertificateBuilder:
+    now = datetime.datetime.now(datetime.UTC)
     return (
         x509.CertificateBuilder()
         .subject_name(subject)

@@ -68,7 +68,7 @@ class FederationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Pull(self, request, context):
-        """Long-poll for the next task: one Envelope as a stream of Chunks (empty stream = no task yet).
+        """Long-poll for the next task: the Chunks of one Envelope.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,449 @@
+"""The deployed server's crash-safe state: runs, rounds, checkpoints and the client registry, in SQLite.
+
+One database file (WAL journal, ``synchronous=FULL``) holds:
+
+* ``runs``: one row per named run with its configuration (TOML text);
+* ``rounds``: per run and round, ``open`` or ``done``, timestamps, metrics (JSON) and the checkpoint file;
+* ``clients``: enrolled clients, each with a dense ``client_id`` (0, 1, 2, ...), the SHA-256 hash of its
+  token (never the token), and whether it is revoked.
+
+Model checkpoints are ``.npz`` files (written by :func:`fedloom.simulation.runner.save_params`, read
+without unpickling) under ``checkpoints/run-NNNN/round-NNNNNN.npz`` next to the database.
+:meth:`ServerState.complete_round` first writes the checkpoint atomically (temp file, fsync,
+``os.replace``, fsync of the directory) and only then marks the round done in one transaction. A crash
+between the two leaves the round open, so the next start resumes from the previous done round's
+checkpoint; stray temp files and checkpoints of rounds not marked done are never read.
+
+Every failure on purpose is a :class:`StateError` (or :class:`~fedloom.errors.ShapeError` for bad
+parameters), never a raw ``sqlite3`` error. One connection is shared by all threads behind a lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedloom.deploy.certs import issue_token
+from fedloom.errors import ShapeError, StateError
+from fedloom.params import Params
+
+SCHEMA_VERSION = 1
+APPLICATION_ID = 0x466C6F6D  # "Flom": marks the SQLite file as a fedloom state database
+_TABLES = (
+    """CREATE TABLE IF NOT EXISTS runs (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        config_toml TEXT NOT NULL,
+        created REAL NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS rounds (
+        run_id INTEGER NOT NULL REFERENCES runs(id),
+        round INTEGER NOT NULL CHECK (round >= 1),
+        status TEXT NOT NULL CHECK (status IN ('open', 'done')),
+        started REAL NOT NULL,
+        finished REAL,
+        metrics_json TEXT,
+        checkpoint TEXT,
+        PRIMARY KEY (run_id, round)
+    )""",
+    """CREATE TABLE IF NOT EXISTS clients (
+        client_id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        token_hash TEXT NOT NULL UNIQUE,
+        enrolled REAL NOT NULL,
+        revoked INTEGER NOT NULL DEFAULT 0 CHECK (revoked IN (0, 1)),
+        last_seen REAL
+    )""",
+)
+
+
+def hash_token(token: str) -> str:
+    """The hex SHA-256 of a token: what the registry stores instead of the token."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+class ServerState:
+    """The server's durable state in the SQLite database at ``path`` (created when missing)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.checkpoint_dir = self.path.parent / "checkpoints"
+        self._lock = threading.RLock()
+        self._conn: sqlite3.Connection | None = _connect(self.path)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the database (idempotent). Nothing uncommitted exists between calls, so nothing is lost."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> ServerState:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- runs and rounds -------------------------------------------------------------------------
+
+    def start_run(self, name: str, config_toml: str) -> int:
+        """Record a new run and return its id; a run of that name must not exist yet (see :meth:`resume_run`)."""
+        if not isinstance(name, str) or not name.strip():
+            raise StateError(f"a run needs a non-empty name, got {name!r}", stage="state")
+        if not isinstance(config_toml, str):
+            raise StateError("config_toml must be TOML text", stage="state")
+        with self._tx("start run") as conn:
+            row = conn.execute("SELECT id FROM runs WHERE name = ?", (name,)).fetchone()
+            if row is not None:
+                raise StateError(f"run {name!r} already exists (id {row[0]}); resume it with resume_run",
+                                 stage="state")
+            return int(conn.execute("INSERT INTO runs (name, config_toml, created) VALUES (?, ?, ?)",
+                                    (name, config_toml, time.time())).lastrowid)
+
+    def resume_run(self, name: str) -> int | None:
+        """The id of the run called ``name``, or None when there is none."""
+        row = self._one("SELECT id FROM runs WHERE name = ?", (name,))
+        return None if row is None else int(row[0])
+
+    def run_config(self, run_id: int) -> str:
+        """The configuration (TOML text) a run was started with."""
+        with self._tx("read run", write=False) as conn:
+            self._check_run(conn, run_id)
+            return str(conn.execute("SELECT config_toml FROM runs WHERE id = ?", (run_id,)).fetchone()[0])
+
+    def last_completed_round(self, run_id: int) -> int:
+        """The highest round of the run marked done; 0 before the first."""
+        with self._tx("read rounds", write=False) as conn:
+            self._check_run(conn, run_id)
+            return _last_done(conn, run_id)
+
+    def open_round(self, run_id: int, round: int) -> None:
+        """Mark ``round`` (which must be the last completed round + 1) as started.
+
+        Opening a round that is already open (the server crashed during it) starts it again.
+        """
+        _check_round_number(round)
+        with self._tx("open round") as conn:
+            self._check_run(conn, run_id)
+            status = _round_status(conn, run_id, round)
+            if status == "done":
+                raise StateError(f"round {round} of run {run_id} is already done", stage="state")
+            expected = _last_done(conn, run_id) + 1
+            if round != expected:
+                raise StateError(f"cannot open round {round} of run {run_id}: the next round is {expected}",
+                                 stage="state")
+            if status == "open":
+                conn.execute("UPDATE rounds SET started = ? WHERE run_id = ? AND round = ?",
+                             (time.time(), run_id, round))
+            else:
+                conn.execute("INSERT INTO rounds (run_id, round, status, started) VALUES (?, ?, 'open', ?)",
+                             (run_id, round, time.time()))
+
+    def complete_round(self, run_id: int, round: int, params: Params, names: list[str],
+                       metrics: dict[str, Any]) -> None:
+        """Checkpoint ``params`` (keyed by ``names``) for an open round, then mark the round done.
+
+        The checkpoint is durable on disk before the transaction that marks the round done commits.
+        """
+        _check_round_number(round)
+        _check_params(params, names)
+        metrics_json = _metrics_json(metrics)
+        with self._tx("check round", write=False) as conn:
+            self._check_open(conn, run_id, round)
+        relpath = Path(f"run-{run_id:04d}") / f"round-{round:06d}.npz"
+        self._write_checkpoint(self.checkpoint_dir / relpath, params, names)
+        self._mark_done(run_id, round, metrics_json, relpath.as_posix())
+
+    def load_checkpoint(self, run_id: int) -> tuple[int, list[str], Params] | None:
+        """``(round, names, params)`` of the latest done round, or None when no round is done."""
+        with self._tx("read checkpoint", write=False) as conn:
+            self._check_run(conn, run_id)
+            row = conn.execute("SELECT round, checkpoint FROM rounds WHERE run_id = ? AND status = 'done' "
+                               "ORDER BY round DESC LIMIT 1", (run_id,)).fetchone()
+        if row is None:
+            return None
+        names, params = _read_checkpoint(self.checkpoint_dir / row[1], int(row[0]))
+        return int(row[0]), names, params
+
+    def history(self, run_id: int) -> list[dict[str, Any]]:
+        """Done rounds in order: ``{"round", "started", "finished", "metrics"}`` each."""
+        with self._tx("read history", write=False) as conn:
+            self._check_run(conn, run_id)
+            rows = conn.execute("SELECT round, started, finished, metrics_json FROM rounds "
+                                "WHERE run_id = ? AND status = 'done' ORDER BY round", (run_id,)).fetchall()
+        return [{"round": r, "started": s, "finished": f, "metrics": json.loads(m)} for r, s, f, m in rows]
+
+    # -- client registry -------------------------------------------------------------------------
+
+    def enroll(self, name: str, *, reissue: bool = False) -> tuple[int, str]:
+        """Register client ``name`` and return ``(client_id, token)``; only the token's hash is stored.
+
+        Client ids are dense from 0. ``reissue=True`` gives an enrolled (or revoked) client a new
+        token under its old id, which invalidates the old token and lifts a revocation.
+        """
+        if not isinstance(name, str) or not name.strip():
+            raise StateError(f"a client needs a non-empty name, got {name!r}", stage="enroll")
+        token = issue_token()
+        with self._tx("enroll") as conn:
+            row = conn.execute("SELECT client_id FROM clients WHERE name = ?", (name,)).fetchone()
+            if row is not None and not reissue:
+                raise StateError(f"client {name!r} is already enrolled (id {row[0]}); pass reissue=True "
+                                 "for a new token", client_id=int(row[0]), stage="enroll")
+            if row is not None:
+                conn.execute("UPDATE clients SET token_hash = ?, revoked = 0 WHERE client_id = ?",
+                             (hash_token(token), row[0]))
+                return int(row[0]), token
+            client_id = int(conn.execute("SELECT COALESCE(MAX(client_id) + 1, 0) FROM clients").fetchone()[0])
+            conn.execute("INSERT INTO clients (client_id, name, token_hash, enrolled) VALUES (?, ?, ?, ?)",
+                         (client_id, name, hash_token(token), time.time()))
+        return client_id, token
+
+    def authenticate(self, token: str) -> tuple[int, str] | None:
+        """``(client_id, name)`` of the enrolled, not revoked client holding ``token``; None otherwise."""
+        if not isinstance(token, str) or not token:
+            return None
+        digest = hash_token(token)
+        row = self._one("SELECT client_id, name, token_hash, revoked FROM clients WHERE token_hash = ?", (digest,))
+        # The lookup is by a hash the caller cannot steer; the final check is constant-time all the same.
+        if row is None or not hmac.compare_digest(row[2], digest) or row[3]:
+            return None
+        return int(row[0]), str(row[1])
+
+    def revoke(self, name: str) -> None:
+        """Revoke client ``name``: its token stops authenticating (its id stays reserved)."""
+        with self._tx("revoke") as conn:
+            if conn.execute("UPDATE clients SET revoked = 1 WHERE name = ?", (name,)).rowcount == 0:
+                raise StateError(f"no enrolled client named {name!r}", stage="revoke")
+
+    def touch(self, client_id: int) -> None:
+        """Record that ``client_id`` was seen now."""
+        with self._tx("touch") as conn:
+            cur = conn.execute("UPDATE clients SET last_seen = ? WHERE client_id = ?", (time.time(), client_id))
+            if cur.rowcount == 0:
+                raise StateError(f"no enrolled client with id {client_id}", client_id=client_id, stage="touch")
+
+    def clients(self) -> list[dict[str, Any]]:
+        """All enrolled clients by id: ``{"client_id", "name", "enrolled", "revoked", "last_seen"}``."""
+        with self._tx("list clients", write=False) as conn:
+            rows = conn.execute("SELECT client_id, name, enrolled, revoked, last_seen FROM clients "
+                                "ORDER BY client_id").fetchall()
+        return [{"client_id": c, "name": n, "enrolled": e, "revoked": bool(r), "last_seen": s}
+                for c, n, e, r, s in rows]
+
+    # -- internals -------------------------------------------------------------------------------
+
+    @contextmanager
+    def _tx(self, what: str, *, write: bool = True) -> Iterator[sqlite3.Connection]:
+        """One transaction (``BEGIN`` .. ``COMMIT``, rolled back on any error), sqlite errors wrapped.
+
+        Writers begin ``IMMEDIATE`` (taking the write lock up front, so checks and writes see one state).
+        """
+        with self._lock:
+            if self._conn is None:
+                raise StateError(f"{what}: the state database {self.path} is closed", stage="state")
+            conn = self._conn
+            try:
+                conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException as exc:
+                _rollback(conn)
+                if isinstance(exc, sqlite3.Error):
+                    raise StateError(f"{what}: database error in {self.path}: {exc}", stage="state") from exc
+                raise
+
+    def _one(self, sql: str, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        with self._tx("read", write=False) as conn:
+            return conn.execute(sql, args).fetchone()
+
+    @staticmethod
+    def _check_run(conn: sqlite3.Connection, run_id: int) -> None:
+        if conn.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone() is None:
+            raise StateError(f"no run with id {run_id!r}", stage="state")
+
+    def _check_open(self, conn: sqlite3.Connection, run_id: int, round: int) -> None:
+        self._check_run(conn, run_id)
+        status = _round_status(conn, run_id, round)
+        if status == "done":
+            raise StateError(f"round {round} of run {run_id} is already done", stage="state")
+        if status is None:
+            raise StateError(f"round {round} of run {run_id} was never opened (call open_round first)",
+                             stage="state")
+
+    def _write_checkpoint(self, path: Path, params: Params, names: list[str]) -> None:
+        """Write ``path`` atomically: temp file in the same directory, fsync, rename, fsync the directory."""
+        from fedloom.simulation.runner import save_params  # imports torch: only when a checkpoint is written
+
+        _make_dirs(path.parent)
+        tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}.npz")
+        try:
+            save_params(tmp, params, names)
+            _fsync_file(tmp)
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+        except (OSError, TypeError, ValueError) as exc:
+            raise StateError(f"cannot write checkpoint {path}: {exc}", stage="checkpoint") from exc
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _mark_done(self, run_id: int, round: int, metrics_json: str, checkpoint: str) -> None:
+        with self._tx("complete round") as conn:
+            self._check_open(conn, run_id, round)
+            conn.execute("UPDATE rounds SET status = 'done', finished = ?, metrics_json = ?, checkpoint = ? "
+                         "WHERE run_id = ? AND round = ?", (time.time(), metrics_json, checkpoint, run_id, round))
+
+
+# -- opening the database --------------------------------------------------------------------------
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    """Open (creating when missing) the database and its schema; a file that is not one is a StateError."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+    except (OSError, sqlite3.Error) as exc:
+        raise StateError(f"cannot open the state database {path}: {exc}", stage="state") from exc
+    try:
+        _configure(conn, path)
+        _init_schema(conn, path)
+    except sqlite3.Error as exc:
+        conn.close()
+        raise StateError(f"{path} is not a usable fedloom state database (corrupt or not SQLite): {exc}",
+                         stage="state") from exc
+    except StateError:
+        conn.close()
+        raise
+    return conn
+
+
+def _configure(conn: sqlite3.Connection, path: Path) -> None:
+    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        raise StateError(f"{path}: cannot switch the database to WAL mode (got {mode!r})", stage="state")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+
+
+def _init_schema(conn: sqlite3.Connection, path: Path) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        if app_id not in (0, APPLICATION_ID) or (app_id == 0 and tables):
+            raise StateError(f"{path} is an SQLite database but not a fedloom state database", stage="state")
+        if version > SCHEMA_VERSION:
+            raise StateError(f"{path} has schema version {version}, newer than this fedloom's "
+                             f"{SCHEMA_VERSION}", stage="state")
+        for sql in _TABLES:
+            conn.execute(sql)
+        conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        _rollback(conn)
+        raise
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # the original error is the one worth reporting
+
+
+# -- rounds --------------------------------------------------------------------------------------
+
+
+def _last_done(conn: sqlite3.Connection, run_id: int) -> int:
+    row = conn.execute("SELECT MAX(round) FROM rounds WHERE run_id = ? AND status = 'done'", (run_id,)).fetchone()
+    return 0 if row[0] is None else int(row[0])
+
+
+def _round_status(conn: sqlite3.Connection, run_id: int, round: int) -> str | None:
+    row = conn.execute("SELECT status FROM rounds WHERE run_id = ? AND round = ?", (run_id, round)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def _check_round_number(round: int) -> None:
+    if isinstance(round, bool) or not isinstance(round, int | np.integer) or round < 1:
+        raise StateError(f"rounds are numbered from 1, got {round!r}", stage="state")
+
+
+def _check_params(params: Params, names: list[str]) -> None:
+    if len(params) != len(names):
+        raise ShapeError(f"{len(params)} arrays but {len(names)} names", stage="checkpoint")
+    if len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
+        raise ShapeError(f"parameter names must be distinct non-empty strings, got {names!r}", stage="checkpoint")
+    for i, p in enumerate(params):
+        if not isinstance(p, np.ndarray) or p.dtype.hasobject:
+            raise ShapeError(f"array {i} ({names[i]}) is not a numeric numpy array", stage="checkpoint")
+
+
+def _metrics_json(metrics: dict[str, Any]) -> str:
+    if not isinstance(metrics, dict):
+        raise StateError(f"metrics must be a dict, got {type(metrics).__name__}", stage="state")
+    try:
+        return json.dumps(metrics, default=_json_default, sort_keys=True)
+    except (TypeError, ValueError) as exc:
+        raise StateError(f"metrics are not JSON-serializable: {exc}", stage="state") from exc
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON-serializable")
+
+
+# -- checkpoint files ------------------------------------------------------------------------------
+
+
+def _read_checkpoint(path: Path, round: int) -> tuple[list[str], Params]:
+    from fedloom.simulation.runner import load_params  # imports torch: only when a checkpoint is read
+
+    try:
+        return load_params(path)
+    except FileNotFoundError:
+        raise StateError(f"checkpoint {path} of done round {round} is missing", stage="checkpoint") from None
+    except Exception as exc:  # zipfile, numpy and OS errors of a damaged file all land here
+        raise StateError(f"checkpoint {path} of done round {round} is corrupt: {exc}",
+                         stage="checkpoint") from exc
+
+
+def _make_dirs(directory: Path) -> None:
+    """Create ``directory`` and missing parents, fsyncing each new entry's parent so it survives a crash."""
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for d in reversed(missing):
+        d.mkdir(exist_ok=True)
+        _fsync_dir(d.parent)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,504 @@
+"""The wire format of fedloom's gRPC deployment: typed messages <-> protobuf bytes, safely.
+
+Three layers, each checked against :class:`Limits` before anything large is allocated:
+
+* **Tensors** travel as dtype name + shape + raw little-endian bytes (numeric dtypes only; no
+  pickle anywhere). :func:`encode_tensor` / :func:`decode_tensor`.
+* **Envelopes** carry any registered message kind: ``kind`` names a codec (``"train_request"``,
+  ``"train_reply"``, ``"evaluate_request"``, ``"evaluate_reply"`` are built in; more are added
+  with :func:`register`), ``encoding`` names how the payload bytes are encoded (``"proto"`` and
+  ``"zlib+proto"`` built in; more with :func:`register_encoding`). ``client_id`` and ``round``
+  live in the envelope, not in the body. :func:`to_envelope` / :func:`from_envelope`.
+* **Chunks**: a serialized envelope is sliced into :class:`Chunk` messages (1 MiB by default) so
+  that no single gRPC message exceeds gRPC's default 4 MB limit. :func:`to_chunks` /
+  :func:`from_chunks`.
+
+Every malformed or oversized input raises :class:`WireError` (code ``"bad_message"``) with a
+message that says what was wrong; nothing here crashes or allocates more than the limits allow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import secrets
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from fedloom.errors import FedloomError
+from fedloom.messages import (
+    ErrorReply,
+    EvaluateConfig,
+    EvaluateReply,
+    EvaluateRequest,
+    Evaluation,
+    TrainConfig,
+    TrainReply,
+    TrainRequest,
+    Update,
+)
+from fedloom.params import Params
+from fedloom.transport.proto import fedloom_pb2 as pb
+
+Tensor = pb.Tensor
+Envelope = pb.Envelope
+Chunk = pb.Chunk
+
+MiB = 1 << 20
+DEFAULT_CHUNK_BYTES = 1 * MiB
+ZLIB_LEVEL = 1  # fast; model weights rarely compress much, sparse/quantized ones do at any level
+
+
+class WireError(FedloomError):
+    """A message on the wire is malformed, of an unknown kind or encoding, or over a size limit.
+
+    Defined here until ``fedloom.errors`` gets its own wire error class.
+    """
+
+    code = "bad_message"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Upper bounds applied while decoding; anything larger is refused before it is allocated."""
+
+    max_message_bytes: int = 256 * MiB  # a serialized envelope, and a payload after decompression
+    max_tensor_bytes: int = 256 * MiB  # one tensor's raw data
+    max_tensors: int = 10_000  # tensors in one message
+    max_dims: int = 8  # dimensions of one tensor
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"Limits.{f.name} must be a positive int, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------- tensors
+
+_DTYPES: dict[str, np.dtype] = {
+    name: np.dtype(name).newbyteorder("<")
+    for name in ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool")
+}
+ALLOWED_DTYPES = tuple(_DTYPES)
+
+
+def _fill_tensor(t: pb.Tensor, a: np.ndarray) -> None:
+    """Write array ``a`` into the (empty) Tensor message ``t``."""
+    arr = np.asarray(a)
+    name = arr.dtype.name
+    if name not in _DTYPES or arr.dtype.fields is not None:
+        raise WireError(f"cannot send an array of dtype {arr.dtype}; allowed: {', '.join(ALLOWED_DTYPES)}")
+    t.dtype = name
+    t.shape.extend(arr.shape)
+    t.data = arr.astype(_DTYPES[name], copy=False).tobytes(order="C")
+
+
+def encode_tensor(a: np.ndarray) -> pb.Tensor:
+    """A :class:`Tensor` holding ``a``'s dtype name, shape and C-order little-endian bytes."""
+    t = pb.Tensor()
+    _fill_tensor(t, a)
+    return t
+
+
+def _checked_nbytes(dtype_name: str, shape: tuple[int, ...], max_bytes: int, max_dims: int) -> int:
+    """The byte size a tensor declares, after checking dtype, dims and the size limit."""
+    dtype = _DTYPES.get(dtype_name)
+    if dtype is None:
+        raise WireError(f"unknown tensor dtype {dtype_name!r}; allowed: {', '.join(ALLOWED_DTYPES)}")
+    if len(shape) > max_dims:
+        raise WireError(f"tensor has {len(shape)} dimensions, over the limit of {max_dims}")
+    if any(d < 0 for d in shape):
+        raise WireError(f"tensor shape {list(shape)} has a negative dimension")
+    nbytes = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
+    if nbytes > max_bytes:
+        raise WireError(f"tensor {dtype_name}{list(shape)} is {nbytes} bytes, over the limit of {max_bytes}")
+    return nbytes
+
+
+def decode_tensor(t: pb.Tensor, max_bytes: int = 256 * MiB, max_dims: int = 8) -> np.ndarray:
+    """A new writable, native-order array from ``t``; its declared size is checked before allocating."""
+    shape = tuple(t.shape)
+    nbytes = _checked_nbytes(t.dtype, shape, max_bytes, max_dims)
+    data = t.data
+    if len(data) != nbytes:
+        raise WireError(f"tensor {t.dtype}{list(shape)} needs {nbytes} bytes but carries {len(data)}")
+    if t.dtype == "bool":  # any nonzero byte is True; never expose non-0/1 bool bytes
+        return np.frombuffer(data, dtype=np.uint8).astype(np.bool_).reshape(shape)
+    dtype = _DTYPES[t.dtype]
+    return np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="), copy=True)
+
+
+def _add_tensors(field: Any, params: Params) -> None:
+    """Append each array of ``params`` to a repeated Tensor field."""
+    for i, a in enumerate(params):
+        try:
+            _fill_tensor(field.add(), a)
+        except WireError as e:
+            raise WireError(f"array {i}: {e.message}") from None
+
+
+def _decode_tensors(field: Any, limits: Limits) -> Params:
+    """The arrays of a repeated Tensor field, checked against ``limits``."""
+    if len(field) > limits.max_tensors:
+        raise WireError(f"message holds {len(field)} tensors, over the limit of {limits.max_tensors}")
+    out = []
+    for i, t in enumerate(field):
+        try:
+            out.append(decode_tensor(t, limits.max_tensor_bytes, limits.max_dims))
+        except WireError as e:
+            raise WireError(f"tensor {i}: {e.message}") from None
+    return out
+
+
+# ---------------------------------------------------------------------------------------- codecs
+
+
+@dataclass(frozen=True)
+class Codec:
+    """How one message kind becomes body bytes and back."""
+
+    kind: str
+    cls: type
+    encode: Callable[[Any], bytes]
+    decode: Callable[[bytes, Limits], Any]
+
+
+_CODECS: dict[str, Codec] = {}
+_KIND_OF: dict[type, str] = {}
+
+
+def register(kind: str, cls: type, encode: Callable[[Any], bytes], decode: Callable[[bytes, Limits], Any]) -> None:
+    """Make messages of class ``cls`` travel as envelopes of ``kind``.
+
+    ``encode(message) -> bytes`` makes the body; ``decode(body, limits) -> message`` reads it back
+    and must raise :class:`WireError` (or protobuf's ``DecodeError``) on bad input. If ``cls`` has
+    ``client_id`` and ``round`` fields, they travel in the envelope: :func:`from_envelope` sets
+    them on the decoded message, so ``decode`` may leave them 0. A kind or class registers once.
+    """
+    if not kind:
+        raise ValueError("a message kind needs a non-empty name")
+    if kind in _CODECS:
+        raise ValueError(f"message kind {kind!r} is already registered")
+    if cls in _KIND_OF:
+        raise ValueError(f"{cls.__name__} is already registered as kind {_KIND_OF[cls]!r}")
+    _CODECS[kind] = Codec(kind, cls, encode, decode)
+    _KIND_OF[cls] = kind
+
+
+def kinds() -> list[str]:
+    """The registered message kinds."""
+    return sorted(_CODECS)
+
+
+def _parse(cls: Any, data: bytes, kind: str) -> Any:
+    """Parse protobuf message class ``cls`` from ``data``, as a WireError on failure."""
+    msg = cls()
+    try:
+        msg.ParseFromString(data)
+    except DecodeError as e:
+        raise WireError(f"{kind} body is not a valid {cls.__name__}: {e}") from None
+    return msg
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise WireError(message)
+
+
+def _error_msg(e: ErrorReply) -> pb.ErrorMsg:
+    return pb.ErrorMsg(code=e.code, reason=e.reason)
+
+
+def _error_reply(e: pb.ErrorMsg) -> ErrorReply:
+    _require(bool(e.code), "error reply has an empty code")
+    return ErrorReply(e.code, e.reason)
+
+
+def _reply_result(kind: str, result: Any, error: ErrorReply | None, name: str) -> str:
+    """Which oneof branch a reply encodes ("error" or ``name``); exactly one must be set."""
+    _require(result is None or error is None, f"{kind} has both {name} and error set")
+    _require(result is not None or error is not None, f"{kind} has neither {name} nor error set")
+    return name if result is not None else "error"
+
+
+def _train_config_msg(c: TrainConfig) -> pb.TrainConfigMsg:
+    _require(c.max_steps is None or c.max_steps >= 1,
+             f"max_steps must be None or >= 1, got {c.max_steps} (0 means no cap on the wire)")
+    return pb.TrainConfigMsg(lr=c.lr, batch_size=c.batch_size, local_epochs=c.local_epochs,
+                             max_steps=c.max_steps or 0, mu=c.mu, seed=c.seed, round=c.round)
+
+
+def _train_config(m: pb.TrainConfigMsg) -> TrainConfig:
+    _require(m.batch_size >= 1, f"train config batch_size must be >= 1, got {m.batch_size}")
+    _require(m.local_epochs >= 0, f"train config local_epochs must be >= 0, got {m.local_epochs}")
+    _require(m.max_steps >= 0, f"train config max_steps must be >= 0, got {m.max_steps}")
+    _require(math.isfinite(m.lr) and math.isfinite(m.mu), f"train config lr={m.lr}, mu={m.mu} must be finite")
+    return TrainConfig(lr=m.lr, batch_size=m.batch_size, local_epochs=m.local_epochs,
+                       max_steps=m.max_steps or None, mu=m.mu, seed=m.seed, round=m.round)
+
+
+def _encode_train_request(m: TrainRequest) -> bytes:
+    body = pb.TrainRequestBody(config=_train_config_msg(m.config))
+    _add_tensors(body.params, m.params)
+    return body.SerializeToString()
+
+
+def _decode_train_request(data: bytes, limits: Limits) -> TrainRequest:
+    body = _parse(pb.TrainRequestBody, data, "train_request")
+    del data  # free the body bytes before the tensors are copied out
+    _require(body.HasField("config"), "train_request has no config")
+    return TrainRequest(0, 0, _decode_tensors(body.params, limits), _train_config(body.config))
+
+
+def _encode_train_reply(m: TrainReply) -> bytes:
+    body = pb.TrainReplyBody()
+    if _reply_result("train_reply", m.update, m.error, "update") == "error":
+        body.error.CopyFrom(_error_msg(m.error))
+        return body.SerializeToString()
+    u = m.update
+    _require(u.kind in ("delta", "params"), f"update kind must be 'delta' or 'params', got {u.kind!r}")
+    body.update.weight = u.weight
+    body.update.kind = u.kind
+    body.update.metrics.update({str(k): float(v) for k, v in u.metrics.items()})
+    _add_tensors(body.update.values, u.values)
+    return body.SerializeToString()
+
+
+def _decode_train_reply(data: bytes, limits: Limits) -> TrainReply:
+    body = _parse(pb.TrainReplyBody, data, "train_reply")
+    del data  # free the body bytes before the tensors are copied out
+    which = body.WhichOneof("result")
+    _require(which is not None, "train_reply has neither update nor error")
+    if which == "error":
+        return TrainReply(0, 0, error=_error_reply(body.error))
+    u = body.update
+    _require(u.kind in ("delta", "params"), f"update kind must be 'delta' or 'params', got {u.kind!r}")
+    update = Update(_decode_tensors(u.values, limits), u.weight, u.kind, dict(u.metrics))
+    return TrainReply(0, 0, update=update)
+
+
+def _encode_evaluate_request(m: EvaluateRequest) -> bytes:
+    body = pb.EvaluateRequestBody(batch_size=m.config.batch_size)
+    _add_tensors(body.params, m.params)
+    return body.SerializeToString()
+
+
+def _decode_evaluate_request(data: bytes, limits: Limits) -> EvaluateRequest:
+    body = _parse(pb.EvaluateRequestBody, data, "evaluate_request")
+    del data  # free the body bytes before the tensors are copied out
+    _require(body.batch_size >= 1, f"evaluate_request batch_size must be >= 1, got {body.batch_size}")
+    return EvaluateRequest(0, 0, _decode_tensors(body.params, limits), EvaluateConfig(batch_size=body.batch_size))
+
+
+def _encode_evaluate_reply(m: EvaluateReply) -> bytes:
+    body = pb.EvaluateReplyBody()
+    if _reply_result("evaluate_reply", m.evaluation, m.error, "evaluation") == "error":
+        body.error.CopyFrom(_error_msg(m.error))
+    else:
+        e = m.evaluation
+        body.evaluation.CopyFrom(pb.EvaluationMsg(loss=e.loss, accuracy=e.accuracy, num_examples=e.num_examples))
+    return body.SerializeToString()
+
+
+def _decode_evaluate_reply(data: bytes, limits: Limits) -> EvaluateReply:
+    body = _parse(pb.EvaluateReplyBody, data, "evaluate_reply")
+    which = body.WhichOneof("result")
+    _require(which is not None, "evaluate_reply has neither evaluation nor error")
+    if which == "error":
+        return EvaluateReply(0, 0, error=_error_reply(body.error))
+    e = body.evaluation
+    _require(e.num_examples >= 0, f"evaluation num_examples must be >= 0, got {e.num_examples}")
+    return EvaluateReply(0, 0, evaluation=Evaluation(e.loss, e.accuracy, e.num_examples))
+
+
+register("train_request", TrainRequest, _encode_train_request, _decode_train_request)
+register("train_reply", TrainReply, _encode_train_reply, _decode_train_reply)
+register("evaluate_request", EvaluateRequest, _encode_evaluate_request, _decode_evaluate_request)
+register("evaluate_reply", EvaluateReply, _encode_evaluate_reply, _decode_evaluate_reply)
+
+
+# ---------------------------------------------------------------------------------------- encodings
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How a body's bytes become an envelope's payload and back (``decode`` honours the limits)."""
+
+    name: str
+    encode: Callable[[bytes], bytes]
+    decode: Callable[[bytes, Limits], bytes]
+
+
+_ENCODINGS: dict[str, Encoding] = {}
+
+
+def register_encoding(name: str, encode: Callable[[bytes], bytes], decode: Callable[[bytes, Limits], bytes]) -> None:
+    """Add a payload encoding. ``decode(payload, limits)`` must refuse output over ``max_message_bytes``."""
+    if not name:
+        raise ValueError("an encoding needs a non-empty name")
+    if name in _ENCODINGS:
+        raise ValueError(f"encoding {name!r} is already registered")
+    _ENCODINGS[name] = Encoding(name, encode, decode)
+
+
+def encodings() -> list[str]:
+    """The registered payload encodings."""
+    return sorted(_ENCODINGS)
+
+
+def _proto_decode(payload: bytes, limits: Limits) -> bytes:
+    return payload  # from_envelope has already checked its size
+
+
+def _zlib_encode(body: bytes) -> bytes:
+    return zlib.compress(body, ZLIB_LEVEL)
+
+
+def _zlib_decode(payload: bytes, limits: Limits) -> bytes:
+    """Inflate at most ``max_message_bytes`` (+1 to detect overflow), so a zip bomb is refused."""
+    limit = limits.max_message_bytes
+    d = zlib.decompressobj()
+    try:
+        out = d.decompress(payload, limit + 1)
+    except zlib.error as e:
+        raise WireError(f"zlib payload is corrupt: {e}") from None
+    if len(out) > limit or d.unconsumed_tail:
+        raise WireError(f"zlib payload inflates to more than max_message_bytes={limit}; refused")
+    _require(d.eof, "zlib payload is truncated")
+    _require(not d.unused_data, f"zlib payload has {len(d.unused_data)} stray bytes after its end")
+    return out
+
+
+register_encoding("proto", lambda body: body, _proto_decode)
+register_encoding("zlib+proto", _zlib_encode, _zlib_decode)
+
+
+# ---------------------------------------------------------------------------------------- envelopes
+
+
+def to_envelope(message: Any, task_id: str = "", encoding: str = "proto") -> pb.Envelope:
+    """Wrap a registered message in an :class:`Envelope` (client_id and round taken from it, if it has them)."""
+    kind = _KIND_OF.get(type(message))
+    if kind is None:
+        raise WireError(f"no message kind is registered for {type(message).__name__}; known: {', '.join(kinds())}")
+    enc = _ENCODINGS.get(encoding)
+    if enc is None:
+        raise WireError(f"unknown encoding {encoding!r}; known: {', '.join(encodings())}")
+    try:
+        payload = enc.encode(_CODECS[kind].encode(message))
+        return pb.Envelope(kind=kind, task_id=task_id, client_id=getattr(message, "client_id", 0),
+                           round=getattr(message, "round", 0), encoding=encoding, payload=payload)
+    except (TypeError, ValueError, OverflowError) as e:  # e.g. a negative round, a str where a number goes
+        raise WireError(f"cannot encode {kind}: {e}") from None
+
+
+def from_envelope(env: pb.Envelope, limits: Limits = Limits()) -> Any:
+    """The typed message inside ``env`` (an empty ``encoding`` means ``"proto"``)."""
+    codec = _CODECS.get(env.kind)
+    if codec is None:
+        raise WireError(f"unknown message kind {env.kind!r}; known: {', '.join(kinds())}")
+    enc = _ENCODINGS.get(env.encoding or "proto")
+    if enc is None:
+        raise WireError(f"unknown encoding {env.encoding!r} of {env.kind}; known: {', '.join(encodings())}")
+    try:
+        # Nested calls, no local names: the body's only reference moves into codec.decode, which
+        # can drop it (``del data``) once parsed, so a large payload is not held twice.
+        message = codec.decode(enc.decode(_checked_payload(env, limits), limits), limits)
+    except DecodeError as e:
+        raise WireError(f"{env.kind} body is malformed: {e}") from None
+    except (TypeError, ValueError, OverflowError) as e:
+        raise WireError(f"{env.kind} body has a bad value: {e}") from None
+    return _with_address(message, env)
+
+
+def _checked_payload(env: pb.Envelope, limits: Limits) -> bytes:
+    payload = env.payload
+    _require(len(payload) <= limits.max_message_bytes,
+             f"{env.kind} payload is {len(payload)} bytes, over max_message_bytes={limits.max_message_bytes}")
+    return payload
+
+
+def _with_address(message: Any, env: pb.Envelope) -> Any:
+    """Set ``client_id``/``round`` from the envelope on a dataclass message that has them."""
+    if not dataclasses.is_dataclass(message):
+        return message
+    names = {f.name for f in dataclasses.fields(message)}
+    if {"client_id", "round"} <= names:
+        return dataclasses.replace(message, client_id=env.client_id, round=env.round)
+    return message
+
+
+# ---------------------------------------------------------------------------------------- chunks
+
+
+def to_chunks(env: pb.Envelope, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[pb.Chunk]:
+    """Serialize ``env`` once and yield it as consecutive :class:`Chunk` slices (the final one ``last``)."""
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+    data = env.SerializeToString()
+    total = len(data)
+    transfer_id = secrets.token_hex(16)
+    count = max(1, -(-total // chunk_bytes))
+    for i in range(count):
+        chunk = pb.Chunk(transfer_id=transfer_id, total_size=total, index=i,
+                         data=data[i * chunk_bytes : (i + 1) * chunk_bytes], last=i == count - 1)
+        if i == count - 1:
+            del data  # a reader may stop at the last chunk and leave this generator alive: free the copy now
+        yield chunk
+
+
+def from_chunks(chunks: Iterable[pb.Chunk], limits: Limits = Limits()) -> pb.Envelope:
+    """Reassemble the :class:`Envelope` sent by :func:`to_chunks`.
+
+    ``total_size`` is checked against ``limits.max_message_bytes`` on the first chunk, before the
+    buffer is allocated; then every chunk must have the same transfer_id and total_size, the next
+    index, and (unless last) some data; the stream must reach a chunk marked ``last`` with exactly
+    ``total_size`` bytes. Reading stops at that chunk, so one stream may carry transfers back to back.
+    """
+    it = iter(chunks)
+    chunk = next(it, None)
+    _require(chunk is not None, "empty chunk stream: no envelope was sent")
+    transfer_id, total = chunk.transfer_id, chunk.total_size
+    _require(total <= limits.max_message_bytes,
+             f"transfer {transfer_id!r} declares {total} bytes, over max_message_bytes={limits.max_message_bytes}")
+    buf = bytearray(total)
+    received = 0
+    for index in range(total + 1):  # every chunk but the last carries >= 1 byte: at most total + 1 chunks
+        received = _place_chunk(chunk, buf, received, transfer_id, index)
+        if chunk.last:
+            break
+        chunk = next(it, None)
+        _require(chunk is not None,
+                 f"chunk stream of transfer {transfer_id!r} ended without a last chunk ({received} of {total} bytes)")
+    else:  # unreachable: the byte accounting above ends the loop first
+        raise WireError(f"transfer {transfer_id!r} has more chunks than bytes")
+    _require(received == total, f"transfer {transfer_id!r} carried {received} bytes but declared {total}")
+    env = pb.Envelope()
+    try:
+        env.ParseFromString(buf)
+    except DecodeError as e:
+        raise WireError(f"transfer {transfer_id!r} is not a valid Envelope: {e}") from None
+    return env
+
+
+def _place_chunk(chunk: pb.Chunk, buf: bytearray, received: int, transfer_id: str, index: int) -> int:
+    """Check one chunk against its transfer and copy its data into ``buf``; the new byte count."""
+    _require(chunk.transfer_id == transfer_id,
+             f"chunk {chunk.index} belongs to transfer {chunk.transfer_id!r}, not {transfer_id!r}")
+    _require(chunk.index == index,
+             f"chunk {chunk.index} of transfer {transfer_id!r} arrived where chunk {index} was expected "
+             "(out of order or missing)")
+    _require(chunk.total_size == len(buf),
+             f"chunk {index} of transfer {transfer_id!r} declares total_size {chunk.total_size}, not {len(buf)}")
+    data = chunk.data
+    _require(bool(data) or chunk.last, f"chunk {index} of transfer {transfer_id!r} is empty but not last")
+    end = received + len(data)
+    _require(end <= len(buf), f"chunks of transfer {transfer_id!r} carry more than the declared {len(buf)} bytes")
+    buf[received:end] = data
+    return end

@@ -1,0 +1,133 @@
+"""Real server and client processes over gRPC with mutual TLS on loopback."""
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedloom.deploy.certs import make_dev_pki
+from fedloom.deploy.state import ServerState as StateStore
+from fedloom.simulation.config import load_config
+from fedloom.simulation.runner import simulate
+
+BASE = """
+[run]
+name = "hospitals"
+rounds = 3
+seed = 0
+
+[data]
+dataset = "breast_cancer"
+partition = "iid"
+num_clients = 3
+
+[model]
+name = "mlp"
+hidden = [16]
+
+[client]
+lr = 0.1
+local_epochs = 2
+
+[server]
+clients_per_round = 3
+optimizer = "adam"
+lr = 0.05
+
+[eval]
+every = 1
+federated_clients = 3
+
+[engine]
+executor = "sequential"
+
+[deploy]
+address = "127.0.0.1:{port}"
+state_dir = "{state}"
+clients = ["c0", "c1", "c2"]
+min_clients = 3
+heartbeat_s = 1.0
+round_timeout_s = 60.0
+mutual_tls = true
+ca = "{pki}/ca.pem"
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fedloom(*args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "fedloom.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+@pytest.fixture
+def deployment(tmp_path):
+    pki = tmp_path / "pki"
+    make_dev_pki(pki, clients=["c0", "c1", "c2", "intruder"])
+    config = tmp_path / "run.toml"
+    config.write_text(BASE.format(port=free_port(), state=tmp_path / "state", pki=pki))
+    return tmp_path, config, pki
+
+
+def client_args(config: Path, pki: Path, state: Path, name: str, index: int, token_of: str | None = None):
+    return ["client", "--config", str(config), "--set", f'deploy.name="{name}"',
+            "--set", f'deploy.token_file="{state / "tokens" / f"{token_of or name}.token"}"',
+            "--set", f"deploy.client_index={index}", "--set", f'deploy.cert="{pki / "clients" / f"{name}.pem"}"',
+            "--set", f'deploy.key="{pki / "clients" / f"{name}.key"}"']
+
+
+def wait_for(path: Path, timeout: float = 60) -> None:
+    end = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < end, f"{path} never appeared"
+        time.sleep(0.1)
+
+
+def test_three_hospitals_match_the_simulation_and_strangers_are_refused(deployment):
+    tmp, config, pki = deployment
+    state = tmp / "state"
+    server = fedloom("server", "--config", str(config), "--set", f'deploy.cert="{pki / "server.pem"}"',
+                     "--set", f'deploy.key="{pki / "server.key"}"')
+    procs = []
+    try:
+        wait_for(state / "tokens" / "c2.token")
+        (tmp / "bad.token").write_text("not-a-token")
+        stranger = fedloom("client", "--config", str(config), "--set", 'deploy.name="intruder"',
+                           "--set", f'deploy.token_file="{tmp / "bad.token"}"',
+                           "--set", f'deploy.cert="{pki / "clients" / "intruder.pem"}"',
+                           "--set", f'deploy.key="{pki / "clients" / "intruder.key"}"')
+        thief = fedloom(*client_args(config, pki, state, "intruder", 0, token_of="c0"))
+        procs = [fedloom(*client_args(config, pki, state, f"c{i}", i)) for i in range(3)]
+        out, err = stranger.communicate(timeout=60)
+        assert stranger.returncode == 2 and "unknown or revoked client token" in err
+        out, err = thief.communicate(timeout=60)
+        assert thief.returncode == 2 and "certificate" in err
+        for p in procs:
+            out, err = p.communicate(timeout=180)
+            assert p.returncode == 0, err
+            assert "run finished" in out
+        out, err = server.communicate(timeout=60)
+        assert server.returncode == 0, err
+        assert [line.split(":")[0] for line in out.splitlines() if line.startswith("round")] == \
+            ["round 1", "round 2", "round 3"]
+    finally:
+        for p in [server, *procs]:
+            if p.poll() is None:
+                p.kill()
+    store = StateStore(state / "server.db")
+    run_id = store.resume_run("hospitals")
+    done, names, arrays = store.load_checkpoint(run_id)
+    assert done == 3
+    cfg = load_config(config)
+    sim = simulate(cfg, progress=False, write=False)
+    deployed = [a for n, a in zip(names, arrays) if not n.startswith("optimizer/")]
+    for a, b in zip(deployed, sim.params):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
