@@ -4,6 +4,7 @@
     python -m benchmarks.run wb          # W-B: Shakespeare roles, character LSTM
     python -m benchmarks.run wa-scaled   # W-A with 10,000 clients, 1,000 per round
     python -m benchmarks.run wa --repeat 5
+    python -m benchmarks.run load        # gRPC deployment: 200 threaded clients, 5 rounds (benchmarks/load.py)
 
 Each implementation runs in its own child process of this script (so start-up and peak memory are
 its own): imports, data, one untimed warm-up round, then ``--repeat`` timed runs, of which the
@@ -66,12 +67,17 @@ def measure(wl: Workload, implementation: str, repeat: int) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run")
-    parser.add_argument("workload", choices=sorted(WORKLOADS))
+    parser.add_argument("workload", choices=sorted([*WORKLOADS, "load"]))
     parser.add_argument("--repeat", type=int, help="timed runs per implementation (default: the workload's)")
     parser.add_argument("--only", help="run one implementation in this process (used by the parent)")
     parser.add_argument("--implementations", help="comma-separated subset to run after plain-pytorch "
                         "(default: the workload's; fedloom-vectorized-cuda is added where a GPU is present)")
     args = parser.parse_args(argv)
+    if args.workload == "load":
+        from benchmarks.load import run_load  # imported here: grpc must not count in the other workloads' import_s
+
+        print(json.dumps(run_load()))
+        return
     wl = WORKLOADS[args.workload]
     repeat = args.repeat or wl.repeat
     if args.only:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import grpc
 
-from fedloom.client.work import handle
+from fedloom.client.work import ClientWork, handle
+from fedloom.data.dataset import ClientDataset
 from fedloom.deploy.security import channel_credentials
 from fedloom.deploy.server import MAX_POLL_S, SESSION_KEY, STATUS_KEY, limits
 from fedloom.errors import ClientRefused, ConfigError, FedloomError
@@ -53,16 +54,17 @@ def _heartbeats(stub: pb_grpc.FederationStub, session: str, every_s: float, stop
             return  # the main loop notices the broken connection and reconnects
 
 
-def _session(cfg: Config, address: str, give_up_s: float) -> int:
-    """Serve one run; returns the number of tasks done once the server says the run is finished."""
-    work, dataset = build_clients(cfg)
-    if not 0 <= cfg.deploy.client_index < len(dataset):
-        raise ConfigError("deploy.client_index", f"the dataset has clients 0..{len(dataset) - 1}")
-    local = dataset[cfg.deploy.client_index]
-    token, lim = _token(cfg), limits(cfg)
+def serve_client(work: ClientWork, local: ClientDataset, cfg: Config, address: str, token: str,
+                 give_up_s: float = 600.0, stop: threading.Event | None = None) -> int:
+    """Take part in the server's run with ``work`` on ``local`` data until the run is finished.
+
+    Returns the number of tasks done. ``stop`` (optional) ends the client between tasks; used by
+    tests and the load benchmark that run many clients in one process.
+    """
+    lim = limits(cfg)
     backoff, last_ok, done = 0.5, time.monotonic(), 0
-    while True:
-        stop = threading.Event()
+    while stop is None or not stop.is_set():
+        beat_stop = threading.Event()
         try:
             with _channel(cfg, address) as channel:
                 stub = pb_grpc.FederationStub(channel)
@@ -70,10 +72,10 @@ def _session(cfg: Config, address: str, give_up_s: float) -> int:
                 meta = ((SESSION_KEY, joined.session),)
                 data = replace(local, client_id=joined.client_id)  # the server's id keys the seeded shuffle
                 log.info("joined %s as client %d", address, joined.client_id)
-                threading.Thread(target=_heartbeats, args=(stub, joined.session, joined.heartbeat_s or 5, stop),
+                threading.Thread(target=_heartbeats, args=(stub, joined.session, joined.heartbeat_s or 5, beat_stop),
                                  daemon=True).start()
                 backoff, last_ok = 0.5, time.monotonic()
-                while True:
+                while stop is None or not stop.is_set():
                     call = stub.Pull(pb.PullRequest(session=joined.session, wait_s=MAX_POLL_S), metadata=meta,
                                      timeout=MAX_POLL_S + 15)
                     chunks = list(call)
@@ -100,9 +102,14 @@ def _session(cfg: Config, address: str, give_up_s: float) -> int:
             time.sleep(wait)
             backoff = min(backoff * 2, 30.0)
         finally:
-            stop.set()
+            beat_stop.set()
+    return done
 
 
 def run_client(cfg: Config, address: str | None = None, give_up_s: float = 600.0) -> int:
-    """Take part in the server's run until it finishes; returns the number of tasks done."""
-    return _session(cfg, address or cfg.deploy.address, give_up_s)
+    """Load this client's data and model from ``cfg`` and take part in the run until it finishes."""
+    work, dataset = build_clients(cfg)
+    if not 0 <= cfg.deploy.client_index < len(dataset):
+        raise ConfigError("deploy.client_index", f"the dataset has clients 0..{len(dataset) - 1}")
+    return serve_client(work, dataset[cfg.deploy.client_index], cfg, address or cfg.deploy.address, _token(cfg),
+                        give_up_s)

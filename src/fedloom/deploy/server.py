@@ -28,7 +28,7 @@ from fedloom.errors import FedloomError
 from fedloom.params import Params
 from fedloom.server import SyncServer
 from fedloom.server.sync import ServerState
-from fedloom.simulation.config import Config, to_toml
+from fedloom.simulation.config import Config, DeployConfig, to_toml
 from fedloom.simulation.runner import build_clients, build_strategy
 from fedloom.transport import wire
 from fedloom.transport.proto import fedloom_pb2 as pb
@@ -138,6 +138,20 @@ def _split_checkpoint(names: list[str], arrays: Params) -> tuple[Params, dict[st
     return params, opt
 
 
+def _candidates(dispatcher: Dispatcher, d: DeployConfig, num_clients: int) -> list[int]:
+    """The connected clients, after waiting up to ``round_timeout_s`` for ``min_clients`` of them.
+
+    When every client is connected this is all of them, so selection (and the whole run) is the
+    simulation's; a lost client is not asked again until it reconnects.
+    """
+    deadline = time.monotonic() + d.round_timeout_s
+    while True:
+        connected = [c for c in dispatcher.connected(3 * d.heartbeat_s) if c < num_clients]
+        if len(connected) >= d.min_clients or time.monotonic() >= deadline:
+            return connected
+        time.sleep(0.1)
+
+
 def serve(cfg: Config, *, on_round: Callable[[dict[str, float]], None] | None = None) -> ServerState:
     """Run (or resume) the configured run as a gRPC server until its last round is done."""
     d = cfg.deploy
@@ -172,11 +186,11 @@ def serve(cfg: Config, *, on_round: Callable[[dict[str, float]], None] | None = 
     transport = DeployedTransport(dispatcher, d.round_timeout_s, lost_after_s=3 * d.heartbeat_s)
     x_test, y_test = dataset.test_union()
     try:
-        while len(dispatcher.connected(3 * d.heartbeat_s)) < d.min_clients:
+        while len(dispatcher.connected(3 * d.heartbeat_s)) < d.min_clients:  # before the first round: no limit
             time.sleep(0.1)
         while state.round < cfg.run.rounds:
             store.open_round(run_id, state.round + 1)
-            requests = server.train_requests(state)
+            requests = server.train_requests(state, _candidates(dispatcher, d, num_clients))
             result, state = server.apply(state, requests, transport.exchange(requests))
             central = work.evaluate_params(state.params, x_test, y_test, cfg.eval.batch_size)
             row = {"round": state.round, "train_loss": result.train_loss, "test_loss": central.loss,

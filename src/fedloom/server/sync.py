@@ -64,10 +64,15 @@ class SyncServer:
     def init(self, params: Params) -> ServerState:
         return ServerState(0, [np.array(p, copy=True) for p in params], self.strategy.optimizer.init(params))
 
-    def train_requests(self, state: ServerState) -> list[TrainRequest]:
-        """Requests for round ``state.round + 1``, one per selected client."""
+    def train_requests(self, state: ServerState, candidates: Sequence[int] | None = None) -> list[TrainRequest]:
+        """Requests for round ``state.round + 1``, one per selected client.
+
+        ``candidates`` are the clients that may be asked (a deployment passes the connected
+        ones); by default every client of the federation.
+        """
         rnd = state.round + 1
-        chosen = self.strategy.selector.select(rnd, range(self.num_clients), self.strategy.clients_per_round)
+        pool = range(self.num_clients) if candidates is None else candidates
+        chosen = self.strategy.selector.select(rnd, pool, self.strategy.clients_per_round)
         config = replace(self.strategy.train, round=rnd)
         return [TrainRequest(cid, rnd, state.params, config) for cid in chosen]
 

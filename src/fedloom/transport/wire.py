@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from google.protobuf.message import DecodeError
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import DecodeError, Message
 
 from fedloom.errors import FedloomError
 from fedloom.messages import (
@@ -71,6 +72,7 @@ class Limits:
     max_tensor_bytes: int = 256 * MiB  # one tensor's raw data
     max_tensors: int = 10_000  # tensors in one message
     max_dims: int = 8  # dimensions of one tensor
+    max_elements: int = 200_000  # submessages and repeated entries in one body, counted before parsing
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -92,7 +94,7 @@ def _fill_tensor(t: pb.Tensor, a: np.ndarray) -> None:
     """Write array ``a`` into the (empty) Tensor message ``t``."""
     arr = np.asarray(a)
     name = arr.dtype.name
-    if name not in _DTYPES or arr.dtype.fields is not None:
+    if name not in _DTYPES:
         raise WireError(f"cannot send an array of dtype {arr.dtype}; allowed: {', '.join(ALLOWED_DTYPES)}")
     t.dtype = name
     t.shape.extend(arr.shape)
@@ -123,15 +125,20 @@ def _checked_nbytes(dtype_name: str, shape: tuple[int, ...], max_bytes: int, max
 
 def decode_tensor(t: pb.Tensor, max_bytes: int = 256 * MiB, max_dims: int = 8) -> np.ndarray:
     """A new writable, native-order array from ``t``; its declared size is checked before allocating."""
+    if len(t.shape) > max_dims:  # before the shape becomes a Python tuple
+        raise WireError(f"tensor has {len(t.shape)} dimensions, over the limit of {max_dims}")
     shape = tuple(t.shape)
     nbytes = _checked_nbytes(t.dtype, shape, max_bytes, max_dims)
     data = t.data
     if len(data) != nbytes:
         raise WireError(f"tensor {t.dtype}{list(shape)} needs {nbytes} bytes but carries {len(data)}")
-    if t.dtype == "bool":  # any nonzero byte is True; never expose non-0/1 bool bytes
-        return np.frombuffer(data, dtype=np.uint8).astype(np.bool_).reshape(shape)
-    dtype = _DTYPES[t.dtype]
-    return np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="), copy=True)
+    try:
+        if t.dtype == "bool":  # any nonzero byte is True; never expose non-0/1 bool bytes
+            return np.frombuffer(data, dtype=np.uint8).astype(np.bool_).reshape(shape)
+        dtype = _DTYPES[t.dtype]
+        return np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="), copy=True)
+    except ValueError as e:  # e.g. an empty shape whose dimensions overflow numpy's index type
+        raise WireError(f"tensor {t.dtype}{list(shape)} cannot be built: {e}") from None
 
 
 def _add_tensors(field: Any, params: Params) -> None:
@@ -196,14 +203,79 @@ def kinds() -> list[str]:
     return sorted(_CODECS)
 
 
-def _parse(cls: Any, data: bytes, kind: str) -> Any:
-    """Parse protobuf message class ``cls`` from ``data``, as a WireError on failure."""
+def parse_message(cls: type[Message], data: bytes, limits: Limits, kind: str = "") -> Any:
+    """Parse protobuf class ``cls`` from ``data`` safely: for codecs' ``decode`` functions.
+
+    The wire bytes are first walked, without parsing, to count repeated elements and submessages
+    against ``limits.max_elements``: a parser allocates tens of bytes for each (a 2-byte empty
+    submessage costs upb ~60), so a small message could otherwise expand to gigabytes.
+    A malformed message raises :class:`WireError`.
+    """
+    invalid = f"{kind or cls.__name__} body is not a valid {cls.__name__}"
+    count = _count_elements(memoryview(data), cls.DESCRIPTOR, limits.max_elements, invalid)
+    if count > limits.max_elements:
+        raise WireError(f"{kind or cls.__name__} body holds more than max_elements={limits.max_elements} "
+                        "repeated elements or submessages")
     msg = cls()
     try:
         msg.ParseFromString(data)
     except DecodeError as e:
-        raise WireError(f"{kind} body is not a valid {cls.__name__}: {e}") from None
+        raise WireError(f"{invalid}: {e}") from None
     return msg
+
+
+_MAX_DEPTH = 64  # upb refuses deeper nesting (its limit is 100) anyway
+_UNPACKABLE = (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES, FieldDescriptor.TYPE_MESSAGE)
+_FIXED_WIDTH = {FieldDescriptor.TYPE_DOUBLE: 8, FieldDescriptor.TYPE_FIXED64: 8, FieldDescriptor.TYPE_SFIXED64: 8,
+                FieldDescriptor.TYPE_FLOAT: 4, FieldDescriptor.TYPE_FIXED32: 4, FieldDescriptor.TYPE_SFIXED32: 4}
+
+
+def _read_varint(buf: memoryview, pos: int, end: int, invalid: str) -> tuple[int, int]:
+    """The varint at ``pos`` and the position after it."""
+    value = shift = 0
+    while pos < end and shift < 64:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+    raise WireError(f"{invalid}: a truncated or overlong varint")
+
+
+def _count_elements(buf: memoryview, descriptor: Descriptor, budget: int, invalid: str, depth: int = 0) -> int:
+    """Walk protobuf wire bytes and count elements, stopping once the count passes ``budget``.
+
+    An element is a submessage or one entry of a repeated field (packed entries counted by width,
+    varints at one per byte: an upper bound). Unknown fields are skipped: a parser keeps them as bytes.
+    Malformed framing, or nesting deeper than the parser allows, raises :class:`WireError`.
+    """
+    if depth > _MAX_DEPTH:
+        raise WireError(f"{invalid}: messages nested more than {_MAX_DEPTH} deep")
+    count, pos, end = 0, 0, len(buf)
+    while pos < end and count <= budget:
+        key, pos = _read_varint(buf, pos, end, invalid)
+        wire_type, start = key & 7, pos
+        if wire_type == 0:
+            _, pos = _read_varint(buf, pos, end, invalid)
+        elif wire_type in (1, 5):
+            pos += 8 if wire_type == 1 else 4
+        elif wire_type == 2:
+            size, start = _read_varint(buf, pos, end, invalid)
+            pos = start + size
+        else:
+            raise WireError(f"{invalid}: unsupported wire type {wire_type}")
+        if pos > end:
+            raise WireError(f"{invalid}: a field runs past its end")
+        field = descriptor.fields_by_number.get(key >> 3)
+        if field is None:
+            continue
+        if field.message_type is not None and wire_type == 2:
+            count += 1 + _count_elements(buf[start:pos], field.message_type, budget - count, invalid, depth + 1)
+        elif field.is_repeated:
+            packed = wire_type == 2 and field.type not in _UNPACKABLE
+            count += (pos - start) // _FIXED_WIDTH.get(field.type, 1) if packed else 1
+    return count
 
 
 def _require(ok: bool, message: str) -> None:
@@ -250,7 +322,7 @@ def _encode_train_request(m: TrainRequest) -> bytes:
 
 
 def _decode_train_request(data: bytes, limits: Limits) -> TrainRequest:
-    body = _parse(pb.TrainRequestBody, data, "train_request")
+    body = parse_message(pb.TrainRequestBody, data, limits, "train_request")
     del data  # free the body bytes before the tensors are copied out
     _require(body.HasField("config"), "train_request has no config")
     return TrainRequest(0, 0, _decode_tensors(body.params, limits), _train_config(body.config))
@@ -271,7 +343,7 @@ def _encode_train_reply(m: TrainReply) -> bytes:
 
 
 def _decode_train_reply(data: bytes, limits: Limits) -> TrainReply:
-    body = _parse(pb.TrainReplyBody, data, "train_reply")
+    body = parse_message(pb.TrainReplyBody, data, limits, "train_reply")
     del data  # free the body bytes before the tensors are copied out
     which = body.WhichOneof("result")
     _require(which is not None, "train_reply has neither update nor error")
@@ -290,7 +362,7 @@ def _encode_evaluate_request(m: EvaluateRequest) -> bytes:
 
 
 def _decode_evaluate_request(data: bytes, limits: Limits) -> EvaluateRequest:
-    body = _parse(pb.EvaluateRequestBody, data, "evaluate_request")
+    body = parse_message(pb.EvaluateRequestBody, data, limits, "evaluate_request")
     del data  # free the body bytes before the tensors are copied out
     _require(body.batch_size >= 1, f"evaluate_request batch_size must be >= 1, got {body.batch_size}")
     return EvaluateRequest(0, 0, _decode_tensors(body.params, limits), EvaluateConfig(batch_size=body.batch_size))
@@ -307,7 +379,7 @@ def _encode_evaluate_reply(m: EvaluateReply) -> bytes:
 
 
 def _decode_evaluate_reply(data: bytes, limits: Limits) -> EvaluateReply:
-    body = _parse(pb.EvaluateReplyBody, data, "evaluate_reply")
+    body = parse_message(pb.EvaluateReplyBody, data, limits, "evaluate_reply")
     which = body.WhichOneof("result")
     _require(which is not None, "evaluate_reply has neither evaluation nor error")
     if which == "error":
@@ -442,6 +514,7 @@ def to_chunks(env: pb.Envelope, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Itera
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
     data = env.SerializeToString()
+    del env  # the generator outlives this line: hold only the serialized bytes
     total = len(data)
     transfer_id = secrets.token_hex(16)
     count = max(1, -(-total // chunk_bytes))
