@@ -93,3 +93,9 @@ class StateError(FedloomError):
     """The server state database or a checkpoint is unusable, or a call does not fit the recorded state."""
 
     code = "bad_state"
+
+
+class WireError(FedloomError):
+    """A message on the wire is malformed, of an unknown kind or encoding, or over a size limit."""
+
+    code = "bad_message"

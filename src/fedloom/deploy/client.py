@@ -7,6 +7,7 @@ the server is unreachable or restarts, the client reconnects by itself with expo
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import threading
@@ -21,6 +22,7 @@ from fedloom.data.dataset import ClientDataset
 from fedloom.deploy.security import channel_credentials
 from fedloom.deploy.server import MAX_POLL_S, SESSION_KEY, STATUS_KEY, limits
 from fedloom.errors import ClientRefused, ConfigError, FedloomError
+from fedloom.messages import Reply
 from fedloom.simulation.config import Config
 from fedloom.simulation.runner import build_clients
 from fedloom.transport import wire
@@ -47,24 +49,34 @@ def _channel(cfg: Config, address: str) -> grpc.Channel:
 
 
 def _heartbeats(stub: pb_grpc.FederationStub, session: str, every_s: float, stop: threading.Event) -> None:
+    """Say "alive" every ``every_s`` seconds until ``stop``; a failed beat is tried again at the next one."""
     while not stop.wait(every_s):
         try:
             stub.Heartbeat(pb.HeartbeatRequest(session=session), metadata=((SESSION_KEY, session),), timeout=every_s)
-        except grpc.RpcError:
-            return  # the main loop notices the broken connection and reconnects
+        except (grpc.RpcError, ValueError):  # ValueError: the channel closed under us; the main loop reconnects
+            continue
+
+
+def _push(stub: pb_grpc.FederationStub, meta: tuple, task_id: str, reply: Reply) -> bool:
+    answer = stub.Push(wire.to_chunks(wire.to_envelope(reply, task_id=task_id)), metadata=meta, timeout=600)
+    if not answer.accepted:
+        log.warning("server refused a reply: %s", answer.error.reason)
+    return answer.accepted
 
 
 def serve_client(work: ClientWork, local: ClientDataset, cfg: Config, address: str, token: str,
                  give_up_s: float = 600.0, stop: threading.Event | None = None) -> int:
     """Take part in the server's run with ``work`` on ``local`` data until the run is finished.
 
-    Returns the number of tasks done. ``stop`` (optional) ends the client between tasks; used by
-    tests and the load benchmark that run many clients in one process.
+    Returns the number of replies the server accepted. A reply whose push failed is pushed again
+    after reconnecting (the server still awaits it unless its round gave up). ``stop`` (optional)
+    ends the client between tasks; used by tests and the load benchmark.
     """
+    stop = stop or threading.Event()
     lim = limits(cfg)
     backoff, last_ok, done = 0.5, time.monotonic(), 0
-    while stop is None or not stop.is_set():
-        beat_stop = threading.Event()
+    unsent: tuple[str, Reply] | None = None
+    while not stop.is_set():
         try:
             with _channel(cfg, address) as channel:
                 stub = pb_grpc.FederationStub(channel)
@@ -72,25 +84,29 @@ def serve_client(work: ClientWork, local: ClientDataset, cfg: Config, address: s
                 meta = ((SESSION_KEY, joined.session),)
                 data = replace(local, client_id=joined.client_id)  # the server's id keys the seeded shuffle
                 log.info("joined %s as client %d", address, joined.client_id)
+                beat_stop = threading.Event()
                 threading.Thread(target=_heartbeats, args=(stub, joined.session, joined.heartbeat_s or 5, beat_stop),
                                  daemon=True).start()
-                backoff, last_ok = 0.5, time.monotonic()
-                while stop is None or not stop.is_set():
-                    call = stub.Pull(pb.PullRequest(session=joined.session, wait_s=MAX_POLL_S), metadata=meta,
-                                     timeout=MAX_POLL_S + 15)
-                    chunks = list(call)
-                    last_ok = time.monotonic()
-                    if dict(call.trailing_metadata() or ()).get(STATUS_KEY) == "finished":
-                        return done
-                    if not chunks:
-                        continue
-                    env = wire.from_chunks(chunks, lim)
-                    reply = handle(wire.from_envelope(env, lim), work, data)
-                    answer = stub.Push(wire.to_chunks(wire.to_envelope(reply, task_id=env.task_id)), metadata=meta,
-                                       timeout=600)
-                    if not answer.accepted:
-                        log.warning("server refused a reply: %s", answer.error.reason)
-                    done += 1
+                try:
+                    backoff, last_ok = 0.5, time.monotonic()
+                    if unsent is not None:
+                        done += _push(stub, meta, *unsent)
+                        unsent = None
+                    while not stop.is_set():
+                        call = stub.Pull(pb.PullRequest(session=joined.session, wait_s=MAX_POLL_S), metadata=meta,
+                                         timeout=MAX_POLL_S + 15)
+                        first = next(call, None)  # stream the rest: a large model is never held twice
+                        last_ok = time.monotonic()
+                        if first is None:
+                            if dict(call.trailing_metadata() or ()).get(STATUS_KEY) == "finished":
+                                return done
+                            continue
+                        env = wire.from_chunks(itertools.chain([first], call), lim)
+                        unsent = (env.task_id, handle(wire.from_envelope(env, lim), work, data))
+                        done += _push(stub, meta, *unsent)
+                        unsent = None
+                finally:
+                    beat_stop.set()
         except grpc.RpcError as exc:
             if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
                 if "session" not in (exc.details() or ""):
@@ -99,10 +115,8 @@ def serve_client(work: ClientWork, local: ClientDataset, cfg: Config, address: s
                 raise FedloomError(f"server {address} unreachable for {give_up_s:g} s: {exc.details()}") from None
             wait = backoff * (1 + random.random() / 2)
             log.info("connection lost (%s); retrying in %.1f s", exc.code().name, wait)
-            time.sleep(wait)
+            stop.wait(wait)
             backoff = min(backoff * 2, 30.0)
-        finally:
-            beat_stop.set()
     return done
 
 

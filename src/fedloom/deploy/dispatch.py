@@ -29,63 +29,81 @@ class Task:
 
 
 class Dispatcher:
-    """Per-client task queues, the replies awaited, and when each client was last heard from."""
+    """Per-client task queues, the replies awaited, and when each client was last heard from.
+
+    One lock guards everything; each client waits on its own condition and the round on another,
+    so a task, a reply or a heartbeat wakes only who it concerns (with hundreds of clients
+    polling, waking all of them on every event costs the server a core).
+    """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._replies_ready = threading.Condition(self._lock)
+        self._task_ready: dict[int, threading.Condition] = {}
         self._queues: dict[int, deque[Task]] = {}
         self._awaited: dict[str, int] = {}  # task id -> client id
         self._replies: dict[str, Reply] = {}
         self._last_seen: dict[int, float] = {}
         self._closed = False
 
+    def _cond(self, client_id: int) -> threading.Condition:
+        cond = self._task_ready.get(client_id)
+        if cond is None:
+            cond = self._task_ready[client_id] = threading.Condition(self._lock)
+        return cond
+
     def close(self) -> None:
         """No more tasks: waiting pollers return at once."""
-        with self._cond:
+        with self._lock:
             self._closed = True
-            self._cond.notify_all()
+            for cond in self._task_ready.values():
+                cond.notify_all()
 
     def seen(self, client_id: int) -> None:
-        with self._cond:
+        with self._lock:
             self._last_seen[client_id] = time.monotonic()
-            self._cond.notify_all()
 
     def last_seen(self, client_id: int) -> float | None:
-        with self._cond:
+        with self._lock:
             return self._last_seen.get(client_id)
 
     def connected(self, within_s: float) -> list[int]:
         """Clients heard from in the last ``within_s`` seconds."""
         now = time.monotonic()
-        with self._cond:
+        with self._lock:
             return sorted(c for c, t in self._last_seen.items() if now - t <= within_s)
 
     def submit(self, tasks: Sequence[Task]) -> None:
-        with self._cond:
+        with self._lock:
             for task in tasks:
-                self._queues.setdefault(task.request.client_id, deque()).append(task)
-                self._awaited[task.task_id] = task.request.client_id
-            self._cond.notify_all()
+                cid = task.request.client_id
+                self._queues.setdefault(cid, deque()).append(task)
+                self._awaited[task.task_id] = cid
+                self._cond(cid).notify_all()
 
-    def next_task(self, client_id: int, wait_s: float) -> Task | None:
-        """The client's next task, waiting up to ``wait_s`` seconds for one (long-poll)."""
+    def next_task(self, client_id: int, wait_s: float, active: Callable[[], bool] = lambda: True) -> Task | None:
+        """The client's next task, waiting up to ``wait_s`` seconds for one (long-poll).
+
+        ``active`` is checked every second, so a poll whose client has gone away ends early.
+        """
         deadline = time.monotonic() + wait_s
-        with self._cond:
-            self._last_seen[client_id] = time.monotonic()
+        with self._lock:
+            cond = self._cond(client_id)
             while True:
+                self._last_seen[client_id] = time.monotonic()
                 queue = self._queues.get(client_id)
                 while queue:
                     task = queue.popleft()
                     if task.task_id in self._awaited:  # skip tasks whose round has given up on them
                         return task
                 left = deadline - time.monotonic()
-                if left <= 0 or self._closed:
+                if left <= 0 or self._closed or not active():
                     return None
-                self._cond.wait(left)
+                cond.wait(min(left, 1.0))
 
     def deliver(self, client_id: int, task_id: str, reply: Reply) -> str | None:
         """Accept a client's reply; returns a reason when it is refused."""
-        with self._cond:
+        with self._lock:
             self._last_seen[client_id] = time.monotonic()
             owner = self._awaited.get(task_id)
             if owner is None:
@@ -94,7 +112,7 @@ class Dispatcher:
                 return f"task {task_id!r} belongs to another client"
             del self._awaited[task_id]
             self._replies[task_id] = reply
-            self._cond.notify_all()
+            self._replies_ready.notify_all()
             return None
 
     def collect(self, tasks: Sequence[Task], deadline: float, lost: Callable[[int], bool]) -> dict[str, Reply]:
@@ -103,12 +121,19 @@ class Dispatcher:
         Tasks still unanswered are withdrawn: a late reply to them is refused.
         """
         ids = {t.task_id: t.request.client_id for t in tasks}
-        with self._cond:
+        with self._lock:
             while True:
                 waiting = [tid for tid in ids if tid not in self._replies]
-                if not waiting or time.monotonic() >= deadline or all(lost(ids[t]) for t in waiting):
+                if not waiting or time.monotonic() >= deadline:
                     break
-                self._cond.wait(min(0.5, max(0.0, deadline - time.monotonic())))
+                self._lock.release()  # lost() reads last_seen under the lock
+                try:
+                    gone = all(lost(ids[t]) for t in waiting)
+                finally:
+                    self._lock.acquire()
+                if gone:
+                    break
+                self._replies_ready.wait(min(0.5, max(0.0, deadline - time.monotonic())))
             got = {tid: self._replies.pop(tid) for tid in ids if tid in self._replies}
             for tid in ids:
                 self._awaited.pop(tid, None)

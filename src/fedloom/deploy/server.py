@@ -89,7 +89,7 @@ class FederationService(pb_grpc.FederationServicer):
         if self.finished.is_set():
             context.set_trailing_metadata(((STATUS_KEY, "finished"),))
             return
-        task = self.dispatcher.next_task(cid, min(float(request.wait_s or MAX_POLL_S), MAX_POLL_S))
+        task = self.dispatcher.next_task(cid, min(float(request.wait_s or MAX_POLL_S), MAX_POLL_S), context.is_active)
         if task is None:
             context.set_trailing_metadata(((STATUS_KEY, "finished" if self.finished.is_set() else "idle"),))
             return

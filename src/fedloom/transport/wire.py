@@ -31,7 +31,7 @@ import numpy as np
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
-from fedloom.errors import FedloomError
+from fedloom.errors import WireError
 from fedloom.messages import (
     ErrorReply,
     EvaluateConfig,
@@ -54,14 +54,6 @@ MiB = 1 << 20
 DEFAULT_CHUNK_BYTES = 1 * MiB
 ZLIB_LEVEL = 1  # fast; model weights rarely compress much, sparse/quantized ones do at any level
 
-
-class WireError(FedloomError):
-    """A message on the wire is malformed, of an unknown kind or encoding, or over a size limit.
-
-    Defined here until ``fedloom.errors`` gets its own wire error class.
-    """
-
-    code = "bad_message"
 
 
 @dataclass(frozen=True)
