@@ -81,6 +81,18 @@ def _certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _revoke(args: argparse.Namespace) -> int:
+    from fedloom.deploy.state import ServerState
+
+    db = Path(args.state_dir) / "server.db"
+    if not db.exists():
+        raise FedloomError(f"no server state at {db}")
+    with ServerState(db) as store:
+        store.revoke(args.name)
+    print(f"revoked {args.name}: the server refuses its token from now on")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedloom", description="Federated learning: simulate, report, deploy.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -108,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--server-name", action="append", help="server DNS name or IP (default: localhost, 127.0.0.1)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing CA")
     p.set_defaults(func=_certs)
+    p = sub.add_parser("revoke", help="revoke a client's enrolment (works while the server runs)")
+    p.add_argument("--state-dir", required=True, help="the server's deploy.state_dir")
+    p.add_argument("name")
+    p.set_defaults(func=_revoke)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

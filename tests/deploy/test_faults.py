@@ -1,6 +1,7 @@
 """Crash safety with real processes: the server killed mid-round resumes; a killed client rejoins."""
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -103,3 +104,44 @@ def test_client_killed_mid_run_is_dropped_then_rejoins(tmp_path):
         for p in [server, *clients]:
             if p.poll() is None:
                 p.kill()
+
+
+def test_random_kills_leave_every_completed_round_intact(tmp_path):
+    rng = random.Random(7)
+    rounds = 60
+    config, state = setup(tmp_path, rounds=rounds)
+    config.write_text(config.read_text().replace("min_clients = 3", "min_clients = 2"))
+    server = start("server", "--config", str(config))
+    procs = {}
+    try:
+        wait_for(state / "tokens" / "c2.token")
+        procs = {i: client(config, state, i) for i in range(3)}
+        read_until(server, "round 1:")
+        kills = []
+        for _ in range(4):
+            time.sleep(rng.uniform(0.3, 1.5))
+            if server.poll() is not None:
+                break
+            victim = rng.choice(["server", 0, 1, 2])
+            kills.append(victim)
+            proc = server if victim == "server" else procs[victim]
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            if victim == "server":
+                server = start("server", "--config", str(config))
+            else:
+                procs[victim] = client(config, state, victim)
+        assert "server" in kills or len(kills) == 4
+        read_until(server, f"round {rounds}:", timeout=180)
+        assert server.wait(timeout=60) == 0
+    finally:
+        for p in [server, *procs.values()]:
+            if p.poll() is None:
+                p.kill()
+    with StateStore(state / "server.db") as store:
+        run = store.resume_run("hospitals")
+        history = store.history(run)
+        assert [h["round"] for h in history] == list(range(1, rounds + 1))  # each round done exactly once
+        assert all(h["metrics"]["accepted"] >= 1 and "test_accuracy" in h["metrics"] for h in history)
+        done, names, arrays = store.load_checkpoint(run)
+    assert done == rounds and all(np.isfinite(a).all() for a in arrays)
