@@ -13,11 +13,10 @@ import pytest
 from fedloom.data.dataset import FederatedDataset
 from fedloom.errors import WorkerError
 from fedloom.messages import EvaluateReply, EvaluateRequest, TrainConfig, TrainReply, TrainRequest
-from fedloom.server import SyncServer
 from fedloom.simulation.config import load_config
 from fedloom.simulation.engines import request_cost, split_balanced
 from fedloom.simulation.pool import ProcessPoolTransport
-from fedloom.simulation.runner import build_clients, build_strategy
+from fedloom.simulation.runner import build_clients
 from fedloom.transport.inprocess import InProcessTransport
 
 ROUNDS = 4
@@ -66,24 +65,10 @@ def faulty_clients(cfg):
     return FaultyWork(work), BrokenDataset(data.name, data.clients, data.num_classes, data.vocab, data.info)
 
 
-def drive(transport, rounds=ROUNDS):
-    """The simulation loop of ``runner.simulate`` (training and federated evaluation) over any engine."""
-    work, data = build_clients(CFG)
-    server = SyncServer(build_strategy(CFG), len(data))
-    state = server.init(work.initial_params(CFG.run.seed))
-    evaluations = []
-    for _ in range(rounds):
-        requests = server.train_requests(state)
-        result, state = server.apply(state, requests, transport.exchange(requests))
-        assert not result.rejected, result.rejected
-        evaluations.append(server.summarize(transport.exchange(server.evaluate_requests(state, CFG.run.seed))))
-    return state.params, evaluations
-
-
 @pytest.fixture(scope="module")
-def sequential():
+def sequential(drive):
     work, data = build_clients(CFG)
-    return drive(InProcessTransport(work, data))
+    return drive(CFG, InProcessTransport(work, data), ROUNDS)
 
 
 @pytest.fixture(scope="module")
@@ -126,17 +111,17 @@ def failed_positions(replies):
     return {i for i, r in enumerate(replies) if not ok(r)}
 
 
-def test_pool_equals_sequential(pool, sequential):
+def test_pool_equals_sequential(pool, sequential, drive):
     assert pool.num_workers == 2 and all(pool.workers_alive)
     work, data = build_clients(CFG)
     assert pool.train_sizes == [c.num_train for c in data.clients]
-    assert_same_run(drive(pool), sequential)
+    assert_same_run(drive(CFG, pool, ROUNDS), sequential)
 
 
-def test_vectorized_pool_equals_sequential(sequential):
+def test_vectorized_pool_equals_sequential(sequential, drive):
     pytest.importorskip("fedloom.simulation.vectorized")
     with ProcessPoolTransport(functools.partial(build_clients, CFG), workers=2, vectorize=True) as p:
-        assert_same_run(drive(p), sequential)
+        assert_same_run(drive(CFG, p, ROUNDS), sequential)
 
 
 def test_replies_in_request_order_with_evaluations(pool):

@@ -17,11 +17,10 @@ ray = pytest.importorskip("ray")
 
 import fedloom  # noqa: E402
 from fedloom.messages import TrainConfig, TrainRequest  # noqa: E402
-from fedloom.server import SyncServer  # noqa: E402
 from fedloom.simulation.config import load_config  # noqa: E402
 from fedloom.simulation.engines import request_cost, split_balanced  # noqa: E402
 from fedloom.simulation.ray_engine import RayTransport  # noqa: E402
-from fedloom.simulation.runner import build_clients, build_strategy  # noqa: E402
+from fedloom.simulation.runner import build_clients  # noqa: E402
 from fedloom.transport.inprocess import InProcessTransport  # noqa: E402
 
 ROUNDS = 3
@@ -104,24 +103,10 @@ def cluster(tmp_path_factory):
             proc.wait()
 
 
-def drive(transport):
-    """The simulation loop of ``runner.simulate`` (training and federated evaluation) over any engine."""
-    work, data = build_clients(CFG)
-    server = SyncServer(build_strategy(CFG), len(data))
-    state = server.init(work.initial_params(CFG.run.seed))
-    evaluations = []
-    for _ in range(ROUNDS):
-        requests = server.train_requests(state)
-        result, state = server.apply(state, requests, transport.exchange(requests))
-        assert not result.rejected, result.rejected
-        evaluations.append(server.summarize(transport.exchange(server.evaluate_requests(state, CFG.run.seed))))
-    return state.params, evaluations
-
-
 @pytest.fixture(scope="module")
-def sequential():
+def sequential(drive):
     work, data = build_clients(CFG)
-    return drive(InProcessTransport(work, data))
+    return drive(CFG, InProcessTransport(work, data), ROUNDS)
 
 
 def assert_same_run(a, b):
@@ -131,11 +116,11 @@ def assert_same_run(a, b):
         assert e.loss == pytest.approx(f.loss, rel=1e-5) and e.accuracy == pytest.approx(f.accuracy, abs=1e-9)
 
 
-def test_ray_cluster_equals_sequential_and_survives_a_dead_actor(cluster, sequential):
+def test_ray_cluster_equals_sequential_and_survives_a_dead_actor(cluster, sequential, drive):
     with RayTransport(SPEC, address=cluster, workers=2, vectorize=False) as rt:
         assert rt.num_workers == 2 and len(rt.actors) == 2
         assert rt.train_sizes == [c.num_train for c in build_clients(CFG)[1].clients]
-        assert_same_run(drive(rt), sequential)
+        assert_same_run(drive(CFG, rt, ROUNDS), sequential)
 
         params = build_clients(CFG)[0].initial_params(0)
         requests = [TrainRequest(c, 1, params, TrainConfig()) for c in range(10)]
@@ -153,7 +138,7 @@ def test_ray_cluster_equals_sequential_and_survives_a_dead_actor(cluster, sequen
     assert ray.is_initialized() is False  # the transport connected, so it disconnected
 
 
-def test_vectorized_ray_equals_sequential(cluster, sequential):
+def test_vectorized_ray_equals_sequential(cluster, sequential, drive):
     pytest.importorskip("fedloom.simulation.vectorized")
     with RayTransport(SPEC, address=cluster, workers=2, vectorize=True) as rt:
-        assert_same_run(drive(rt), sequential)
+        assert_same_run(drive(CFG, rt, ROUNDS), sequential)

@@ -1,0 +1,25 @@
+"""Shared by the engine tests: the simulation loop of ``runner.simulate`` over any engine."""
+
+import pytest
+
+from fedloom.server import SyncServer
+from fedloom.simulation.runner import build_clients, build_strategy
+
+
+def _drive(cfg, transport, rounds):
+    """Train and federated-evaluate ``rounds`` rounds; returns the final params and each round's evaluation."""
+    work, data = build_clients(cfg)
+    server = SyncServer(build_strategy(cfg), len(data))
+    state = server.init(work.initial_params(cfg.run.seed))
+    evaluations = []
+    for _ in range(rounds):
+        requests = server.train_requests(state)
+        result, state = server.apply(state, requests, transport.exchange(requests))
+        assert not result.rejected, result.rejected
+        evaluations.append(server.summarize(transport.exchange(server.evaluate_requests(state, cfg.run.seed))))
+    return state.params, evaluations
+
+
+@pytest.fixture(scope="session")
+def drive():
+    return _drive
