@@ -70,10 +70,18 @@ def test_bad_messages_get_error_replies_and_the_server_carries_on(service):
     assert stub.Heartbeat(pb.HeartbeatRequest(session=session), metadata=meta).known
 
 
-def test_a_revoked_client_is_refused(service):
+def test_a_revoked_client_is_refused_and_its_session_ends(service):
     stub, token, store, _ = service
-    stub.Join(pb.JoinRequest(client_name="c0", token=token))
+    session = stub.Join(pb.JoinRequest(client_name="c0", token=token)).session
+    meta = ((SESSION_KEY, session),)
+    assert stub.Heartbeat(pb.HeartbeatRequest(session=session), metadata=meta).known
     store.revoke("c0")
+    with pytest.raises(grpc.RpcError) as err:  # the next heartbeat ends the open session
+        stub.Heartbeat(pb.HeartbeatRequest(session=session), metadata=meta)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and "revoked" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Pull(pb.PullRequest(session=session, wait_s=1), metadata=meta).next()
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and "join again" in err.value.details()
     with pytest.raises(grpc.RpcError) as err:
         stub.Join(pb.JoinRequest(client_name="c0", token=token))
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -54,17 +54,17 @@ class FederationService(pb_grpc.FederationServicer):
         self.dispatcher = dispatcher
         self.cfg = cfg
         self.limits = limits(cfg)
-        self.sessions: dict[str, int] = {}
+        self.sessions: dict[str, tuple[int, str]] = {}  # session -> (client id, token), to re-check revocation
         self.finished = threading.Event()
         self._lock = threading.Lock()
 
     def _client(self, context: grpc.ServicerContext, session: str = "") -> int:
         session = session or dict(context.invocation_metadata()).get(SESSION_KEY, "")
         with self._lock:
-            cid = self.sessions.get(session)
-        if cid is None:
+            found = self.sessions.get(session)
+        if found is None:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown session: join again")
-        return cid  # type: ignore[return-value]
+        return found[0]  # type: ignore[index]
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
         found = self.store.authenticate(request.token)
@@ -78,7 +78,7 @@ class FederationService(pb_grpc.FederationServicer):
                               f"the token is {name!r}'s but the certificate is {names or 'nobody'}'s")
         session = secrets.token_hex(16)
         with self._lock:
-            self.sessions[session] = cid
+            self.sessions[session] = (cid, request.token)
         self.dispatcher.seen(cid)
         self.store.touch(cid)
         log.info("client %s (%s) joined", cid, name)
@@ -108,7 +108,13 @@ class FederationService(pb_grpc.FederationServicer):
         return pb.PushReply(accepted=True)
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
-        self.dispatcher.seen(self._client(context, request.session))  # in memory: heartbeats cost no disk write
+        session = request.session or dict(context.invocation_metadata()).get(SESSION_KEY, "")
+        cid = self._client(context, session)
+        if self.store.authenticate(self.sessions[session][1]) is None:  # revoked while connected: end the session
+            with self._lock:
+                self.sessions.pop(session, None)
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown or revoked client token")
+        self.dispatcher.seen(cid)  # in memory: heartbeats cost a read, no disk write
         return pb.HeartbeatReply(known=True)
 
 
