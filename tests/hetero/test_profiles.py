@@ -9,8 +9,16 @@ import numpy as np
 import pytest
 
 from fedloom.errors import ConfigError, DataError
-from fedloom.hetero import DAY_S, REFERENCE_FLOPS, Availability, DeviceProfile, load_population, mobile, silo
-from fedloom.hetero import task_duration
+from fedloom.hetero import (
+    DAY_S,
+    REFERENCE_FLOPS,
+    Availability,
+    DeviceProfile,
+    load_population,
+    mobile,
+    silo,
+    task_duration,
+)
 
 HEADER = "client_id,compute_sps,down_bps,up_bps,latency_s,dropout_p,available\n"
 
@@ -187,7 +195,7 @@ def test_load_json(tmp_path):
 
 @pytest.mark.parametrize("rows,key", [
     ("0,1,-5,1,0,0,\n", "population[0].down_bps"),
-    ("0,1,1,1,0,0,\n1,1,1,1,0,0,0-10;5-20\n", "population[1].available"),
+    ("0,1,1,1,0,0,\n1,1,1,1,0,0,0-10;5-20\n", "population[1].available[1]"),
     ("0,1,1,1,0,0,\n0,1,1,1,0,0,\n", "population[1].client_id"),
     ("0,1,1,1,0,0,\n1,1,1,abc,0,0,\n", "population[1].up_bps"),
     ("0,1,1,1,0,1.0,\n", "population[0].dropout_p"),

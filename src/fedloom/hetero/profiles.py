@@ -100,6 +100,8 @@ def _non_negative(key: str, value: Any) -> float:
 
 def _check_intervals(key: str, intervals: Any) -> tuple[tuple[float, float], ...]:
     """Sorted, non-overlapping, finite ``(start_s, end_s)`` pairs with ``0 <= start < end``."""
+    if not isinstance(intervals, list | tuple):
+        raise ConfigError(key, f"must be a list of (start_s, end_s) pairs, got {intervals!r}")
     out: list[tuple[float, float]] = []
     for i, pair in enumerate(intervals):
         k = f"{key}[{i}]"
@@ -179,11 +181,15 @@ def check_availability(a: Availability, key: str) -> None:
     if a.intervals is not None:
         _check_intervals(f"{key}.intervals", a.intervals)
         return
-    _positive(f"{key}.period_s", a.period_s)
-    _number(f"{key}.phase_s", a.phase_s)
-    duty = _number(f"{key}.duty", a.duty)
-    if not 0 < duty <= 1:
-        raise ConfigError(f"{key}.duty", f"must be in (0, 1], got {duty!r}")
+    _check_diurnal(key, a.phase_s, a.duty, a.period_s)
+
+
+def _check_diurnal(key: str, phase_s: Any, duty: Any, period_s: Any) -> None:
+    _number(f"{key}.phase_s", phase_s)
+    d = _number(f"{key}.duty", duty)
+    if not 0 < d <= 1:
+        raise ConfigError(f"{key}.duty", f"must be in (0, 1], got {d!r}")
+    _positive(f"{key}.period_s", period_s)
 
 
 # -------------------------------------------------------------------------------------- profiles
@@ -404,9 +410,9 @@ def _json_availability(key: str, raw: Any) -> Availability:
         unknown = [k for k in d if k not in ("phase_s", "duty", "period_s")]
         if unknown:
             raise ConfigError(f"{key}.diurnal.{unknown[0]}", "unknown field; known: phase_s, duty, period_s")
-        a = Availability(phase_s=d.get("phase_s", 0.0), duty=d.get("duty", 1.0), period_s=d.get("period_s", DAY_S))
-        check_availability(a, f"{key}.diurnal")
-        return a
+        values = {"phase_s": d.get("phase_s", 0.0), "duty": d.get("duty", 1.0), "period_s": d.get("period_s", DAY_S)}
+        _check_diurnal(f"{key}.diurnal", **values)
+        return Availability(**{k: float(v) for k, v in values.items()})
     raise ConfigError(key, f"must be a list of [start, end] pairs or {{\"diurnal\": {{...}}}}, got {raw!r}")
 
 
