@@ -80,8 +80,3 @@ def is_finite(params: Params) -> bool:
 def subtract(a: Params, b: Params) -> Params:
     """Element-wise ``a - b`` (new arrays)."""
     return [x - y for x, y in zip(a, b)]
-
-
-def add_scaled(a: Params, b: Params, scale: float) -> Params:
-    """Element-wise ``a + scale * b`` in each array's dtype (new arrays)."""
-    return [x + np.asarray(scale, dtype=x.dtype) * y for x, y in zip(a, b)]

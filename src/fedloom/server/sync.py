@@ -16,6 +16,7 @@ import numpy as np
 from fedloom.errors import FedloomError, RoundError
 from fedloom.messages import EvaluateReply, EvaluateRequest, TrainReply, TrainRequest
 from fedloom.params import Params, ParamSpec
+from fedloom.seeding import keyed_rng
 from fedloom.server.optimizers import OptState
 from fedloom.server.strategy import Strategy
 from fedloom.server.validation import as_delta
@@ -130,7 +131,7 @@ class SyncServer:
         if k >= self.num_clients:
             chosen = list(range(self.num_clients))
         else:
-            chosen = sorted(np.random.RandomState([seed, state.round, 1]).choice(self.num_clients, k, replace=False))
+            chosen = sorted(keyed_rng(seed, state.round, 1).choice(self.num_clients, k, replace=False))
         return [EvaluateRequest(int(c), state.round, state.params, self.strategy.evaluate) for c in chosen]
 
     @staticmethod
