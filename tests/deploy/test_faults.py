@@ -21,11 +21,12 @@ def start(*args):
                             stderr=subprocess.DEVNULL, text=True, bufsize=1)
 
 
-def setup(tmp_path, rounds):
+def setup(tmp_path, rounds, heartbeat_s):
     pki = tmp_path / "pki"
     make_dev_pki(pki)
     config = tmp_path / "run.toml"
     text = BASE.format(port=free_port(), state=tmp_path / "state", pki=pki).replace("rounds = 3", f"rounds = {rounds}")
+    text = text.replace("heartbeat_s = 5.0", f"heartbeat_s = {heartbeat_s}")
     config.write_text(text.replace("mutual_tls = true", "mutual_tls = false")
                       + f'cert = "{pki / "server.pem"}"\nkey = "{pki / "server.key"}"\n')
     return config, tmp_path / "state"
@@ -51,9 +52,8 @@ def read_until(proc, prefix, timeout=120, contains=""):
 
 
 def test_server_killed_mid_round_resumes_and_clients_reconnect(tmp_path):
-    config, state = setup(tmp_path, rounds=30)
     # a generous heartbeat: no client may be taken for lost on a busy machine, or the model would differ
-    config.write_text(config.read_text().replace("heartbeat_s = 1.0", "heartbeat_s = 10.0"))
+    config, state = setup(tmp_path, rounds=30, heartbeat_s=10.0)
     server = start("server", "--config", str(config))
     clients = []
     try:
@@ -87,7 +87,7 @@ def test_server_killed_mid_round_resumes_and_clients_reconnect(tmp_path):
 
 
 def test_client_killed_mid_run_is_dropped_then_rejoins(tmp_path):
-    config, state = setup(tmp_path, rounds=1000)  # more than the test waits for; it stops the run itself
+    config, state = setup(tmp_path, rounds=1000, heartbeat_s=1.0)  # more rounds than it waits for; it stops the run
     config.write_text(config.read_text().replace("min_clients = 3", "min_clients = 2"))
     server = start("server", "--config", str(config))
     clients = []
@@ -109,7 +109,7 @@ def test_client_killed_mid_run_is_dropped_then_rejoins(tmp_path):
 def test_random_kills_leave_every_completed_round_intact(tmp_path):
     rng = random.Random(7)
     rounds = 60
-    config, state = setup(tmp_path, rounds=rounds)
+    config, state = setup(tmp_path, rounds=rounds, heartbeat_s=1.0)
     config.write_text(config.read_text().replace("min_clients = 3", "min_clients = 2"))
     server = start("server", "--config", str(config))
     procs = {}
