@@ -227,7 +227,9 @@ class OortSelector:
             "oort.utility_clip_percentile",
             f"must be in (0, 100], got {self.utility_clip_percentile}",
         )
-        _require(0 < self.cutoff_fraction <= 1, "oort.cutoff_fraction", f"must be in (0, 1], got {self.cutoff_fraction}")
+        _require(
+            0 < self.cutoff_fraction <= 1, "oort.cutoff_fraction", f"must be in (0, 1], got {self.cutoff_fraction}"
+        )
 
     # -- protocol
 
@@ -253,8 +255,13 @@ class OortSelector:
             duration[fb.client_id] = fb.duration_s
             if fb.client_id in state.last_exploit:
                 pending += u
-        return replace(state, utility=_frozen(utility), last_round=_frozen(last_round),
-                        duration=_frozen(duration), pending_util=pending)
+        return replace(
+            state,
+            utility=_frozen(utility),
+            last_round=_frozen(last_round),
+            duration=_frozen(duration),
+            pending_util=pending,
+        )
 
     def select(self, round: int, candidates: Sequence[int], k: int, state: OortState) -> tuple[list[int], OortState]:
         cands = _check_call(round, candidates, k, state.num_clients)
@@ -333,7 +340,8 @@ class OortSelector:
         weights = np.array([util[c] for c in pool])
         if np.count_nonzero(weights > 0) < n:
             return ranked[:n]
-        idx = keyed_rng(self.seed, round, _EXPLOIT_STREAM).choice(len(pool), n, replace=False, p=weights / weights.sum())
+        rng = keyed_rng(self.seed, round, _EXPLOIT_STREAM)
+        idx = rng.choice(len(pool), n, replace=False, p=weights / weights.sum())
         return [pool[i] for i in idx]
 
 
@@ -384,9 +392,7 @@ class PowerOfChoiceSelector:
             losses[fb.client_id] = fb.loss_sq_mean
         return PowerOfChoiceState(num_examples=_frozen(sizes), loss_sq_mean=_frozen(losses))
 
-    def sample_candidates(
-        self, round: int, candidates: Sequence[int], k: int, state: PowerOfChoiceState
-    ) -> list[int]:
+    def sample_candidates(self, round: int, candidates: Sequence[int], k: int, state: PowerOfChoiceState) -> list[int]:
         """The ``max(d, k)`` clients drawn in ``round``, in draw order (the first half of ``select``)."""
         cands = _check_call(round, candidates, k, state.num_clients)
         n = min(max(self.d, k), len(cands))
