@@ -39,6 +39,23 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from fedloom.simulation.compare import compare_runs
+
+    out = Path(args.out) if args.out else None
+    path, summaries = compare_runs([Path(d) for d in args.run_dirs], target=args.target, out=out)
+    for s in summaries:
+        if s["rounds_to_target"] is None:
+            reached = "not reached"
+        else:
+            secs = "n/a" if s["time_to_target_s"] is None else f"{s['time_to_target_s']:.1f} s"
+            reached = f"{secs} (round {s['rounds_to_target']})"
+        trips = "n/a trips" if s["trips"] is None else f"{s['trips']} trips"
+        print(f"{s['run']}: time-to-target {reached}, final accuracy {s['final_accuracy']:.4f}, {trips}")
+    print(f"wrote {path}")
+    return 0
+
+
 def _server(args: argparse.Namespace) -> int:
     import logging
 
@@ -105,6 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("report", help="redraw the plots of a run folder")
     p.add_argument("run_dir")
     p.set_defaults(func=_report)
+    p = sub.add_parser("compare", help="plot several run folders together; time and rounds to a target accuracy")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--target", type=float,
+                   help="target test accuracy (default: the lowest of the runs' best accuracies)")
+    p.add_argument("--out", help="figure path (default: compare.png in the current directory)")
+    p.set_defaults(func=_compare)
     p = sub.add_parser("server", help="run a federated server over gRPC (the [deploy] section configures it)")
     p.add_argument("--config", required=True)
     p.add_argument("--set", action="append", metavar="KEY=VALUE")

@@ -65,15 +65,17 @@ class SyncServer:
     def init(self, params: Params) -> ServerState:
         return ServerState(0, [np.array(p, copy=True) for p in params], self.strategy.optimizer.init(params))
 
-    def train_requests(self, state: ServerState, candidates: Sequence[int] | None = None) -> list[TrainRequest]:
+    def train_requests(self, state: ServerState, candidates: Sequence[int] | None = None,
+                       k: int | None = None) -> list[TrainRequest]:
         """Requests for round ``state.round + 1``, one per selected client.
 
-        ``candidates`` are the clients that may be asked (a deployment passes the connected
-        ones); by default every client of the federation.
+        ``candidates`` are the clients that may be asked (a deployment passes the connected ones,
+        a simulated clock the available ones); by default every client of the federation. ``k``
+        asks more (over-selection) or fewer than ``strategy.clients_per_round``.
         """
         rnd = state.round + 1
         pool = range(self.num_clients) if candidates is None else candidates
-        chosen = self.strategy.selector.select(rnd, pool, self.strategy.clients_per_round)
+        chosen = self.strategy.selector.select(rnd, pool, self.strategy.clients_per_round if k is None else k)
         config = replace(self.strategy.train, round=rnd)
         return [TrainRequest(cid, rnd, state.params, config) for cid in chosen]
 

@@ -20,6 +20,7 @@ MODELS = ("logreg", "mlp", "cnn", "char_lstm")
 OPTIMIZERS = ("sgd", "momentum", "adagrad", "adam", "yogi")
 ENGINES = ("sequential", "vectorized", "process", "ray")
 DEVICES = ("cpu", "cuda")
+STRAGGLERS = ("drop", "partial")
 
 
 def _f(default: Any, doc: str, check: str = "") -> Any:
@@ -103,6 +104,17 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class HeteroConfig:
+    population: str = _f("", "device population: empty = none (no simulated clock), mobile, silo, or a CSV/JSON trace")
+    flops_per_sample: float = _f(0.0, "training FLOPs per sample; 0 = 6 x parameters x targets per sample", ">=0")
+    deadline_s: float = _f(0.0, "round deadline in simulated seconds; 0 = wait for every kept client", ">=0")
+    over_select: float = _f(1.0, "ask this many times clients_per_round, keep the first clients_per_round arrivals",
+                            ">=1")
+    stragglers: str = _f("drop", "with a deadline: drop late clients, or ask them for the partial work that fits",
+                         STRAGGLERS)
+
+
+@dataclass(frozen=True)
 class DeployConfig:
     address: str = _f("127.0.0.1:7443", "server: HOST:PORT to listen on; client: the server to connect to")
     state_dir: str = _f("fedloom-server", "server: folder of its SQLite state, checkpoints and client tokens")
@@ -130,6 +142,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    hetero: HeteroConfig = field(default_factory=HeteroConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 from fedloom.errors import DataError
 
 METRIC_COLUMNS = ("round", "train_loss", "test_loss", "test_accuracy", "fed_loss", "fed_accuracy", "clients",
-                  "accepted", "rejected", "examples", "round_s", "elapsed_s")
+                  "accepted", "rejected", "examples", "round_s", "elapsed_s", "sim_time_s", "trips", "bytes_down",
+                  "bytes_up")
 
 
 def write_metrics(path: Path, rows: list[dict[str, float]]) -> None:
