@@ -21,6 +21,7 @@ OPTIMIZERS = ("sgd", "momentum", "adagrad", "adam", "yogi")
 ENGINES = ("sequential", "vectorized", "process", "ray")
 DEVICES = ("cpu", "cuda")
 STRAGGLERS = ("drop", "partial")
+AGGREGATIONS = ("sync", "fedbuff", "fedasync")
 
 
 def _f(default: Any, doc: str, check: str = "") -> Any:
@@ -81,6 +82,11 @@ class ServerConfig:
     beta2: float = _f(0.99, "adam/yogi: second-moment decay", "0..1")
     tau: float = _f(1e-3, "adagrad/adam/yogi: adaptivity (added to sqrt(v))", ">0")
     min_updates: int = _f(1, "valid updates needed to apply a round", ">=1")
+    aggregation: str = _f("sync", "sync (rounds) | fedbuff (buffered asynchronous) | fedasync (buffer of one)",
+                          AGGREGATIONS)
+    concurrency: int = _f(0, "fedbuff/fedasync: clients training at once; 0 = clients_per_round", ">=0")
+    buffer_size: int = _f(0, "fedbuff: arrivals per server update; 0 = half of clients_per_round", ">=0")
+    staleness_exponent: float = _f(0.5, "fedbuff/fedasync: updates scaled by (1 + staleness) ** -exponent", ">=0")
 
 
 @dataclass(frozen=True)
@@ -218,6 +224,9 @@ def _check_whole(cfg: Config) -> Config:
     if (d.dataset == "shakespeare") != (cfg.model.name == "char_lstm"):
         raise ConfigError("model.name", f"{cfg.model.name!r} does not fit dataset {d.dataset!r}; "
                                         "char_lstm is for character data, the others for feature data")
+    if cfg.server.aggregation != "sync" and not cfg.hetero.population:
+        raise ConfigError("hetero.population", f"{cfg.server.aggregation} runs on the simulated clock: name a device "
+                                               "population (mobile, silo or a trace)")
     if not 0 < d.train_fraction < 1:
         raise ConfigError("data.train_fraction", f"must be strictly between 0 and 1, got {d.train_fraction}")
     return cfg

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from contextlib import closing
@@ -18,17 +17,15 @@ from torch import nn
 from fedloom.client.torch_work import TorchClientWork
 from fedloom.data.dataset import FederatedDataset
 from fedloom.errors import ConfigError, DataError
-from fedloom.hetero.clock import flops_per_sample, run_clock, shrink_to_deadline
-from fedloom.hetero.profiles import DeviceProfile, load_population, mobile, silo
 from fedloom.messages import EvaluateConfig, TrainConfig
 from fedloom.models import build_model
 from fedloom.params import Params
 from fedloom.server import Strategy, SyncServer, UniformSelector, adagrad, adam, momentum, sgd, yogi
 from fedloom.server.optimizers import ServerOptimizer
-from fedloom.server.sync import RoundResult, ServerState
 from fedloom.simulation.config import Config, to_toml
 from fedloom.simulation.engines import Engine, local_engine
 from fedloom.simulation.report import plot_run, write_metrics
+from fedloom.simulation.timeline import AsyncRun, SimulatedClock, async_server
 from fedloom.transport.inprocess import InProcessTransport
 
 
@@ -86,19 +83,6 @@ def build_engine(cfg: Config, work: TorchClientWork, dataset: FederatedDataset) 
                         group_size=e.group_size)
 
 
-def load_profiles(cfg: Config, num_clients: int) -> list[DeviceProfile] | None:
-    """The device population ``[hetero] population`` names, one profile per client; None without one."""
-    name = cfg.hetero.population
-    if not name:
-        return None
-    if name in ("mobile", "silo"):
-        return (mobile if name == "mobile" else silo)(num_clients, cfg.run.seed)
-    profiles = load_population(name)
-    if len(profiles) != num_clients:
-        raise ConfigError("hetero.population", f"{name} has {len(profiles)} devices but the data {num_clients} clients")
-    return profiles
-
-
 def server_optimizer(cfg: Config) -> ServerOptimizer:
     s = cfg.server
     return {
@@ -142,50 +126,6 @@ class RunResult:
         return self.history[-1]["test_accuracy"]
 
 
-class SimulatedClock:
-    """Simulated time and traffic of a run with a device population (see ``hetero/clock.py``)."""
-
-    def __init__(self, cfg: Config, profiles: list[DeviceProfile], flops: float, full_steps: list[int]):
-        self.cfg, self.profiles, self.flops, self.full_steps = cfg, profiles, flops, full_steps
-        self.now = 0.0
-        self.trips = self.bytes_down = self.bytes_up = 0
-
-    @classmethod
-    def create(cls, cfg: Config, dataset: FederatedDataset, work: TorchClientWork) -> SimulatedClock:
-        profiles = load_profiles(cfg, len(dataset))
-        targets = int(np.prod(dataset[0].y_train.shape[1:], dtype=np.int64))
-        flops = cfg.hetero.flops_per_sample or flops_per_sample(sum(p.numel() for p in work.model.parameters()),
-                                                                 targets)
-        c = cfg.client
-        full = [min(c.local_epochs * -(-d.num_train // c.batch_size), c.max_steps or np.inf) for d in dataset.clients]
-        return cls(cfg, profiles, flops, [int(f) for f in full])  # type: ignore[arg-type]
-
-    def _available(self) -> list[int]:
-        while True:
-            ready = [i for i, p in enumerate(self.profiles) if p.availability.is_available(self.now)]
-            if ready:
-                return ready
-            nxt = min(p.availability.next_available(self.now) for p in self.profiles)
-            if not np.isfinite(nxt):
-                raise ConfigError("hetero.population", f"no device is ever available after {self.now:.0f} s")
-            self.now = nxt
-
-    def round(self, server: SyncServer, state: ServerState, transport: Engine) -> tuple[RoundResult, ServerState]:
-        h, k = self.cfg.hetero, server.strategy.clients_per_round
-        candidates = self._available()
-        requests = server.train_requests(state, candidates, k=min(len(candidates), math.ceil(h.over_select * k)))
-        if h.deadline_s > 0 and h.stragglers == "partial":
-            requests = shrink_to_deadline(requests, self.profiles, h.deadline_s, self.flops,
-                                          [self.full_steps[r.client_id] for r in requests])
-        tick = run_clock(self.now, requests, transport.exchange(requests), self.profiles, self.flops, k,
-                         h.deadline_s, self.cfg.run.seed)
-        self.now = tick.end_s
-        self.trips += tick.trips
-        self.bytes_down += tick.bytes_down
-        self.bytes_up += tick.bytes_up
-        return server.apply(state, requests, tick.replies)
-
-
 def _run_dir(cfg: Config) -> Path:
     root = Path(cfg.run.out_dir)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -225,19 +165,24 @@ def simulate(cfg: Config, *, progress: bool = True, write: bool = True) -> RunRe
     if cfg.eval.max_examples:
         x_test, y_test = x_test[: cfg.eval.max_examples], y_test[: cfg.eval.max_examples]
     state = server.init(params)
-    clock = SimulatedClock.create(cfg, dataset, work) if cfg.hetero.population else None
     transport = build_engine(cfg, work, dataset)
+    clock = SimulatedClock.create(cfg, dataset, work) if cfg.hetero.population else None
+    stream = None
+    if cfg.server.aggregation != "sync":
+        stream = AsyncRun(cfg, clock, async_server(cfg, strategy), transport, params)  # type: ignore[arg-type]
     setup_s = time.perf_counter() - start
     history: list[dict[str, float]] = []
     train_s = 0.0
     with closing(transport), RoundProgress(cfg.run.rounds, cfg.run.name, enabled=progress) as bar:
         for _ in range(cfg.run.rounds):
             t0 = time.perf_counter()
-            if clock is None:
+            if stream is not None:
+                result, state = stream.next_update()
+            elif clock is not None:
+                result, state = clock.round(server, state, transport)
+            else:
                 requests = server.train_requests(state)
                 result, state = server.apply(state, requests, transport.exchange(requests))
-            else:
-                result, state = clock.round(server, state, transport)
             train_s += time.perf_counter() - t0
             row: dict[str, float] = {
                 "round": state.round, "train_loss": result.train_loss, "clients": len(result.selected),

@@ -1,0 +1,103 @@
+"""The asynchronous server: buffered, staleness-weighted aggregation with no I/O.
+
+FedBuff (Nguyen et al. 2022, "Federated Learning with Buffered Asynchronous Aggregation",
+AISTATS; Algorithm 1): clients train on whatever model version they were sent; each arriving
+delta is scaled by a staleness function ``s(tau)`` of how many server updates happened since it
+was sent (default ``1/sqrt(1+tau)``), buffered, and every ``K`` arrivals the mean of the scaled
+deltas goes through the server optimizer (FedBuff's server learning rate is ``sgd(lr)``).
+FedAsync (Xie et al. 2019, "Asynchronous Federated Optimization") is the case ``K = 1`` with
+server SGD at the mixing rate alpha: ``x <- x + alpha * s(tau) * delta``, which is Xie et al.'s
+``x <- (1 - alpha_t) x + alpha_t x_new`` with ``alpha_t = alpha * s(tau)``.
+
+It reuses the synchronous server's pieces: update validation, the strategy's reducer (a plain
+mean here, as in FedBuff: the staleness factor is the only weight) and its server optimizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from fedloom.errors import ConfigError, FedloomError
+from fedloom.messages import TrainReply, TrainRequest
+from fedloom.params import Params, ParamSpec
+from fedloom.server.optimizers import OptState
+from fedloom.server.strategy import Strategy
+from fedloom.server.validation import as_delta
+
+Staleness = Callable[[int], float]
+
+
+def polynomial_staleness(exponent: float = 0.5) -> Staleness:
+    """``s(tau) = (1 + tau) ** -exponent``; FedBuff's default is exponent 0.5."""
+    if exponent < 0:
+        raise ConfigError("server.staleness_exponent", f"must be >= 0, got {exponent}")
+    return lambda tau: float((1 + tau) ** -exponent)
+
+
+@dataclass(frozen=True)
+class AsyncState:
+    """The model after ``version`` server updates, the optimizer state and the buffered deltas."""
+
+    version: int
+    params: Params
+    opt_state: OptState
+    buffer: tuple[Params, ...] = ()
+    losses: tuple[tuple[float, float], ...] = ()  # (loss, examples) of the buffered updates
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """What one arriving reply did: accepted (or why not), its staleness, and whether it closed a buffer."""
+
+    client_id: int
+    staleness: int
+    accepted: bool
+    reason: str = ""
+    aggregated: bool = False
+    train_loss: float = float("nan")
+
+
+class AsyncServer:
+    """FedBuff/FedAsync round logic: ``request`` for a client, ``receive`` its reply."""
+
+    def __init__(self, strategy: Strategy, buffer_size: int, staleness: Staleness | None = None):
+        if buffer_size < 1:
+            raise ConfigError("server.buffer_size", f"must be >= 1, got {buffer_size}")
+        self.strategy = strategy
+        self.buffer_size = buffer_size
+        self.staleness = staleness or polynomial_staleness(0.5)
+
+    def init(self, params: Params) -> AsyncState:
+        return AsyncState(0, [np.array(p, copy=True) for p in params], self.strategy.optimizer.init(params))
+
+    def request(self, state: AsyncState, client_id: int, dispatch: int) -> TrainRequest:
+        """A task on the current model; ``dispatch`` (1, 2, ...) numbers tasks and seeds the client's shuffle."""
+        return TrainRequest(client_id, dispatch, state.params, replace(self.strategy.train, round=dispatch))
+
+    def receive(self, state: AsyncState, request: TrainRequest, version_sent: int,
+                reply: TrainReply) -> tuple[Arrival, AsyncState]:
+        tau = state.version - version_sent
+        cid = request.client_id
+        if reply.error is not None or reply.update is None:
+            reason = f"{reply.error.code}: {reply.error.reason}" if reply.error else "no update"
+            return Arrival(cid, tau, False, reason), state
+        try:
+            delta = as_delta(reply.update, request.params, ParamSpec.of(state.params), cid)
+        except FedloomError as exc:
+            return Arrival(cid, tau, False, f"{exc.code}: {exc.message}"), state
+        s = self.staleness(tau)
+        scaled = [np.asarray(s, dtype=d.dtype) * d for d in delta]
+        examples = reply.update.metrics.get("examples", reply.update.weight)
+        buffer = (*state.buffer, scaled)
+        losses = (*state.losses, (reply.update.metrics.get("loss", float("nan")), examples))
+        if len(buffer) < self.buffer_size:
+            return Arrival(cid, tau, True), replace(state, buffer=buffer, losses=losses)
+        mean = self.strategy.reducer(list(buffer), [1.0] * len(buffer))
+        params, opt_state = self.strategy.optimizer.update(mean, state.params, state.opt_state)
+        seen = sum(n for _, n in losses)
+        loss = sum(value * n for value, n in losses) / seen if seen else float("nan")
+        return Arrival(cid, tau, True, aggregated=True, train_loss=loss), AsyncState(state.version + 1, params,
+                                                                                      opt_state)

@@ -1,0 +1,163 @@
+"""Simulated time: the synchronous clock of a run with a device population, and asynchronous runs.
+
+:class:`SimulatedClock` runs synchronous rounds on simulated time (see ``hetero/clock.py``);
+:class:`AsyncRun` runs FedBuff/FedAsync (``server/asynchronous.py``) as a discrete-event
+simulation: ``concurrency`` clients train at once, each on the model version it was sent; an
+arrival feeds the server's buffer and frees its slot for the next available client.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+
+import numpy as np
+
+from fedloom.client.torch_work import TorchClientWork
+from fedloom.data.dataset import FederatedDataset
+from fedloom.errors import ConfigError, RoundError
+from fedloom.hetero.clock import flops_per_sample, message_bytes, run_clock, shrink_to_deadline
+from fedloom.hetero.profiles import DeviceProfile, load_population, mobile, silo, task_duration
+from fedloom.messages import ErrorReply, TrainReply, TrainRequest
+from fedloom.params import Params
+from fedloom.seeding import keyed_rng
+from fedloom.server.asynchronous import AsyncServer, polynomial_staleness
+from fedloom.server.strategy import Strategy
+from fedloom.server.sync import RoundResult, ServerState, SyncServer
+from fedloom.simulation.config import Config
+from fedloom.simulation.engines import Engine
+
+
+def load_profiles(cfg: Config, num_clients: int) -> list[DeviceProfile] | None:
+    """The device population ``[hetero] population`` names, one profile per client; None without one."""
+    name = cfg.hetero.population
+    if not name:
+        return None
+    if name in ("mobile", "silo"):
+        return (mobile if name == "mobile" else silo)(num_clients, cfg.run.seed)
+    profiles = load_population(name)
+    if len(profiles) != num_clients:
+        raise ConfigError("hetero.population", f"{name} has {len(profiles)} devices but the data {num_clients} clients")
+    return profiles
+
+
+class SimulatedClock:
+    """Simulated time and traffic of a run with a device population (see ``hetero/clock.py``)."""
+
+    def __init__(self, cfg: Config, profiles: list[DeviceProfile], flops: float, full_steps: list[int]):
+        self.cfg, self.profiles, self.flops, self.full_steps = cfg, profiles, flops, full_steps
+        self.now = 0.0
+        self.trips = self.bytes_down = self.bytes_up = 0
+
+    @classmethod
+    def create(cls, cfg: Config, dataset: FederatedDataset, work: TorchClientWork) -> SimulatedClock:
+        profiles = load_profiles(cfg, len(dataset))
+        targets = int(np.prod(dataset[0].y_train.shape[1:], dtype=np.int64))
+        flops = cfg.hetero.flops_per_sample or flops_per_sample(sum(p.numel() for p in work.model.parameters()),
+                                                                 targets)
+        c = cfg.client
+        full = [min(c.local_epochs * -(-d.num_train // c.batch_size), c.max_steps or np.inf) for d in dataset.clients]
+        return cls(cfg, profiles, flops, [int(f) for f in full])  # type: ignore[arg-type]
+
+    def _available(self) -> list[int]:
+        while True:
+            ready = [i for i, p in enumerate(self.profiles) if p.availability.is_available(self.now)]
+            if ready:
+                return ready
+            nxt = min(p.availability.next_available(self.now) for p in self.profiles)
+            if not np.isfinite(nxt):
+                raise ConfigError("hetero.population", f"no device is ever available after {self.now:.0f} s")
+            self.now = nxt
+
+    def round(self, server: SyncServer, state: ServerState, transport: Engine) -> tuple[RoundResult, ServerState]:
+        h, k = self.cfg.hetero, server.strategy.clients_per_round
+        candidates = self._available()
+        requests = server.train_requests(state, candidates, k=min(len(candidates), math.ceil(h.over_select * k)))
+        if h.deadline_s > 0 and h.stragglers == "partial":
+            requests = shrink_to_deadline(requests, self.profiles, h.deadline_s, self.flops,
+                                          [self.full_steps[r.client_id] for r in requests])
+        tick = run_clock(self.now, requests, transport.exchange(requests), self.profiles, self.flops, k,
+                         h.deadline_s, self.cfg.run.seed)
+        self.now = tick.end_s
+        self.trips += tick.trips
+        self.bytes_down += tick.bytes_down
+        self.bytes_up += tick.bytes_up
+        return server.apply(state, requests, tick.replies)
+
+
+def async_server(cfg: Config, strategy: Strategy) -> AsyncServer:
+    """FedBuff with ``buffer_size`` (default half of ``clients_per_round``) or FedAsync (a buffer of one)."""
+    s = cfg.server
+    size = 1 if s.aggregation == "fedasync" else (s.buffer_size or max(1, s.clients_per_round // 2))
+    return AsyncServer(strategy, size, polynomial_staleness(s.staleness_exponent))
+
+
+class AsyncRun:
+    """FedBuff/FedAsync on the simulated clock; :meth:`next_update` runs events until the next server update."""
+
+    def __init__(self, cfg: Config, clock: SimulatedClock, server: AsyncServer, transport: Engine, params: Params):
+        self.cfg, self.clock, self.server, self.transport = cfg, clock, server, transport
+        self.state = server.init(params)
+        self.events: list[tuple[float, int, TrainRequest | None, TrainReply | None, int]] = []
+        self.in_flight: set[int] = set()
+        self.dispatched = 0
+        self._seq = 0  # tie-breaker for events at the same simulated time
+        for _ in range(cfg.server.concurrency or cfg.server.clients_per_round):
+            self._launch()
+
+    def _push(self, at: float, request: TrainRequest | None, reply: TrainReply | None, version: int) -> None:
+        self._seq += 1
+        heapq.heappush(self.events, (at, self._seq, request, reply, version))
+
+    def _launch(self) -> None:
+        """Send the current model to a random available client that is not training; or wait for one."""
+        c, now = self.clock, self.clock.now
+        idle = [i for i in range(len(c.profiles)) if i not in self.in_flight]
+        ready = [i for i in idle if c.profiles[i].availability.is_available(now)]
+        if not ready:
+            nxt = min((c.profiles[i].availability.next_available(now) for i in idle), default=math.inf)
+            if math.isfinite(nxt):
+                self._push(nxt, None, None, -1)  # wake up then
+            return
+        self.dispatched += 1
+        dispatch = self.dispatched
+        cid = ready[keyed_rng(self.cfg.run.seed, dispatch, 3).randint(len(ready))]
+        request = self.server.request(self.state, cid, dispatch)
+        (reply,) = self.transport.exchange([request])
+        profile, down = c.profiles[cid], message_bytes(request)
+        up = message_bytes(reply) if reply.update is not None else 0
+        samples = reply.update.metrics.get("examples", reply.update.weight) if reply.update is not None else 0
+        duration = task_duration(profile, c.flops, samples, down, up)
+        rng = keyed_rng(self.cfg.run.seed, dispatch, cid, 2)
+        if rng.random_sample() < profile.dropout_p:  # the device leaves mid-task: no upload, no reply
+            reply = TrainReply(cid, dispatch, error=ErrorReply("dropped", "the device left mid-task"))
+            up, duration = 0, duration * rng.random_sample()
+        c.trips += 1
+        c.bytes_down += down
+        c.bytes_up += up
+        self.in_flight.add(cid)
+        self._push(now + duration, request, reply, self.state.version)
+
+    def next_update(self) -> tuple[RoundResult, ServerState]:
+        """Process arrivals until the server applies its next update; the arrivals make up the "round"."""
+        arrivals = []
+        while True:
+            if not self.events:
+                raise RoundError("no client can be reached any more: every device is gone for good")
+            at, _, request, reply, version = heapq.heappop(self.events)
+            self.clock.now = at
+            if request is None:  # a wake-up: someone may be available now
+                self._launch()
+                continue
+            self.in_flight.discard(request.client_id)
+            arrival, self.state = self.server.receive(self.state, request, version, reply)  # type: ignore[arg-type]
+            arrivals.append((arrival, reply))
+            self._launch()
+            if arrival.aggregated:
+                break
+        accepted = [a.client_id for a, _ in arrivals if a.accepted]
+        examples = sum(r.update.metrics.get("examples", r.update.weight) for a, r in arrivals if a.accepted)
+        result = RoundResult(self.state.version, [a.client_id for a, _ in arrivals], accepted,
+                             {a.client_id: a.reason for a, _ in arrivals if not a.accepted},
+                             arrivals[-1][0].train_loss, float(examples))
+        return result, ServerState(self.state.version, self.state.params, self.state.opt_state)
