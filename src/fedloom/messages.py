@@ -107,3 +107,9 @@ class EvaluateReply:
 
 Request = TrainRequest | EvaluateRequest
 Reply = TrainReply | EvaluateReply
+
+
+def error_reply(request: Request, code: str, reason: str) -> Reply:
+    """The failure reply to ``request``: an ``EvaluateReply`` for an evaluation, else a ``TrainReply``."""
+    kind = EvaluateReply if isinstance(request, EvaluateRequest) else TrainReply
+    return kind(request.client_id, request.round, error=ErrorReply(code, reason))

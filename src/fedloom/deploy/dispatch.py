@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from fedloom.messages import ErrorReply, EvaluateReply, EvaluateRequest, Reply, Request, TrainReply
+from fedloom.messages import Reply, Request, error_reply
 
 
 @dataclass(frozen=True)
@@ -140,11 +140,6 @@ class Dispatcher:
             return got
 
 
-def _failed(request: Request, code: str, reason: str) -> Reply:
-    kind = EvaluateReply if isinstance(request, EvaluateRequest) else TrainReply
-    return kind(request.client_id, request.round, error=ErrorReply(code, reason))
-
-
 class DeployedTransport:
     """``exchange(requests) -> replies`` over real clients, through a :class:`Dispatcher`.
 
@@ -170,9 +165,9 @@ class DeployedTransport:
             if t.task_id in got:
                 out.append(got[t.task_id])
             elif self._lost(t.request.client_id):
-                out.append(_failed(t.request, "client_lost", f"client {t.request.client_id} stopped answering"))
+                out.append(error_reply(t.request, "client_lost", f"client {t.request.client_id} stopped answering"))
             else:
-                out.append(_failed(t.request, "timeout", f"no reply within {self.timeout_s:g} s"))
+                out.append(error_reply(t.request, "timeout", f"no reply within {self.timeout_s:g} s"))
         return out
 
     def close(self) -> None:

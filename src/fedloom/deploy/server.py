@@ -29,7 +29,7 @@ from fedloom.params import Params
 from fedloom.server import SyncServer
 from fedloom.server.sync import ServerState
 from fedloom.simulation.config import Config, DeployConfig, to_toml
-from fedloom.simulation.runner import build_clients, build_strategy
+from fedloom.simulation.runner import build_clients, build_strategy, round_metrics
 from fedloom.transport import wire
 from fedloom.transport.proto import fedloom_pb2 as pb
 from fedloom.transport.proto import fedloom_pb2_grpc as pb_grpc
@@ -190,7 +190,7 @@ def serve(cfg: Config, *, on_round: Callable[[dict[str, float]], None] | None = 
     grpc_server.start()
     log.info("listening on %s", d.address)
     transport = DeployedTransport(dispatcher, d.round_timeout_s, lost_after_s=3 * d.heartbeat_s)
-    x_test, y_test = dataset.test_union()
+    test = dataset.test_union()
     try:
         while len(dispatcher.connected(3 * d.heartbeat_s)) < d.min_clients:  # before the first round: no limit
             time.sleep(0.1)
@@ -198,13 +198,7 @@ def serve(cfg: Config, *, on_round: Callable[[dict[str, float]], None] | None = 
             store.open_round(run_id, state.round + 1)
             requests = server.train_requests(state, _candidates(dispatcher, d, num_clients))
             result, state = server.apply(state, requests, transport.exchange(requests))
-            central = work.evaluate_params(state.params, x_test, y_test, cfg.eval.batch_size)
-            row = {"round": state.round, "train_loss": result.train_loss, "test_loss": central.loss,
-                   "test_accuracy": central.accuracy, "accepted": len(result.accepted),
-                   "rejected": len(result.rejected)}
-            fed = server.summarize(transport.exchange(server.evaluate_requests(state, cfg.run.seed)))
-            if fed is not None:
-                row.update(fed_loss=fed.loss, fed_accuracy=fed.accuracy)
+            row = round_metrics(result, state, server, transport, work, test, cfg, evaluate=True)
             store.complete_round(run_id, state.round, state.params + [a for k in sorted(state.opt_state)
                                                                       for a in state.opt_state[k]],
                                  names + _opt_names(state.opt_state), row)

@@ -45,7 +45,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from fedloom.errors import WorkerError
-from fedloom.messages import ErrorReply, EvaluateReply, EvaluateRequest, Reply, Request, TrainReply
+from fedloom.messages import Reply, Request, error_reply
 from fedloom.simulation.engines import ClientSpec, local_engine, request_cost, split_balanced
 
 log = logging.getLogger("fedloom")
@@ -58,9 +58,7 @@ _STOP_S = 5.0  # how long close() waits for a worker to leave before killing it
 
 def error_replies(requests: Sequence[Request], reason: str, code: str = "worker_failed") -> list[Reply]:
     """One error reply per request, of the reply type that matches the request."""
-    err = ErrorReply(code, reason)
-    return [(EvaluateReply if isinstance(r, EvaluateRequest) else TrainReply)(r.client_id, r.round, error=err)
-            for r in requests]
+    return [error_reply(r, code, reason) for r in requests]
 
 
 def _serve(conn: Connection, spec: ClientSpec, vectorize: bool, group_size: int, single_thread: bool) -> None:

@@ -22,6 +22,7 @@ from fedloom.models import build_model
 from fedloom.params import Params
 from fedloom.server import Strategy, SyncServer, UniformSelector, adagrad, adam, momentum, sgd, yogi
 from fedloom.server.optimizers import ServerOptimizer
+from fedloom.server.sync import RoundResult, ServerState
 from fedloom.simulation.config import Config, to_toml
 from fedloom.simulation.engines import Engine, local_engine
 from fedloom.simulation.report import plot_run, write_metrics
@@ -126,6 +127,23 @@ class RunResult:
         return self.history[-1]["test_accuracy"]
 
 
+def round_metrics(result: RoundResult, state: ServerState, server: SyncServer, transport: Engine,
+                  work: TorchClientWork, test: tuple[np.ndarray, np.ndarray], cfg: Config,
+                  evaluate: bool) -> dict[str, float]:
+    """A round's metrics row: training counts and loss; with ``evaluate``, centralised and federated evaluation."""
+    row: dict[str, float] = {
+        "round": state.round, "train_loss": result.train_loss, "clients": len(result.selected),
+        "accepted": len(result.accepted), "rejected": len(result.rejected), "examples": result.examples,
+    }
+    if evaluate:
+        central = work.evaluate_params(state.params, test[0], test[1], cfg.eval.batch_size)
+        row.update(test_loss=central.loss, test_accuracy=central.accuracy)
+        fed = server.summarize(transport.exchange(server.evaluate_requests(state, cfg.run.seed)))
+        if fed is not None:
+            row.update(fed_loss=fed.loss, fed_accuracy=fed.accuracy)
+    return row
+
+
 def _run_dir(cfg: Config) -> Path:
     root = Path(cfg.run.out_dir)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -184,16 +202,8 @@ def simulate(cfg: Config, *, progress: bool = True, write: bool = True) -> RunRe
                 requests = server.train_requests(state)
                 result, state = server.apply(state, requests, transport.exchange(requests))
             train_s += time.perf_counter() - t0
-            row: dict[str, float] = {
-                "round": state.round, "train_loss": result.train_loss, "clients": len(result.selected),
-                "accepted": len(result.accepted), "rejected": len(result.rejected), "examples": result.examples,
-            }
-            if state.round % cfg.eval.every == 0 or state.round == cfg.run.rounds:
-                central = work.evaluate_params(state.params, x_test, y_test, cfg.eval.batch_size)
-                row.update(test_loss=central.loss, test_accuracy=central.accuracy)
-                fed = server.summarize(transport.exchange(server.evaluate_requests(state, cfg.run.seed)))
-                if fed is not None:
-                    row.update(fed_loss=fed.loss, fed_accuracy=fed.accuracy)
+            evaluate = state.round % cfg.eval.every == 0 or state.round == cfg.run.rounds
+            row = round_metrics(result, state, server, transport, work, (x_test, y_test), cfg, evaluate)
             if clock is not None:
                 row.update(sim_time_s=clock.now, trips=clock.trips, bytes_down=clock.bytes_down,
                            bytes_up=clock.bytes_up)

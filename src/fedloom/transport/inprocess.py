@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from fedloom.client.work import ClientWork, handle
 from fedloom.data.dataset import FederatedDataset
-from fedloom.messages import ErrorReply, EvaluateReply, EvaluateRequest, Reply, Request, TrainReply
+from fedloom.messages import Reply, Request, error_reply
 
 
 class InProcessTransport:
@@ -28,7 +28,5 @@ class InProcessTransport:
 
     def _one(self, request: Request) -> Reply:
         if not 0 <= request.client_id < len(self.data):
-            err = ErrorReply("unknown_client", f"no client {request.client_id}")
-            kind = EvaluateReply if isinstance(request, EvaluateRequest) else TrainReply
-            return kind(request.client_id, request.round, error=err)
+            return error_reply(request, "unknown_client", f"no client {request.client_id}")
         return handle(request, self.work, self.data[request.client_id])
