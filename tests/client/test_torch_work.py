@@ -111,3 +111,39 @@ def test_a_failing_client_becomes_an_error_reply():
                           np.zeros((0, 4), np.float32), np.zeros(0, np.int64))
     reply = handle(TrainRequest(2, 1, work.initial_params(0), TrainConfig()), work, empty)
     assert reply.error.code == "bad_data" and "no training examples" in reply.error.reason
+
+
+def test_loss_sq_is_the_mean_squared_per_sample_loss():
+    """Oort's statistical utility needs per-sample losses; with lr 0 they are the initial model's."""
+    torch.manual_seed(0)
+    vocab, T = 7, 5
+    rng = np.random.RandomState(1)
+    x = rng.randint(0, vocab, (11, T)).astype(np.int64)
+    y = rng.randint(0, vocab, (11, T)).astype(np.int64)
+    work = TorchClientWork(lambda: CharLSTM(vocab, 4, 8, 1))
+    params = work.initial_params(0)
+    update = work.train(params, ClientDataset(0, x, y, x, y), TrainConfig(lr=0.0, batch_size=4, local_epochs=2))
+    model = CharLSTM(vocab, 4, 8, 1)
+    with torch.no_grad():
+        for p, a in zip(model.parameters(), params):
+            p.copy_(torch.from_numpy(a))
+        out = model(torch.from_numpy(x))
+    per_sample = torch.nn.functional.cross_entropy(out.reshape(-1, vocab), torch.from_numpy(y).reshape(-1),
+                                                   reduction="none").view(11, T).mean(1).numpy()
+    assert update.metrics["loss_sq"] == pytest.approx(float((per_sample ** 2).mean()), rel=1e-5)
+    assert update.metrics["loss"] == pytest.approx(float(per_sample.mean()), rel=1e-5)
+    assert update.metrics["loss_sq"] > update.metrics["loss"] ** 2  # the samples' losses differ
+
+
+def test_a_scalar_loss_function_reports_squared_batch_losses():
+    data = client(n=8)
+    scalar = TorchClientWork(lambda: LogisticRegression(4, 3), loss_fn=torch.nn.functional.cross_entropy)
+    per_sample = TorchClientWork(lambda: LogisticRegression(4, 3))
+    params = scalar.initial_params(0)
+    cfg = TrainConfig(lr=0.0, batch_size=8, local_epochs=1)
+    a, b = scalar.train(params, data, cfg), per_sample.train(params, data, cfg)
+    for x, y in zip(a.values, b.values):
+        np.testing.assert_allclose(x, y)  # the same descent either way
+    assert a.metrics["loss"] == pytest.approx(b.metrics["loss"], rel=1e-6)
+    assert a.metrics["loss_sq"] == pytest.approx(b.metrics["loss"] ** 2, rel=1e-6)  # one batch: its mean, squared
+    assert b.metrics["loss_sq"] > a.metrics["loss_sq"]

@@ -40,6 +40,8 @@ def test_first_k_arrivals_are_kept_and_the_round_ends_with_the_kth():
     assert clock.replies[0] is reps[0] and clock.replies[1] is reps[1]
     assert clock.replies[2].error.code == "not_kept" and "over-selected" in clock.replies[2].error.reason
     assert clock.trips == 3
+    # what the server measured: the kept clients' round trips, and how long it waited for the third
+    assert clock.durations == pytest.approx({0: d[0], 1: d[1], 2: d[0]})
     assert clock.bytes_down == sum(message_bytes(q) for q in reqs)
     assert clock.bytes_up == sum(message_bytes(r) for r in reps)
 
@@ -51,6 +53,7 @@ def test_deadline_drops_stragglers_and_the_server_waits_it_out():
     assert clock.replies[0] is reps[0]
     assert "straggler" in clock.replies[1].error.reason and "10 s deadline" in clock.replies[1].error.reason
     assert clock.end_s == 10.0
+    assert clock.durations[1] == 10.0  # only a lower bound is known: the deadline
 
 
 def test_dropouts_never_arrive_and_upload_nothing():

@@ -30,7 +30,7 @@ def test_fedavg_one_client_one_step_equals_centralised_sgd():
     strategy = Strategy(1, TrainConfig(lr=0.3, batch_size=20, max_steps=1))
     server = SyncServer(strategy, 1)
     state = server.init(params)
-    reqs = server.train_requests(state)
+    reqs, state = server.train_requests(state)
     _, state = server.apply(state, reqs, InProcessTransport(work, data).exchange(reqs))
 
     torch.manual_seed(0)
@@ -46,9 +46,9 @@ def test_fedavg_one_client_one_step_equals_centralised_sgd():
 
 def test_uniform_selection_is_seeded_per_round():
     sel = UniformSelector(seed=0)
-    assert sel.select(3, range(1000), 10) == list(np.random.RandomState([0, 3]).choice(1000, 10, replace=False))
-    assert sel.select(3, range(1000), 10) != sel.select(4, range(1000), 10)
-    assert len(set(sel.select(1, range(50), 50))) == 50
+    assert sel.select(3, range(1000), 10)[0] == list(np.random.RandomState([0, 3]).choice(1000, 10, replace=False))
+    assert sel.select(3, range(1000), 10)[0] != sel.select(4, range(1000), 10)[0]
+    assert len(set(sel.select(1, range(50), 50)[0])) == 50
 
 
 class Scripted:
@@ -80,7 +80,7 @@ def test_bad_updates_are_rejected_with_reasons_and_the_round_goes_on():
     }
     server = SyncServer(Strategy(5), 5)
     state = server.init(params)
-    reqs = server.train_requests(state)
+    reqs, state = server.train_requests(state)
     result, new = server.apply(state, reqs, InProcessTransport(Scripted(replies), data).exchange(reqs))
     assert result.accepted == [0]
     assert "NaN" in result.rejected[1]
@@ -97,7 +97,7 @@ def test_round_without_enough_updates_keeps_the_model():
     replies = {0: Update([np.ones(2, np.float32)], 1.0), 1: RuntimeError("crash")}
     server = SyncServer(Strategy(2, min_updates=2), 2)
     state = server.init(params)
-    reqs = server.train_requests(state)
+    reqs, state = server.train_requests(state)
     result, new = server.apply(state, reqs, InProcessTransport(Scripted(replies), data).exchange(reqs))
     assert new.round == 1 and result.accepted == [0]
     np.testing.assert_array_equal(new.params[0], [0.0, 0.0])
@@ -106,7 +106,7 @@ def test_round_without_enough_updates_keeps_the_model():
 def test_replies_from_clients_not_asked_are_ignored():
     server = SyncServer(Strategy(1), 3)
     state = server.init([np.zeros(1, np.float32)])
-    reqs = server.train_requests(state)
+    reqs, state = server.train_requests(state)
     stranger = 1 - reqs[0].client_id if reqs[0].client_id < 2 else 0
     replies = [TrainReply(stranger, 1, update=Update([np.ones(1, np.float32)], 1.0))]
     result, new = server.apply(state, reqs, replies)
@@ -118,7 +118,7 @@ def test_replies_from_clients_not_asked_are_ignored():
 def test_params_kind_updates_become_deltas():
     server = SyncServer(Strategy(1), 1)
     state = server.init([np.full(2, 3.0, np.float32)])
-    reqs = server.train_requests(state)
+    reqs, state = server.train_requests(state)
     reply = TrainReply(0, 1, update=Update([np.full(2, 5.0, np.float32)], 2.0, kind="params"))
     _, new = server.apply(state, reqs, [reply])
     np.testing.assert_array_equal(new.params[0], [5.0, 5.0])
@@ -130,3 +130,41 @@ def test_federated_evaluation_is_example_weighted():
     fed = SyncServer.summarize(replies)
     assert fed.loss == pytest.approx(2.5) and fed.accuracy == pytest.approx(0.65)
     assert fed.num_clients == 2 and fed.num_examples == 40
+
+
+def test_the_selector_learns_reported_losses_and_measured_durations():
+    from fedloom.server import OortSelector
+
+    data = federation([30, 12, 25, 8])
+    work = TorchClientWork(lambda: LogisticRegression(5, 3))
+    server = SyncServer(Strategy(3, TrainConfig(lr=0.1, batch_size=10), selector=OortSelector(seed=1)), 4)
+    state = server.init(work.initial_params(0))
+    reqs, state = server.train_requests(state)
+    asked = [r.client_id for r in reqs]
+    assert state.selection.selections == 1 and len(asked) == 3
+    replies = InProcessTransport(work, data).exchange(reqs)
+    bad = next(r for r in replies if r.client_id == asked[2])
+    bad.update.metrics["loss_sq"] = float("nan")  # an untrusted report the selector must not take
+    result, state = server.apply(state, reqs, replies, durations={asked[0]: 3.0, asked[1]: 9.0, asked[2]: 4.0})
+    assert state.round == 1 and sorted(result.accepted) == sorted(asked)
+    sel = state.selection
+    for cid, m in ((r.client_id, r.update.metrics) for r in replies[:2]):
+        assert sel.utility[cid] == pytest.approx(m["examples"] * np.sqrt(m["loss_sq"]))
+    assert sel.utility[asked[2]] == 0.0 and sel.last_round[asked[2]] == 1  # duration known, loss not
+    assert list(sel.duration[asked]) == [3.0, 9.0, 4.0]
+    assert all(sel.last_round[c] == 0 for c in range(4) if c not in asked)
+
+
+def test_a_client_that_never_replied_teaches_only_its_waiting_time():
+    from fedloom.server import PowerOfChoiceSelector
+
+    data = federation([10, 10, 10])
+    work = TorchClientWork(lambda: LogisticRegression(5, 3))
+    server = SyncServer(Strategy(3, TrainConfig(lr=0.1), selector=PowerOfChoiceSelector(d=3)), 3)
+    state = server.init(work.initial_params(0))
+    reqs, state = server.train_requests(state)
+    replies = InProcessTransport(work, data).exchange(reqs)
+    result, state = server.apply(state, reqs, replies[:2], durations={reqs[2].client_id: 7.0})
+    assert result.rejected == {reqs[2].client_id: "no reply"}
+    assert state.selection.loss_sq_mean[reqs[2].client_id] != state.selection.loss_sq_mean[reqs[2].client_id]  # nan
+    assert all(state.selection.num_examples[r.client_id] == 8 for r in reqs[:2])

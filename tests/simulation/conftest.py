@@ -13,7 +13,7 @@ def _drive(cfg, transport, rounds):
     state = server.init(work.initial_params(cfg.run.seed))
     evaluations = []
     for _ in range(rounds):
-        requests = server.train_requests(state)
+        requests, state = server.train_requests(state)
         result, state = server.apply(state, requests, transport.exchange(requests))
         assert not result.rejected, result.rejected
         evaluations.append(server.summarize(transport.exchange(server.evaluate_requests(state, cfg.run.seed))))

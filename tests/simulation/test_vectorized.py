@@ -25,7 +25,7 @@ def run_rounds(cfg, transport_cls, rounds, **kw):
     state = server.init(work.initial_params(cfg.run.seed))
     results = []
     for _ in range(rounds):
-        requests = server.train_requests(state)
+        requests, state = server.train_requests(state)
         result, state = server.apply(state, requests, transport.exchange(requests))
         results.append(result)
     return state.params, results
@@ -134,3 +134,16 @@ def test_clients_without_data_get_error_replies_and_the_rest_train():
     assert replies[0].update is not None
     assert replies[1].error.code == "bad_data"
     assert replies[2].error.code == "unknown_client"
+
+
+@pytest.mark.parametrize("name", ["wa", "wb"])
+def test_reported_metrics_match_sequential_training(name):
+    cfg = WORKLOADS[name].config
+    work, data = build_clients(cfg)
+    params = work.initial_params(cfg.run.seed)
+    train = TrainConfig(lr=cfg.client.lr, batch_size=cfg.client.batch_size, local_epochs=cfg.client.local_epochs,
+                        max_steps=3)
+    reqs = [TrainRequest(c, 1, params, train) for c in range(4)]
+    for v, s in zip(VectorizedTransport(work, data).exchange(reqs), InProcessTransport(work, data).exchange(reqs)):
+        for key in ("loss", "loss_sq", "examples", "steps"):
+            assert v.update.metrics[key] == pytest.approx(s.update.metrics[key], rel=1e-4), key

@@ -6,6 +6,12 @@ of Deep Networks from Decentralized Data"), optionally with FedProx's proximal t
 Networks"). The local shuffle of client ``c`` in round ``r`` is
 ``np.random.RandomState([seed, r, c]).permutation(n_train)``, one permutation per local epoch;
 batches are consecutive slices of it, the last one possibly short.
+
+A loss function returns either one loss per sample, shape ``(B,)``, or their mean (a scalar);
+training descends on the mean. Besides the mean training loss, a client reports ``loss_sq``, the
+mean over the samples it trained on of the squared per-sample loss: the statistical utility Oort
+selects by (Lai et al. 2021, ``|B| * sqrt(loss_sq)``). With a scalar loss function the per-sample
+losses are unknown and ``loss_sq`` is the mean of the squared batch losses (a lower bound).
 """
 
 from __future__ import annotations
@@ -27,10 +33,19 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy; sequence outputs ``(B, T, V)`` are averaged over every position."""
+    """Per-sample cross-entropy, shape ``(B,)``; a sequence sample ``(T, V)`` averages its positions."""
     if logits.dim() > 2:
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
-    return F.cross_entropy(logits, target)
+        per_target = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
+        return per_target.view(target.shape[0], -1).mean(1)
+    return F.cross_entropy(logits, target, reduction="none")
+
+
+def mean_and_squares(losses: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch-mean loss to descend on, and the summed squared per-sample losses (see the module doc)."""
+    mean = losses.mean()
+    if losses.dim() == 1 and len(losses) == batch:
+        return mean, (losses.detach() ** 2).sum()
+    return mean, mean.detach() ** 2 * batch
 
 
 def get_params(model: nn.Module) -> Params:
@@ -60,7 +75,7 @@ def evaluate_arrays(
         xb = torch.from_numpy(x[start : start + batch_size]).to(device)
         yb = torch.from_numpy(y[start : start + batch_size]).to(device)
         out = model(xb)
-        loss_sum += float(loss_fn(out, yb)) * yb.numel()
+        loss_sum += float(loss_fn(out, yb).mean()) * yb.numel()
         correct += int((out.argmax(dim=-1) == yb).sum())
         positions += yb.numel()
     model.train(was_training)
@@ -104,6 +119,7 @@ class TorchClientWork:
         y = torch.from_numpy(data.y_train).to(self.device)
         rng = keyed_rng(config.seed, config.round, data.client_id)
         loss_sum = torch.zeros((), device=self.device)
+        sq_sum = torch.zeros((), device=self.device)
         steps = seen = 0
         for _ in range(config.local_epochs):
             order = torch.from_numpy(rng.permutation(n)).to(self.device)
@@ -113,7 +129,7 @@ class TorchClientWork:
                 idx = order[start : start + config.batch_size]
                 for w in weights:
                     w.grad = None
-                loss = self.loss_fn(model(x[idx]), y[idx])
+                loss, squares = mean_and_squares(self.loss_fn(model(x[idx]), y[idx]), len(idx))
                 loss.backward()
                 with torch.no_grad():
                     for i, w in enumerate(weights):
@@ -121,11 +137,13 @@ class TorchClientWork:
                             w.grad.add_(w - anchor[i], alpha=config.mu)
                         w.add_(w.grad, alpha=-config.lr)
                 loss_sum += loss.detach() * len(idx)
+                sq_sum += squares
                 steps += 1
                 seen += len(idx)
         new = get_params(model)
         delta = [a - np.asarray(b) for a, b in zip(new, params)]
-        metrics = {"loss": float(loss_sum) / max(seen, 1), "examples": float(seen), "steps": float(steps)}
+        metrics = {"loss": float(loss_sum) / max(seen, 1), "loss_sq": float(sq_sum) / max(seen, 1),
+                   "examples": float(seen), "steps": float(steps)}
         return Update(values=delta, weight=float(n), kind="delta", metrics=metrics)
 
     def evaluate(self, params: Params, data: ClientDataset, config: EvaluateConfig) -> Evaluation:

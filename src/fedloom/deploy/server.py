@@ -24,7 +24,7 @@ import grpc
 from fedloom.deploy.dispatch import DeployedTransport, Dispatcher
 from fedloom.deploy.security import server_credentials
 from fedloom.deploy.state import ServerState as StateStore
-from fedloom.errors import FedloomError
+from fedloom.errors import ConfigError, FedloomError
 from fedloom.params import Params
 from fedloom.server import SyncServer
 from fedloom.server.sync import ServerState
@@ -160,6 +160,12 @@ def _candidates(dispatcher: Dispatcher, d: DeployConfig, num_clients: int) -> li
 
 def serve(cfg: Config, *, on_round: Callable[[dict[str, float]], None] | None = None) -> ServerState:
     """Run (or resume) the configured run as a gRPC server until its last round is done."""
+    if cfg.server.aggregation != "sync":
+        raise ConfigError("server.aggregation", "the deployed server runs synchronous rounds; "
+                                                f"{cfg.server.aggregation} is simulated only (docs/heterogeneity.md)")
+    if cfg.server.selection != "uniform":
+        raise ConfigError("server.selection", "the deployed server selects uniformly; "
+                                              f"{cfg.server.selection} is simulated only (docs/heterogeneity.md)")
     d = cfg.deploy
     state_dir = Path(d.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -196,7 +202,7 @@ def serve(cfg: Config, *, on_round: Callable[[dict[str, float]], None] | None = 
             time.sleep(0.1)
         while state.round < cfg.run.rounds:
             store.open_round(run_id, state.round + 1)
-            requests = server.train_requests(state, _candidates(dispatcher, d, num_clients))
+            requests, state = server.train_requests(state, _candidates(dispatcher, d, num_clients))
             result, state = server.apply(state, requests, transport.exchange(requests))
             row = round_metrics(result, state, server, transport, work, test, cfg, evaluate=True)
             store.complete_round(run_id, state.round, state.params + [a for k in sorted(state.opt_state)

@@ -63,6 +63,8 @@ class RoundClock:
 
     replies: list[TrainReply]  # the kept ones unchanged; the rest turned into error replies saying why
     end_s: float
+    durations: dict[int, float]  # what the server measures: kept clients' round trips; how long it waited for
+    # those it did not keep (a lower bound); nothing for clients that failed at once
     trips: int
     bytes_down: int
     bytes_up: int
@@ -108,4 +110,8 @@ def run_clock(t0: float, requests: Sequence[TrainRequest], replies: Sequence[Tra
         end = max([t for t, _ in arrivals] + [last_event])
     out = [rep if i in kept else TrainReply(rep.client_id, rep.round, error=ErrorReply("not_kept", fates[i]))
            for i, rep in enumerate(replies)]
-    return RoundClock(out, end, len(requests), down, up)
+    durations = {requests[i].client_id: t - t0 for t, i in arrivals if i in kept}
+    for i, req in enumerate(requests):
+        if i not in kept and (replies[i].error is None and replies[i].update is not None):
+            durations[req.client_id] = end - t0
+    return RoundClock(out, end, durations, len(requests), down, up)

@@ -13,32 +13,36 @@ Learning at Scale", ICML 2022, ``fedscale/cloud/internal/client_metadata.py``): 
 samples x a per-device measured per-sample latency (training counted as 3x inference), plus
 (upload + download size) / bandwidth; here the per-sample cost is scaled by the model's FLOPs.
 
-Sources of the population parameters (numbers marked ASSUMPTION could not be checked against the
-original measurement files, which FedScale ships only as a pickle; each says why it is plausible):
+Sources of the population parameters. Each says whether it is a published measurement (quoted
+from the source) or an ASSUMPTION, and why:
 
-* Compute: FedScale draws per-device speeds from AI Benchmark (Ignatov et al., "AI Benchmark:
-  All About Deep Learning on Smartphones in 2019", ICCVW 2019; ai-benchmark.com rankings),
-  restricted to phones with > 2 GB RAM as in Bonawitz et al. 2019. Median 2 GFLOP/s of
-  sustained fp32 training (2000 reference samples/s) and log-spread sigma = 0.8 (p90/p10 ~ 7.8)
-  are an ASSUMPTION: AI Benchmark's rankings span roughly an order of magnitude between low-end
-  and flagship SoCs, and on-device training runs far below the chips' peak inference throughput.
-* Bandwidth: FedScale uses MobiPerf (M-Lab) WiFi measurements, WiFi being the network FL
-  devices train on (Bonawitz et al., "Towards Federated Learning at Scale: System Design",
-  SysML 2019: devices train only when idle, charging and on an unmetered network). Medians of
-  20 Mbit/s down and 5 Mbit/s up with sigma = 1.0 (p90/p10 ~ 13) are an ASSUMPTION, plausible
-  for residential WiFi behind asymmetric broadband (upload a few times slower than download).
-* Latency: median 50 ms, sigma 0.5: ASSUMPTION (a typical WiFi + WAN round trip to a cloud region).
-* Dropout: Bonawitz et al. 2019 report that 6% to 10% of devices selected for a round drop out
-  (computation errors, network failures, eligibility changes). Each device draws its dropout_p
-  uniformly from [0.06, 0.10]; the per-device spread is an ASSUMPTION.
-* Availability: FedScale's availability traces come from FLASH (Yang et al., "Characterizing
-  Impacts of Heterogeneity in Federated Learning upon Large-Scale Smartphone Data", WWW 2021):
-  136k users of an input-method app over one week, a device counting as available while it
-  charges; they show a strong diurnal pattern, with more devices available at night (Oort, Lai et
-  al., OSDI 2021, and Bonawitz et al. 2019 report the same day/night cycle). We model it as one
-  daily on-window: start ~ 22:00 +- 3 h (normal), duty fraction uniform in [0.1, 0.5] (2.4 h to
-  12 h a day). Both are ASSUMPTIONS in the shape of those findings (overnight charging), not
-  fitted values.
+* Compute speed: FedScale draws per-device speeds from AI Benchmark (Ignatov et al., "AI
+  Benchmark: All About Deep Learning on Smartphones in 2019", ICCVW 2019), restricted to phones
+  with > 2 GB RAM as in Bonawitz et al. 2019; its trace is distributed only as a pickle, which we
+  do not open. The spread, lognormal sigma = 0.6, is FedScale's own synthetic device model
+  (``fedscale/cloud/internal/client_metadata.py``: per-sample latency ``lognormal(1, 0.6)``).
+  The median, 2 GFLOP/s of sustained fp32 training (2000 reference samples/s), is an ASSUMPTION:
+  on-device training runs far below a phone SoC's peak inference throughput.
+* Bandwidth: the FLASH measurement release (Yang et al., "Characterizing Impacts of Heterogeneity
+  in Federated Learning upon Large-Scale Smartphone Data", WWW 2021; github.com/PKU-Chengxu/FLASH,
+  ``models/speed_distri.json``) gives mean down/up throughput for 19 network profiles of the
+  studied phones, in kb/s: medians 4318 down and 3286 up, ranges 2370-17333 down and 431-6635 up.
+  We read the unit as kbit/s: medians 4.3 Mbit/s down and 3.3 Mbit/s up, and lognormal sigmas
+  0.47 (down) and 0.68 (up), the standard deviations of the logs of the 19 profile means (so the
+  spread is between network profiles, not within one).
+* Latency: median 50 ms, sigma 0.5: ASSUMPTION (a WiFi + WAN round trip to a cloud region).
+* Dropout: Bonawitz et al., "Towards Federated Learning at Scale: System Design", SysML 2019,
+  section 9: "the portion of devices that drop out due to computation errors, network failures,
+  or changes in eligibility varies between 6% and 10%". Each device draws its dropout_p uniformly
+  from [0.06, 0.10] (the per-device spread is an ASSUMPTION). The same section's over-selection,
+  "the server typically selects 130% of the target number of devices", is ``hetero.over_select``.
+* Availability: devices train only while idle, charging and on an unmetered network (Bonawitz et
+  al. 2019, section 11), and FLASH and FedScale count a device as available while it charges.
+  Bonawitz et al. 2019, section 9: "Devices are more likely idle and charging at night" with "a 4x
+  difference between low and high numbers of participating devices over a 24 hours period". We
+  model one daily on-window per device, duty fraction uniform in [0.1, 0.5] (2.4 h to 12 h a day:
+  ASSUMPTION), starting at ~ 22:00 with a normal spread of 5.2 h, the spread calibrated so that the
+  population's online fraction swings 4x over a day (about 50% at 02:00, 12% at 14:00; tested).
 * Silos: cross-silo clients are few (typically 2-100) and "almost always available" (Kairouz et
   al., "Advances and Open Problems in Federated Learning", FnTML 2021, Table 1). Their speeds
   (median 1 TFLOP/s effective training, 1 Gbit/s both ways, 20 ms latency, sigma 0.2-0.3, no
@@ -266,12 +270,12 @@ def mobile(n: int, seed: int) -> list[DeviceProfile]:
     """
     _check_population_args(n, seed)
     rng = np.random.RandomState([seed, 1])
-    compute = _lognormal(rng, 2000.0, 0.8, n)
-    down = _lognormal(rng, 20e6, 1.0, n)
-    up = _lognormal(rng, 5e6, 1.0, n)
+    compute = _lognormal(rng, 2000.0, 0.6, n)
+    down = _lognormal(rng, 4.3e6, 0.47, n)
+    up = _lognormal(rng, 3.3e6, 0.68, n)
     latency = _lognormal(rng, 0.05, 0.5, n)
     dropout = rng.uniform(0.06, 0.10, n)
-    phase = (22 * 3600.0 + rng.normal(0.0, 3 * 3600.0, n)) % DAY_S
+    phase = (22 * 3600.0 + rng.normal(0.0, 5.2 * 3600.0, n)) % DAY_S
     duty = rng.uniform(0.1, 0.5, n)
     return [DeviceProfile(float(compute[i]), float(down[i]), float(up[i]), float(latency[i]),
                           float(dropout[i]), Availability.diurnal(float(phase[i]), float(duty[i])))

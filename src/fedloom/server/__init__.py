@@ -1,11 +1,13 @@
 """Server side: round logic (no I/O), client selection and server optimizers."""
 
+from fedloom.server.adaptive import OortSelector, PowerOfChoiceSelector
 from fedloom.server.optimizers import OPTIMIZERS, ServerOptimizer, adagrad, adam, momentum, sgd, yogi
-from fedloom.server.selection import ClientSelector, UniformSelector
+from fedloom.server.selection import ClientFeedback, ClientSelector, UniformSelector
 from fedloom.server.strategy import Strategy
 from fedloom.server.sync import FederatedEvaluation, RoundResult, ServerState, SyncServer
 
 __all__ = [
-    "OPTIMIZERS", "ClientSelector", "FederatedEvaluation", "RoundResult", "ServerOptimizer", "ServerState",
-    "Strategy", "SyncServer", "UniformSelector", "adagrad", "adam", "momentum", "sgd", "yogi",
+    "OPTIMIZERS", "ClientFeedback", "ClientSelector", "FederatedEvaluation", "OortSelector", "PowerOfChoiceSelector",
+    "RoundResult", "ServerOptimizer", "ServerState", "Strategy", "SyncServer", "UniformSelector",
+    "adagrad", "adam", "momentum", "sgd", "yogi",
 ]

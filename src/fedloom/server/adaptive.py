@@ -1,22 +1,17 @@
 """Adaptive client selection: Oort and power-of-choice, as pure functions of an explicit state.
 
-The stateful selector protocol
-------------------------------
-Both selectors here are frozen dataclasses of hyperparameters with three pure methods::
+Both selectors follow the selector protocol of :mod:`fedloom.server.selection` (``init``,
+``select``, ``observe`` over an explicit state). No method keeps hidden state or mutates its
+arguments: each returns a new state, whose arrays are fresh copies marked read-only. All randomness
+comes from :func:`fedloom.seeding.keyed_rng` keyed by ``(seed, round, stream)``, so the same seed,
+round and state always give the same picks, and round ``r``'s draw does not depend on the draws of
+earlier rounds. If there are at most ``k`` candidates, ``select`` returns all of them.
 
-    state = selector.init(num_clients)                       # clients are 0 .. num_clients-1
-    picks, state = selector.select(round, candidates, k, state)   # round is 1-based
-    state = selector.observe(state, feedbacks)               # after the round's replies arrive
-
-No method keeps hidden state or mutates its arguments: each returns a new state, whose arrays are
-fresh copies marked read-only. All randomness comes from :func:`fedloom.seeding.keyed_rng` keyed by
-``(seed, round, stream)``, so the same seed, round and state always give the same picks, and round
-``r``'s draw does not depend on the draws of earlier rounds. If there are at most ``k`` candidates,
-``select`` returns all of them.
-
-Selection uses only what a real server knows: what clients reported (:class:`ClientFeedback`:
-example count, mean squared per-sample training loss) and the round-trip time the server measured.
-It never reads a simulated device profile.
+Selection uses only what a real server knows (:class:`~fedloom.server.selection.ClientFeedback`):
+example counts and mean squared per-sample training losses the clients reported, and the
+round-trip times the server measured. It never reads a simulated device profile. Feedback without
+a loss (a straggler, a dropout) updates only the client's measured duration; feedback without a
+duration keeps the last one measured.
 
 Oort
 ----
@@ -80,39 +75,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol, TypeVar
 
 import numpy as np
 
 from fedloom.errors import ConfigError, StateError
 from fedloom.seeding import keyed_rng
-
-S = TypeVar("S")
+from fedloom.server.selection import ClientFeedback
 
 _EXPLOIT_STREAM = 0
 _EXPLORE_STREAM = 1
 _CANDIDATE_STREAM = 2
-
-
-class StatefulSelector(Protocol[S]):
-    """The stateful selector protocol (see the module docstring)."""
-
-    def init(self, num_clients: int) -> S: ...
-
-    def observe(self, state: S, feedback: Sequence[ClientFeedback]) -> S: ...
-
-    def select(self, round: int, candidates: Sequence[int], k: int, state: S) -> tuple[list[int], S]: ...
-
-
-@dataclass(frozen=True)
-class ClientFeedback:
-    """What the server knows about one client's finished task."""
-
-    client_id: int
-    round: int  # the 1-based round the task belonged to
-    num_examples: int  # examples the client trained on, as reported
-    loss_sq_mean: float  # mean of squared per-sample training losses, as reported
-    duration_s: float  # round-trip time of the task, as measured by the server
 
 
 # ---------------------------------------------------------------- small helpers
@@ -153,10 +125,8 @@ def _check_feedback(fb: ClientFeedback, num_clients: int) -> None:
     bad = (
         fb.round < 1
         or fb.num_examples < 0
-        or not math.isfinite(fb.loss_sq_mean)
-        or fb.loss_sq_mean < 0
-        or not math.isfinite(fb.duration_s)
-        or fb.duration_s < 0
+        or (fb.loss_sq_mean is not None and not (math.isfinite(fb.loss_sq_mean) and fb.loss_sq_mean >= 0))
+        or (fb.duration_s is not None and not (math.isfinite(fb.duration_s) and fb.duration_s >= 0))
     )
     if bad:
         raise StateError(f"invalid feedback {fb}", client_id=fb.client_id, stage="observe")
@@ -244,15 +214,18 @@ class OortSelector:
         )
 
     def observe(self, state: OortState, feedback: Sequence[ClientFeedback]) -> OortState:
-        """Record each client's utility, round and measured duration; later feedback for a client wins."""
+        """Record each client's round, measured duration and utility; later feedback for a client wins."""
         utility, last_round, duration = state.utility.copy(), state.last_round.copy(), state.duration.copy()
         pending = state.pending_util
         for fb in feedback:
             _check_feedback(fb, state.num_clients)
+            last_round[fb.client_id] = fb.round
+            if fb.duration_s is not None:
+                duration[fb.client_id] = fb.duration_s
+            if fb.loss_sq_mean is None:
+                continue
             u = fb.num_examples * math.sqrt(fb.loss_sq_mean)
             utility[fb.client_id] = u
-            last_round[fb.client_id] = fb.round
-            duration[fb.client_id] = fb.duration_s
             if fb.client_id in state.last_exploit:
                 pending += u
         return replace(
@@ -388,8 +361,9 @@ class PowerOfChoiceSelector:
         sizes, losses = state.num_examples.copy(), state.loss_sq_mean.copy()
         for fb in feedback:
             _check_feedback(fb, state.num_clients)
-            sizes[fb.client_id] = fb.num_examples
-            losses[fb.client_id] = fb.loss_sq_mean
+            if fb.loss_sq_mean is not None:
+                sizes[fb.client_id] = fb.num_examples
+                losses[fb.client_id] = fb.loss_sq_mean
         return PowerOfChoiceState(num_examples=_frozen(sizes), loss_sq_mean=_frozen(losses))
 
     def sample_candidates(self, round: int, candidates: Sequence[int], k: int, state: PowerOfChoiceState) -> list[int]:

@@ -22,6 +22,7 @@ ENGINES = ("sequential", "vectorized", "process", "ray")
 DEVICES = ("cpu", "cuda")
 STRAGGLERS = ("drop", "partial")
 AGGREGATIONS = ("sync", "fedbuff", "fedasync")
+SELECTIONS = ("uniform", "oort", "power_of_choice")
 
 
 def _f(default: Any, doc: str, check: str = "") -> Any:
@@ -74,7 +75,11 @@ class ClientConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    clients_per_round: int = _f(10, "clients sampled uniformly per round", ">=1")
+    clients_per_round: int = _f(10, "clients asked per round (before over-selection)", ">=1")
+    selection: str = _f("uniform", "sync: uniform | oort (Lai et al. 2021) | power_of_choice (Cho et al. 2022)",
+                        SELECTIONS)
+    choice_d: int = _f(0, "power_of_choice: clients drawn before the k highest-loss; 0 = 2 x clients_per_round",
+                       ">=0")
     optimizer: str = _f("sgd", "sgd (FedAvg) | momentum (FedAvgM) | adagrad | adam | yogi", OPTIMIZERS)
     lr: float = _f(1.0, "server learning rate (1.0 with sgd = FedAvg)", ">0")
     momentum: float = _f(0.9, "momentum: server momentum coefficient", "0..1")
@@ -118,6 +123,8 @@ class HeteroConfig:
                             ">=1")
     stragglers: str = _f("drop", "with a deadline: drop late clients, or ask them for the partial work that fits",
                          STRAGGLERS)
+    trip_budget: int = _f(0, "stop once this many client trips were sent (equal-cost comparisons); 0 = no limit",
+                          ">=0")
 
 
 @dataclass(frozen=True)
@@ -227,6 +234,11 @@ def _check_whole(cfg: Config) -> Config:
     if cfg.server.aggregation != "sync" and not cfg.hetero.population:
         raise ConfigError("hetero.population", f"{cfg.server.aggregation} runs on the simulated clock: name a device "
                                                "population (mobile, silo or a trace)")
+    if cfg.hetero.trip_budget and not cfg.hetero.population:
+        raise ConfigError("hetero.trip_budget", "counts trips on the simulated clock: name a device population")
+    if cfg.server.aggregation != "sync" and cfg.server.selection != "uniform":
+        raise ConfigError("server.selection", f"{cfg.server.selection} picks the clients of synchronous rounds; "
+                                              f"{cfg.server.aggregation} sends work to available clients uniformly")
     if not 0 < d.train_fraction < 1:
         raise ConfigError("data.train_fraction", f"must be strictly between 0 and 1, got {d.train_fraction}")
     return cfg

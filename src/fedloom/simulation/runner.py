@@ -20,7 +20,19 @@ from fedloom.errors import ConfigError, DataError
 from fedloom.messages import EvaluateConfig, TrainConfig
 from fedloom.models import build_model
 from fedloom.params import Params
-from fedloom.server import Strategy, SyncServer, UniformSelector, adagrad, adam, momentum, sgd, yogi
+from fedloom.server import (
+    ClientSelector,
+    OortSelector,
+    PowerOfChoiceSelector,
+    Strategy,
+    SyncServer,
+    UniformSelector,
+    adagrad,
+    adam,
+    momentum,
+    sgd,
+    yogi,
+)
 from fedloom.server.optimizers import ServerOptimizer
 from fedloom.server.sync import RoundResult, ServerState
 from fedloom.simulation.config import Config, to_toml
@@ -95,6 +107,16 @@ def server_optimizer(cfg: Config) -> ServerOptimizer:
     }[s.optimizer]()
 
 
+def client_selector(cfg: Config) -> ClientSelector:
+    """The selector ``[server] selection`` names, seeded by the run's seed."""
+    s = cfg.server
+    if s.selection == "oort":
+        return OortSelector(seed=cfg.run.seed)
+    if s.selection == "power_of_choice":
+        return PowerOfChoiceSelector(d=s.choice_d or 2 * s.clients_per_round, seed=cfg.run.seed)
+    return UniformSelector(cfg.run.seed)
+
+
 def build_strategy(cfg: Config) -> Strategy:
     c = cfg.client
     train = TrainConfig(lr=c.lr, batch_size=c.batch_size, local_epochs=c.local_epochs,
@@ -102,7 +124,7 @@ def build_strategy(cfg: Config) -> Strategy:
     return Strategy(
         clients_per_round=cfg.server.clients_per_round,
         train=train,
-        selector=UniformSelector(cfg.run.seed),
+        selector=client_selector(cfg),
         optimizer=server_optimizer(cfg),
         min_updates=cfg.server.min_updates,
         evaluate_clients=cfg.eval.federated_clients,
@@ -199,10 +221,11 @@ def simulate(cfg: Config, *, progress: bool = True, write: bool = True) -> RunRe
             elif clock is not None:
                 result, state = clock.round(server, state, transport)
             else:
-                requests = server.train_requests(state)
+                requests, state = server.train_requests(state)
                 result, state = server.apply(state, requests, transport.exchange(requests))
             train_s += time.perf_counter() - t0
-            evaluate = state.round % cfg.eval.every == 0 or state.round == cfg.run.rounds
+            spent = clock is not None and 0 < cfg.hetero.trip_budget <= clock.trips
+            evaluate = state.round % cfg.eval.every == 0 or state.round == cfg.run.rounds or spent
             row = round_metrics(result, state, server, transport, work, (x_test, y_test), cfg, evaluate)
             if clock is not None:
                 row.update(sim_time_s=clock.now, trips=clock.trips, bytes_down=clock.bytes_down,
@@ -211,6 +234,8 @@ def simulate(cfg: Config, *, progress: bool = True, write: bool = True) -> RunRe
             row["elapsed_s"] = time.perf_counter() - start
             history.append(row)
             bar.advance(row)
+            if spent:
+                break
     result = RunResult(cfg, history, state.params, train_s=train_s, setup_s=setup_s,
                        param_names=names)
     if write:

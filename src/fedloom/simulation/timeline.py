@@ -72,7 +72,7 @@ class SimulatedClock:
     def round(self, server: SyncServer, state: ServerState, transport: Engine) -> tuple[RoundResult, ServerState]:
         h, k = self.cfg.hetero, server.strategy.clients_per_round
         candidates = self._available()
-        requests = server.train_requests(state, candidates, k=min(len(candidates), math.ceil(h.over_select * k)))
+        requests, state = server.train_requests(state, candidates, k=min(len(candidates), math.ceil(h.over_select * k)))
         if h.deadline_s > 0 and h.stragglers == "partial":
             requests = shrink_to_deadline(requests, self.profiles, h.deadline_s, self.flops,
                                           [self.full_steps[r.client_id] for r in requests])
@@ -82,7 +82,7 @@ class SimulatedClock:
         self.trips += tick.trips
         self.bytes_down += tick.bytes_down
         self.bytes_up += tick.bytes_up
-        return server.apply(state, requests, tick.replies)
+        return server.apply(state, requests, tick.replies, tick.durations)
 
 
 def async_server(cfg: Config, strategy: Strategy) -> AsyncServer:

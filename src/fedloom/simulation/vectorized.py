@@ -264,11 +264,14 @@ def train_group(work: TorchClientWork, forward: StackedForward, requests: Sequen
     batch_loss = (losses * share).sum(-1).cpu().numpy()  # (S, G): each client's batch-mean loss per step
     seen = counts.sum(1)
     loss_sums = (batch_loss.T * counts).sum(1)
+    per_sample = losses.view(*losses.shape[:2], -1, positions).mean(-1).cpu().numpy()  # (S, G, B)
+    sq_sums = (per_sample.transpose(1, 0, 2) ** 2 * sched.mask[order]).sum((1, 2))
     deltas = [(p - q.to(device)).cpu().numpy() for p, q in zip(stacked, sent)]
     updates: list[Update | None] = [None] * len(clients)
     for pos, i in enumerate(order):
-        metrics = {"loss": float(loss_sums[pos]) / max(int(seen[pos]), 1), "examples": float(seen[pos]),
-                   "steps": float(steps[pos])}
+        n_seen = max(int(seen[pos]), 1)
+        metrics = {"loss": float(loss_sums[pos]) / n_seen, "loss_sq": float(sq_sums[pos]) / n_seen,
+                   "examples": float(seen[pos]), "steps": float(steps[pos])}
         updates[i] = Update(values=[d[pos] for d in deltas], weight=float(clients[i].num_train), kind="delta",
                             metrics=metrics)
     return updates  # type: ignore[return-value]
