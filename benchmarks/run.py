@@ -5,6 +5,7 @@
     python -m benchmarks.run wa-scaled   # W-A with 10,000 clients, 1,000 per round
     python -m benchmarks.run wa --repeat 5
     python -m benchmarks.run load        # gRPC deployment: 200 threaded clients, 5 rounds (benchmarks/load.py)
+    python -m benchmarks.run hetero      # simulated mobile devices: time to target accuracy (benchmarks/hetero.py)
 
 Each implementation runs in its own child process of this script (so start-up and peak memory are
 its own): imports, data, one untimed warm-up round, then ``--repeat`` timed runs, of which the
@@ -67,16 +68,25 @@ def measure(wl: Workload, implementation: str, repeat: int) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run")
-    parser.add_argument("workload", choices=sorted([*WORKLOADS, "load"]))
+    parser.add_argument("workload", choices=sorted([*WORKLOADS, "load", "hetero"]))
     parser.add_argument("--repeat", type=int, help="timed runs per implementation (default: the workload's)")
     parser.add_argument("--only", help="run one implementation in this process (used by the parent)")
     parser.add_argument("--implementations", help="comma-separated subset to run after plain-pytorch "
                         "(default: the workload's; fedloom-vectorized-cuda is added where a GPU is present)")
+    parser.add_argument("--budget", type=int, default=1200, help="hetero: client trips per strategy")
+    parser.add_argument("--target", type=float, help="hetero: target accuracy (default: 95%% of sync uniform's final)")
+    parser.add_argument("--figure", help="hetero: where to write the comparison figure")
     args = parser.parse_args(argv)
     if args.workload == "load":
         from benchmarks.load import run_load  # imported here: grpc must not count in the other workloads' import_s
 
         print(json.dumps(run_load()))
+        return
+    if args.workload == "hetero":
+        from benchmarks.hetero import run_hetero
+
+        run_hetero(args.budget, args.target, figure=args.figure,
+                   strategies=args.implementations.split(",") if args.implementations else None)
         return
     wl = WORKLOADS[args.workload]
     repeat = args.repeat or wl.repeat

@@ -19,3 +19,21 @@ def test_fedloom_matches_the_plain_loop(name):
     assert fed.final_accuracy == pytest.approx(plain.accuracy, abs=1e-3)
     assert sum(r["examples"] for r in fed.history) == plain.examples
     assert np.isfinite(fed.params[0]).all()
+
+
+def test_the_hetero_benchmark_prints_one_record_per_strategy(tmp_path, capsys):
+    import json
+
+    from benchmarks.hetero import run_hetero
+
+    figure = tmp_path / "hetero.png"
+    records = run_hetero(budget=60, target=0.05, out_dir=str(tmp_path), figure=str(figure),
+                         overrides=("data.num_clients=40", "engine.executor=\"sequential\"", "client.max_steps=5"))
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["implementation"] for r in records] == ["sync-fedavg-uniform", "sync-fedavg-oort", "fedbuff"]
+    assert lines[:3] == records and lines[3] == {"figure": str(figure)} and figure.stat().st_size > 0
+    for r in records:
+        assert 60 <= r["client_trips"] < 60 + 20  # the same budget: sync rounds of 20, FedBuff's 20 in flight
+        assert r["target"] == 0.05 and 0 < r["time_to_target_s"] <= r["sim_time_s"]
+        assert r["speedup"] == round(records[0]["time_to_target_s"] / r["time_to_target_s"], 2)
+    assert records[0]["speedup"] == 1.0 and records[0]["updates"] == 3
