@@ -3,9 +3,11 @@
     python -m benchmarks.run hetero
 
 The keyboard example (``examples/keyboard.toml``) on the ``mobile`` population, every strategy
-given the same budget of client trips (``hetero.trip_budget``, default 1200 = the example's 60
-rounds of 20 clients): synchronous FedAvg with uniform selection, synchronous FedAvg with Oort,
-and FedBuff (20 clients training at once, a server update every 10 arrivals). One JSON line per
+given the same budget of client trips (``hetero.trip_budget``, default 3000 = 150 rounds of the
+example's 20 clients, where all three have nearly stopped improving): synchronous FedAvg with
+uniform selection, synchronous FedAvg with Oort, and FedBuff (10 clients training at once, a
+server update every 5 arrivals; more concurrency is faster in simulated time but learns less per
+trip, see BENCHMARKS.md). One JSON line per
 strategy: implementation, time_to_target_s (simulated seconds to the first evaluation at or above
 the target), target, final_accuracy, client_trips, sim_time_s, updates, ``speedup`` = sync
 uniform's time to target / this one's, and host_s (wall seconds on this machine, which do not
@@ -27,11 +29,11 @@ from fedloom.simulation.runner import simulate
 STRATEGIES = {
     "sync-fedavg-uniform": ["server.selection=\"uniform\"", "eval.every=2"],
     "sync-fedavg-oort": ["server.selection=\"oort\"", "eval.every=2"],
-    "fedbuff": ["server.aggregation=\"fedbuff\"", "server.concurrency=20", "server.buffer_size=10", "eval.every=4"],
+    "fedbuff": ["server.aggregation=\"fedbuff\"", "server.concurrency=10", "server.buffer_size=5", "eval.every=4"],
 }
 
 
-def run_hetero(budget: int = 1200, target: float | None = None, out_dir: str = "runs/hetero",
+def run_hetero(budget: int = 3000, target: float | None = None, out_dir: str = "runs/hetero",
                figure: str | None = None, strategies: list[str] | None = None,
                overrides: tuple[str, ...] = ()) -> list[dict]:
     """Run the strategies (sync uniform first: it sets the default target); print and return their records.

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", help="run one implementation in this process (used by the parent)")
     parser.add_argument("--implementations", help="comma-separated subset to run after plain-pytorch "
                         "(default: the workload's; fedloom-vectorized-cuda is added where a GPU is present)")
-    parser.add_argument("--budget", type=int, default=1200, help="hetero: client trips per strategy")
+    parser.add_argument("--budget", type=int, default=3000, help="hetero: client trips per strategy")
     parser.add_argument("--target", type=float, help="hetero: target accuracy (default: 95%% of sync uniform's final)")
     parser.add_argument("--figure", help="hetero: where to write the comparison figure")
     args = parser.parse_args(argv)

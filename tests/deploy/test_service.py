@@ -85,3 +85,19 @@ def test_a_revoked_client_is_refused_and_its_session_ends(service):
     with pytest.raises(grpc.RpcError) as err:
         stub.Join(pb.JoinRequest(client_name="c0", token=token))
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+@pytest.mark.parametrize("setting,key", [
+    (["server.selection=\"oort\""], "server.selection"),
+    (["server.aggregation=\"fedbuff\"", "hetero.population=\"silo\""], "server.aggregation"),
+])
+def test_simulation_only_settings_are_refused_before_anything_starts(tmp_path, setting, key):
+    from fedloom.deploy.server import serve
+    from fedloom.errors import ConfigError
+
+    cfg = load_config(None, ["data.dataset=\"breast_cancer\"", "data.partition=\"iid\"", "data.num_clients=3",
+                             "model.name=\"logreg\"", f"deploy.state_dir=\"{tmp_path / 'state'}\"", *setting])
+    with pytest.raises(ConfigError) as e:
+        serve(cfg)
+    assert e.value.key == key and "simulated only" in str(e.value)
+    assert not (tmp_path / "state").exists()

@@ -15,8 +15,8 @@ from fedloom.simulation.runner import simulate
 X = [np.array([1.0, 2.0], np.float32)]
 
 
-def reply(cid, delta, loss=1.0, examples=10):
-    return TrainReply(cid, 1, update=Update([np.array(delta, np.float32)], 5.0,
+def reply(cid, delta, loss=1.0, examples=10, weight=5.0):
+    return TrainReply(cid, 1, update=Update([np.array(delta, np.float32)], weight,
                                             metrics={"loss": loss, "examples": examples}))
 
 
@@ -25,13 +25,14 @@ def test_fedbuff_averages_staleness_scaled_deltas_every_k_arrivals():
     state = server.init(X)
     req = server.request(state, 0, dispatch=1)
     assert req.config.round == 1 and req.params is state.params
-    a1, state = server.receive(state, req, 0, reply(0, [1.0, 1.0], loss=2.0, examples=10))
+    a1, state = server.receive(state, req, 0, reply(0, [1.0, 1.0], loss=2.0, examples=10, weight=1.0))
     assert a1.accepted and not a1.aggregated and state.version == 0
     # the second reply claims it was sent 3 versions before the current one: staleness 3
-    a2, state = server.receive(state, req, -3, reply(1, [4.0, 0.0], loss=1.0, examples=30))
+    a2, state = server.receive(state, req, -3, reply(1, [4.0, 0.0], loss=1.0, examples=30, weight=3.0))
     assert a2.aggregated and a2.staleness == 3 and state.version == 1
-    # mean of [1, 1] * 1 and [4, 0] * (1 + 3) ** -0.5 = [2, 0] -> [1.5, 0.5]
-    np.testing.assert_allclose(state.params[0], [2.5, 2.5], rtol=1e-6)
+    # [1, 1] * 1 (weight 1) and [4, 0] * (1 + 3) ** -0.5 = [2, 0] (weight 3), example-weighted as in FedAvg:
+    # ([1, 1] + 3 * [2, 0]) / 4 = [1.75, 0.25]
+    np.testing.assert_allclose(state.params[0], [2.75, 2.25], rtol=1e-6)
     assert a2.train_loss == pytest.approx((2.0 * 10 + 1.0 * 30) / 40)
     assert state.buffer == ()
 
