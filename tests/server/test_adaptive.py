@@ -292,3 +292,22 @@ def test_power_of_choice_bad_d():
     with pytest.raises(ConfigError) as info:
         PowerOfChoiceSelector(d=0)
     assert info.value.key == "power_of_choice.d"
+
+
+def test_oort_feedback_without_a_loss_or_a_duration_keeps_what_it_knew():
+    sel = OortSelector()
+    state = sel.observe(sel.init(3), [fb(0, rnd=1, n=10, loss_sq=4.0, dur=5.0)])
+    assert state.utility[0] == pytest.approx(20.0) and state.duration[0] == 5.0
+    # a straggler the server stopped waiting for: a (lower-bound) duration, no loss
+    state = sel.observe(state, [fb(0, rnd=2, loss_sq=None, dur=30.0), fb(1, rnd=2, loss_sq=None, dur=30.0)])
+    assert state.utility[0] == pytest.approx(20.0) and state.duration[0] == 30.0 and state.last_round[0] == 2
+    assert state.utility[1] == 0.0 and state.last_round[1] == 2  # explored now: it will not be re-explored
+    # a report without a measured duration (no clock) keeps the last duration
+    state = sel.observe(state, [fb(0, rnd=3, n=10, loss_sq=1.0, dur=None)])
+    assert state.utility[0] == pytest.approx(10.0) and state.duration[0] == 30.0
+
+
+def test_power_of_choice_ignores_feedback_without_a_loss():
+    sel = PowerOfChoiceSelector(d=2)
+    state = sel.observe(sel.init(2), [fb(0, n=7, loss_sq=2.0), fb(1, loss_sq=None, dur=9.0)])
+    assert list(state.num_examples) == [7, -1] and state.loss_sq_mean[0] == 2.0 and math.isnan(state.loss_sq_mean[1])
