@@ -17,9 +17,9 @@ Deviation from FedBuff's Algorithm 1, which averages the ``K`` scaled deltas uni
 buffer is averaged with the clients' example counts as weights, as FedAvg averages a round
 (McMahan et al. 2017), so that the asynchronous and synchronous servers optimise the same
 objective ``sum_i n_i F_i``. With unequal clients a uniform mean gives a small client as much
-pull as a large one; on the keyboard benchmark (``python -m benchmarks.run hetero``) the weighted
-buffer ends 1.8 points higher after 3,000 client trips (0.4771 against 0.4590). Clients that
-report ``weight = 1`` get the paper's uniform mean.
+pull as a large one; on the keyboard example with the mobile population (20 clients in flight,
+``K = 10``, 3,000 client trips; BENCHMARKS.md) the weighted buffer ends 1.8 points higher
+(0.4771 against 0.4590). Clients that report ``weight = 1`` get the paper's uniform mean.
 """
 
 from __future__ import annotations
