@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from fedloom.client import TorchClientWork, handle
+from fedloom.client.torch_work import set_params
 from fedloom.data.dataset import ClientDataset
 from fedloom.messages import EvaluateConfig, TrainConfig, TrainRequest
 from fedloom.models import CharLSTM, LogisticRegression
@@ -82,20 +83,28 @@ def test_training_does_not_touch_the_sent_params():
         np.testing.assert_array_equal(a, b)
 
 
-def test_sequence_evaluation_counts_every_position():
-    torch.manual_seed(0)
-    vocab, T = 7, 6
-    rng = np.random.RandomState(0)
-    x = rng.randint(0, vocab, (9, T)).astype(np.int64)
-    y = rng.randint(0, vocab, (9, T)).astype(np.int64)
+def char_task(n, T, vocab=7, seed=0):
+    """``n`` random character windows of length ``T``, a small LSTM's client work and its initial parameters."""
+    rng = np.random.RandomState(seed)
+    x = rng.randint(0, vocab, (n, T)).astype(np.int64)
+    y = rng.randint(0, vocab, (n, T)).astype(np.int64)
     work = TorchClientWork(lambda: CharLSTM(vocab, 4, 8, 1))
-    params = work.initial_params(0)
-    ev = work.evaluate(params, ClientDataset(0, x, y, x, y), EvaluateConfig(batch_size=4))
+    return x, y, work, work.initial_params(0)
+
+
+@torch.no_grad()
+def lstm_logits(params, x, vocab=7):
+    """The logits of a separately built LSTM holding ``params``."""
     model = CharLSTM(vocab, 4, 8, 1)
-    with torch.no_grad():
-        for p, a in zip(model.parameters(), params):
-            p.copy_(torch.from_numpy(a))
-        out = model(torch.from_numpy(x))
+    set_params(model, params)
+    return model(torch.from_numpy(x))
+
+
+def test_sequence_evaluation_counts_every_position():
+    vocab = 7
+    x, y, work, params = char_task(9, 6)
+    ev = work.evaluate(params, ClientDataset(0, x, y, x, y), EvaluateConfig(batch_size=4))
+    out = lstm_logits(params, x)
     assert ev.accuracy == pytest.approx(float((out.argmax(-1) == torch.from_numpy(y)).float().mean()))
     loss = torch.nn.functional.cross_entropy(out.reshape(-1, vocab), torch.from_numpy(y).reshape(-1))
     assert ev.loss == pytest.approx(float(loss), rel=1e-5)
@@ -115,19 +124,10 @@ def test_a_failing_client_becomes_an_error_reply():
 
 def test_loss_sq_is_the_mean_squared_per_sample_loss():
     """Oort's statistical utility needs per-sample losses; with lr 0 they are the initial model's."""
-    torch.manual_seed(0)
     vocab, T = 7, 5
-    rng = np.random.RandomState(1)
-    x = rng.randint(0, vocab, (11, T)).astype(np.int64)
-    y = rng.randint(0, vocab, (11, T)).astype(np.int64)
-    work = TorchClientWork(lambda: CharLSTM(vocab, 4, 8, 1))
-    params = work.initial_params(0)
+    x, y, work, params = char_task(11, T, seed=1)
     update = work.train(params, ClientDataset(0, x, y, x, y), TrainConfig(lr=0.0, batch_size=4, local_epochs=2))
-    model = CharLSTM(vocab, 4, 8, 1)
-    with torch.no_grad():
-        for p, a in zip(model.parameters(), params):
-            p.copy_(torch.from_numpy(a))
-        out = model(torch.from_numpy(x))
+    out = lstm_logits(params, x)
     per_sample = torch.nn.functional.cross_entropy(out.reshape(-1, vocab), torch.from_numpy(y).reshape(-1),
                                                    reduction="none").view(11, T).mean(1).numpy()
     assert update.metrics["loss_sq"] == pytest.approx(float((per_sample ** 2).mean()), rel=1e-5)
