@@ -59,6 +59,12 @@ class InvalidUpdateError(FedloomError):
     code = "invalid_update"
 
 
+class InvalidReplyError(FedloomError):
+    """A reply does not answer its request: the wrong message kind, client or round, or no result."""
+
+    code = "invalid_reply"
+
+
 class ClientWorkError(FedloomError):
     """The user's client work raised while training or evaluating."""
 

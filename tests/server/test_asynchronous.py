@@ -28,7 +28,8 @@ def test_fedbuff_averages_staleness_scaled_deltas_every_k_arrivals():
     a1, state = server.receive(state, req, 0, reply(0, [1.0, 1.0], loss=2.0, examples=10, weight=1.0))
     assert a1.accepted and not a1.aggregated and state.version == 0
     # the second reply claims it was sent 3 versions before the current one: staleness 3
-    a2, state = server.receive(state, req, -3, reply(1, [4.0, 0.0], loss=1.0, examples=30, weight=3.0))
+    req1 = server.request(state, 1, dispatch=1)
+    a2, state = server.receive(state, req1, -3, reply(1, [4.0, 0.0], loss=1.0, examples=30, weight=3.0))
     assert a2.aggregated and a2.staleness == 3 and state.version == 1
     # [1, 1] * 1 (weight 1) and [4, 0] * (1 + 3) ** -0.5 = [2, 0] (weight 3), example-weighted as in FedAvg:
     # ([1, 1] + 3 * [2, 0]) / 4 = [1.75, 0.25]
@@ -55,6 +56,8 @@ def test_bad_and_failed_replies_are_refused_without_touching_the_buffer():
     assert not a.accepted and "NaN" in a.reason and same is state
     a, same = server.receive(state, req, 0, TrainReply(0, 1, error=ErrorReply("dropped", "left")))
     assert not a.accepted and a.reason == "dropped: left" and same is state
+    a, same = server.receive(state, req, 0, reply(1, [1.0, 0.0]))  # client 1 answering client 0's task
+    assert not a.accepted and a.reason.startswith("invalid_reply:") and same is state
     with pytest.raises(ConfigError):
         AsyncServer(Strategy(2), buffer_size=0)
 

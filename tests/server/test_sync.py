@@ -6,7 +6,15 @@ import torch
 
 from fedloom.client import TorchClientWork
 from fedloom.data.dataset import ClientDataset, FederatedDataset
-from fedloom.messages import EvaluateReply, Evaluation, TrainConfig, TrainReply, Update
+from fedloom.messages import (
+    ErrorReply,
+    EvaluateReply,
+    EvaluateRequest,
+    Evaluation,
+    TrainConfig,
+    TrainReply,
+    Update,
+)
 from fedloom.models import LogisticRegression
 from fedloom.server import Strategy, SyncServer, UniformSelector
 from fedloom.transport import InProcessTransport
@@ -124,12 +132,45 @@ def test_params_kind_updates_become_deltas():
     np.testing.assert_array_equal(new.params[0], [5.0, 5.0])
 
 
+def _evaluate_requests(n):
+    return [EvaluateRequest(c, 1, [np.zeros(1, np.float32)]) for c in range(n)]
+
+
 def test_federated_evaluation_is_example_weighted():
     replies = [EvaluateReply(0, 1, Evaluation(1.0, 0.2, 10)), EvaluateReply(1, 1, Evaluation(3.0, 0.8, 30)),
-               EvaluateReply(2, 1, error=None)]
-    fed = SyncServer.summarize(replies)
+               EvaluateReply(2, 1, error=ErrorReply("client_failed", "no data"))]
+    fed = SyncServer.summarize(_evaluate_requests(3), replies)
     assert fed.loss == pytest.approx(2.5) and fed.accuracy == pytest.approx(0.65)
     assert fed.num_clients == 2 and fed.num_examples == 40
+
+
+def test_federated_evaluation_leaves_out_impossible_claims_and_other_kinds():
+    honest = [EvaluateReply(0, 1, Evaluation(0.5, 0.75, 100))]
+    lies = [EvaluateReply(1, 1, Evaluation(0.1, 1.5, 100)),  # accuracy over 1
+            EvaluateReply(2, 1, Evaluation(float("nan"), 0.9, 100)),
+            TrainReply(3, 1, update=Update([np.zeros(1, np.float32)], 1.0)),  # a train reply to an evaluation
+            EvaluateReply(4, 2, Evaluation(0.1, 1.0, 100)),  # another round
+            EvaluateReply(0, 1, Evaluation(0.0, 1.0, 10**15))]  # a second reply from client 0
+    fed = SyncServer.summarize(_evaluate_requests(5), honest + lies)
+    assert (fed.accuracy, fed.loss, fed.num_clients, fed.num_examples) == (0.75, 0.5, 1, 100)
+
+
+def test_a_huge_reported_loss_does_not_overflow_the_mean():
+    replies = [EvaluateReply(0, 1, Evaluation(1e300, 0.5, 1000)), EvaluateReply(1, 1, Evaluation(1e300, 0.5, 3000))]
+    fed = SyncServer.summarize(_evaluate_requests(2), replies)
+    assert fed.loss == pytest.approx(1e300)
+
+
+def test_replies_of_the_wrong_kind_are_rejected_not_raised():
+    server = SyncServer(Strategy(2), 2)
+    state = server.init([np.zeros(2, np.float32)])
+    reqs, state = server.train_requests(state)
+    a, b = (r.client_id for r in reqs)
+    replies = [EvaluateReply(a, 1, Evaluation(0.1, 0.9, 10)), reqs[1]]  # an evaluation, and the request itself
+    result, new = server.apply(state, reqs, replies)
+    assert result.accepted == [] and new.round == 1
+    assert result.rejected[a].startswith("invalid_reply: a TrainRequest is answered by a TrainReply, got an")
+    assert "got a TrainRequest" in result.rejected[b]
 
 
 def test_the_selector_learns_reported_losses_and_measured_durations():
@@ -144,9 +185,10 @@ def test_the_selector_learns_reported_losses_and_measured_durations():
     assert state.selection.selections == 1 and len(asked) == 3
     replies = InProcessTransport(work, data).exchange(reqs)
     bad = next(r for r in replies if r.client_id == asked[2])
-    bad.update.metrics["loss_sq"] = float("nan")  # an untrusted report the selector must not take
+    bad.update.metrics["loss_sq"] = float("nan")  # impossible: the update is refused, the selector learns no loss
     result, state = server.apply(state, reqs, replies, durations={asked[0]: 3.0, asked[1]: 9.0, asked[2]: 4.0})
-    assert state.round == 1 and sorted(result.accepted) == sorted(asked)
+    assert state.round == 1 and sorted(result.accepted) == sorted(asked[:2])
+    assert "'loss_sq'" in result.rejected[asked[2]] and "not finite" in result.rejected[asked[2]]
     sel = state.selection
     for cid, m in ((r.client_id, r.update.metrics) for r in replies[:2]):
         assert sel.utility[cid] == pytest.approx(m["examples"] * np.sqrt(m["loss_sq"]))

@@ -16,7 +16,8 @@ def _drive(cfg, transport, rounds):
         requests, state = server.train_requests(state)
         result, state = server.apply(state, requests, transport.exchange(requests))
         assert not result.rejected, result.rejected
-        evaluations.append(server.summarize(transport.exchange(server.evaluate_requests(state, cfg.run.seed))))
+        asked = server.evaluate_requests(state, cfg.run.seed)
+        evaluations.append(server.summarize(asked, transport.exchange(asked)))
     return state.params, evaluations
 
 

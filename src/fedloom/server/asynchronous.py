@@ -31,10 +31,10 @@ import numpy as np
 
 from fedloom.errors import ConfigError, FedloomError
 from fedloom.messages import TrainReply, TrainRequest
-from fedloom.params import Params, ParamSpec
+from fedloom.params import Params
 from fedloom.server.optimizers import OptState
 from fedloom.server.strategy import Strategy
-from fedloom.server.validation import as_delta
+from fedloom.server.validation import check_reply, to_delta
 
 Staleness = Callable[[int], float]
 
@@ -91,13 +91,13 @@ class AsyncServer:
                 reply: TrainReply) -> tuple[Arrival, AsyncState]:
         tau = state.version - version_sent
         cid = request.client_id
-        if reply.error is not None or reply.update is None:
-            reason = f"{reply.error.code}: {reply.error.reason}" if reply.error else "no update"
-            return Arrival(cid, tau, False, reason), state
         try:
-            delta = as_delta(reply.update, request.params, ParamSpec.of(state.params), cid)
+            check_reply(request, reply)
         except FedloomError as exc:
             return Arrival(cid, tau, False, f"{exc.code}: {exc.message}"), state
+        if reply.error is not None:
+            return Arrival(cid, tau, False, f"{reply.error.code}: {reply.error.reason}"), state
+        delta = to_delta(reply.update, request.params)
         s = self.staleness(tau)
         scaled = [np.asarray(s, dtype=d.dtype) * d for d in delta]
         examples = reply.update.metrics.get("examples", reply.update.weight)

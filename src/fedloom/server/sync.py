@@ -17,13 +17,13 @@ from typing import Any
 import numpy as np
 
 from fedloom.errors import FedloomError, RoundError
-from fedloom.messages import EvaluateReply, EvaluateRequest, TrainReply, TrainRequest
-from fedloom.params import Params, ParamSpec
+from fedloom.messages import EvaluateReply, EvaluateRequest, Evaluation, TrainReply, TrainRequest, Update
+from fedloom.params import Params
 from fedloom.seeding import keyed_rng
 from fedloom.server.optimizers import OptState
 from fedloom.server.selection import ClientFeedback
 from fedloom.server.strategy import Strategy
-from fedloom.server.validation import as_delta
+from fedloom.server.validation import check_reply, to_delta
 
 
 @dataclass(frozen=True)
@@ -65,13 +65,12 @@ def _finite(value: object) -> float | None:
     return None
 
 
-def _feedback(rnd: int, requests: Sequence[TrainRequest], replies: Sequence[TrainReply], accepted: list[int],
+def _feedback(rnd: int, requests: Sequence[TrainRequest], updates: Mapping[int, Update],
               durations: Mapping[int, float]) -> list[ClientFeedback]:
     """What the selector may learn from a round: accepted clients' reports, every asked client's duration.
 
     Without a ``loss_sq`` report the squared mean loss stands in for it; unusable reports count as none.
     """
-    updates = {r.client_id: r.update for r in replies if r.client_id in accepted and r.update is not None}
     out = []
     for cid in dict.fromkeys(r.client_id for r in requests):
         duration = _finite(durations.get(cid))
@@ -128,38 +127,36 @@ class SyncServer:
         round-trip seconds in ``durations`` (what the transport measured), where known.
         """
         rnd = state.round + 1
-        asked = {r.client_id for r in requests}
-        spec = ParamSpec.of(state.params)
-        deltas, weights, accepted, rejected = [], [], [], {}
-        loss_sum = examples = 0.0
+        asked = {r.client_id: r for r in requests}
+        updates: dict[int, Update] = {}  # the accepted ones, in arrival order
+        rejected: dict[int, str] = {}
         for reply in replies:
-            cid = reply.client_id
-            if cid not in asked or reply.round != rnd:
-                rejected[cid] = f"not asked in round {rnd}"
-                continue
-            if reply.error is not None:
-                rejected[cid] = f"{reply.error.code}: {reply.error.reason}"
+            cid = getattr(reply, "client_id", None)
+            request = asked.get(cid)  # type: ignore[arg-type]
+            if request is None or cid in updates or cid in rejected:
+                rejected.setdefault(cid, f"not asked in round {rnd}" if request is None else "a second reply")
                 continue
             try:
-                deltas.append(as_delta(reply.update, state.params, spec, cid))
+                check_reply(request, reply)
             except FedloomError as exc:
                 rejected[cid] = f"{exc.code}: {exc.message}"
                 continue
-            weights.append(reply.update.weight)
-            accepted.append(cid)
-            seen = reply.update.metrics.get("examples", reply.update.weight)
-            if "loss" in reply.update.metrics:
-                loss_sum += reply.update.metrics["loss"] * seen
-                examples += seen
-        for cid in asked - set(accepted) - set(rejected):
+            if reply.error is not None:
+                rejected[cid] = f"{reply.error.code}: {reply.error.reason}"
+            else:
+                updates[cid] = reply.update
+        for cid in asked.keys() - updates.keys() - rejected.keys():
             rejected[cid] = "no reply"
-        result = RoundResult(rnd, [r.client_id for r in requests], accepted, rejected,
-                             loss_sum / examples if examples else float("nan"), examples)
-        selection = self.strategy.selector.observe(state.selection, _feedback(rnd, requests, replies, accepted,
-                                                                              durations or {}))
+        seen = {cid: u.metrics.get("examples", u.weight) for cid, u in updates.items() if "loss" in u.metrics}
+        examples = sum(seen.values())
+        loss = sum(updates[cid].metrics["loss"] * n for cid, n in seen.items()) / examples if examples else math.nan
+        accepted = list(updates)
+        result = RoundResult(rnd, [r.client_id for r in requests], accepted, rejected, loss, examples)
+        selection = self.strategy.selector.observe(state.selection, _feedback(rnd, requests, updates, durations or {}))
         if len(accepted) < max(1, self.strategy.min_updates):
             return result, ServerState(rnd, state.params, state.opt_state, selection)
-        delta = self.strategy.reducer(deltas, weights)
+        deltas = [to_delta(u, state.params) for u in updates.values()]
+        delta = self.strategy.reducer(deltas, [u.weight for u in updates.values()])
         params, opt_state = self.strategy.optimizer.update(delta, state.params, state.opt_state)
         return result, ServerState(rnd, params, opt_state, selection)
 
@@ -179,15 +176,31 @@ class SyncServer:
         return [EvaluateRequest(int(c), state.round, state.params, self.strategy.evaluate) for c in chosen]
 
     @staticmethod
-    def summarize(replies: Sequence[EvaluateReply]) -> FederatedEvaluation | None:
-        """Example-weighted mean loss and accuracy of the successful evaluation replies."""
-        good = [r.evaluation for r in replies if r.evaluation is not None and r.evaluation.num_examples > 0]
-        n = sum(e.num_examples for e in good)
+    def summarize(requests: Sequence[EvaluateRequest], replies: Sequence[EvaluateReply]) -> FederatedEvaluation | None:
+        """Example-weighted mean loss and accuracy of the valid evaluation replies to ``requests``.
+
+        Replies that fail :func:`~fedloom.server.validation.check_reply` (another kind of message,
+        impossible numbers) and evaluations of no examples are left out; None when nothing is left.
+        """
+        asked = {r.client_id: r for r in requests}
+        good: dict[int, Evaluation] = {}
+        for reply in replies:
+            request = asked.get(getattr(reply, "client_id", None))  # type: ignore[arg-type]
+            if request is None or request.client_id in good:
+                continue
+            try:
+                check_reply(request, reply)
+            except FedloomError:
+                continue
+            if reply.evaluation is not None and reply.evaluation.num_examples > 0:
+                good[request.client_id] = reply.evaluation
+        n = sum(e.num_examples for e in good.values())
         if not n:
             return None
+        share = [(e, e.num_examples / n) for e in good.values()]  # weights first: no overflow on large losses
         return FederatedEvaluation(
-            loss=sum(e.loss * e.num_examples for e in good) / n,
-            accuracy=sum(e.accuracy * e.num_examples for e in good) / n,
+            loss=math.fsum(e.loss * w for e, w in share),
+            accuracy=math.fsum(e.accuracy * w for e, w in share),
             num_clients=len(good),
             num_examples=n,
         )

@@ -1,27 +1,72 @@
-"""Checks an update must pass before it is aggregated."""
+"""Checks a reply must pass before the server uses it: the one door for the simulation and a deployment.
+
+:func:`check_reply` compares a reply with the request it answers (kind, client, round) and checks
+what it reports: an update's shapes, dtypes, finiteness and weight, an evaluation's loss,
+accuracy and example count. The deployed server runs it when a reply arrives, so a client is
+told at once what was refused and why; the round logic runs it again, so a reply from any
+transport is checked before it is aggregated.
+"""
 
 from __future__ import annotations
 
 import math
 
-from fedloom.errors import InvalidUpdateError, ShapeError
-from fedloom.messages import Update
+from fedloom.errors import InvalidReplyError, InvalidUpdateError, ShapeError
+from fedloom.messages import (
+    EvaluateReply,
+    EvaluateRequest,
+    Evaluation,
+    Reply,
+    Request,
+    TrainReply,
+    TrainRequest,
+    Update,
+)
 from fedloom.params import Params, ParamSpec, is_finite, subtract
 
+MAX_METRICS = 64  # numbers one update may report
 
-def as_delta(update: Update, sent: Params, spec: ParamSpec, client_id: int) -> Params:
-    """The update's change from ``sent``, after checking it is usable.
 
-    Raises :class:`InvalidUpdateError` for a wrong kind, a non-positive or non-finite weight,
-    arrays of the wrong shape or dtype, or NaN/Inf values.
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _count(what: str, value: object, max_examples: float | None, client_id: int, *, positive: bool) -> None:
+    """An example count: a finite number, > 0 (``positive``) or >= 0, and at most ``max_examples``."""
+    low_ok = _number(value) and (value > 0 if positive else value >= 0)  # type: ignore[operator]
+    if not low_ok:
+        rule = "a positive number" if positive else "a number >= 0"
+        raise InvalidUpdateError(f"{what} must be {rule}, got {value!r}", client_id=client_id, stage="validate")
+    if max_examples is not None and value > max_examples:  # type: ignore[operator]
+        raise InvalidUpdateError(f"{what} claims {value:g} examples, over the limit of {max_examples:g} per client",
+                                 client_id=client_id, stage="validate")
+
+
+def check_update(update: Update, spec: ParamSpec, client_id: int, max_examples: float | None = None) -> None:
+    """Raise :class:`InvalidUpdateError` unless ``update`` is usable against parameters of ``spec``.
+
+    Checked: the kind, the weight (finite, > 0, at most ``max_examples``), the arrays' shapes and
+    dtypes, NaN/Inf values, and the reported metrics (at most :data:`MAX_METRICS`, all finite;
+    ``examples`` a count like the weight, ``loss_sq`` >= 0).
     """
     stage = "validate"
     if not isinstance(update, Update):
         raise InvalidUpdateError(f"expected an Update, got {type(update).__name__}", client_id=client_id, stage=stage)
     if update.kind not in ("delta", "params"):
         raise InvalidUpdateError(f"unknown update kind {update.kind!r}", client_id=client_id, stage=stage)
-    if not (isinstance(update.weight, int | float) and math.isfinite(update.weight) and update.weight > 0):
-        raise InvalidUpdateError(f"weight must be a positive number, got {update.weight!r}", client_id=client_id,
+    _count("weight", update.weight, max_examples, client_id, positive=True)
+    metrics = update.metrics
+    if len(metrics) > MAX_METRICS:
+        raise InvalidUpdateError(f"{len(metrics)} metrics reported, over the limit of {MAX_METRICS}",
+                                 client_id=client_id, stage=stage)
+    bad = sorted(k for k, v in metrics.items() if not _number(v))
+    if bad:
+        raise InvalidUpdateError(f"metrics {', '.join(map(repr, bad[:5]))} are not finite numbers",
+                                 client_id=client_id, stage=stage)
+    if "examples" in metrics:
+        _count("metric 'examples'", metrics["examples"], max_examples, client_id, positive=False)
+    if metrics.get("loss_sq", 0.0) < 0:
+        raise InvalidUpdateError(f"metric 'loss_sq' must be >= 0, got {metrics['loss_sq']!r}", client_id=client_id,
                                  stage=stage)
     try:
         spec.check(update.values, client_id=client_id, stage=stage)
@@ -29,4 +74,69 @@ def as_delta(update: Update, sent: Params, spec: ParamSpec, client_id: int) -> P
         raise InvalidUpdateError(exc.message, client_id=client_id, stage=stage) from exc
     if not is_finite(update.values):
         raise InvalidUpdateError("update contains NaN or Inf", client_id=client_id, stage=stage)
+
+
+def check_evaluation(evaluation: Evaluation, client_id: int, max_examples: float | None = None) -> None:
+    """Raise :class:`InvalidUpdateError` unless an evaluation's numbers are possible.
+
+    The loss must be finite, the accuracy a fraction in [0, 1], the example count a whole number
+    from 0 to ``max_examples``.
+    """
+    stage = "validate"
+    if not isinstance(evaluation, Evaluation):
+        raise InvalidUpdateError(f"expected an Evaluation, got {type(evaluation).__name__}", client_id=client_id,
+                                 stage=stage)
+    if not _number(evaluation.loss):
+        raise InvalidUpdateError(f"evaluation loss must be finite, got {evaluation.loss!r}", client_id=client_id,
+                                 stage=stage)
+    if not (_number(evaluation.accuracy) and 0.0 <= evaluation.accuracy <= 1.0):
+        raise InvalidUpdateError(f"evaluation accuracy must be between 0 and 1, got {evaluation.accuracy!r}",
+                                 client_id=client_id, stage=stage)
+    n = evaluation.num_examples
+    if isinstance(n, float) and n.is_integer():
+        n = int(n)
+    if not isinstance(n, int) or isinstance(n, bool):
+        raise InvalidUpdateError(f"evaluation num_examples must be a whole number, got {n!r}", client_id=client_id,
+                                 stage=stage)
+    _count("evaluation num_examples", n, max_examples, client_id, positive=False)
+
+
+def _a(cls: type) -> str:
+    return f"{'an' if cls.__name__[0] in 'AEIOU' else 'a'} {cls.__name__}"
+
+
+_ANSWERS = {TrainRequest: TrainReply, EvaluateRequest: EvaluateReply}
+
+
+def check_reply(request: Request, reply: Reply, max_examples: float | None = None) -> None:
+    """Raise unless ``reply`` is a usable answer to ``request``.
+
+    :class:`InvalidReplyError` when it is the wrong kind of message or addressed to another
+    client or round; :class:`InvalidUpdateError` when what it reports is unusable
+    (:func:`check_update`, :func:`check_evaluation`). An error reply of the right kind passes: a
+    client may say that it failed. ``max_examples`` bounds the example counts a client may claim.
+    """
+    expected = _ANSWERS[type(request)]
+    cid = request.client_id
+    if type(reply) is not expected:
+        raise InvalidReplyError(f"{_a(type(request))} is answered by {_a(expected)}, got {_a(type(reply))}",
+                                client_id=cid, stage="validate")
+    if reply.client_id != cid or reply.round != request.round:
+        raise InvalidReplyError(f"the reply is addressed to client {reply.client_id}, round {reply.round}; "
+                                f"the task was client {cid}, round {request.round}", client_id=cid, stage="validate")
+    if reply.error is not None:
+        return
+    if isinstance(reply, TrainReply):
+        if reply.update is None:
+            raise InvalidReplyError("the reply holds neither an update nor an error", client_id=cid, stage="validate")
+        check_update(reply.update, ParamSpec.of(request.params), cid, max_examples)
+    else:
+        if reply.evaluation is None:
+            raise InvalidReplyError("the reply holds neither an evaluation nor an error", client_id=cid,
+                                    stage="validate")
+        check_evaluation(reply.evaluation, cid, max_examples)
+
+
+def to_delta(update: Update, sent: Params) -> Params:
+    """The change from ``sent`` that a checked update stands for (its values, or values - sent)."""
     return update.values if update.kind == "delta" else subtract(update.values, sent)

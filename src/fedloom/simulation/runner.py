@@ -160,7 +160,8 @@ def round_metrics(result: RoundResult, state: ServerState, server: SyncServer, t
     if evaluate:
         central = work.evaluate_params(state.params, test[0], test[1], cfg.eval.batch_size)
         row.update(test_loss=central.loss, test_accuracy=central.accuracy)
-        fed = server.summarize(transport.exchange(server.evaluate_requests(state, cfg.run.seed)))
+        asked = server.evaluate_requests(state, cfg.run.seed)
+        fed = server.summarize(asked, transport.exchange(asked))
         if fed is not None:
             row.update(fed_loss=fed.loss, fed_accuracy=fed.accuracy)
     return row
