@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
 from pathlib import Path
 
@@ -70,9 +71,19 @@ def _server(args: argparse.Namespace) -> int:
         print(f"round {int(row['round'])}: test accuracy {row['test_accuracy']:.4f}, loss {row['test_loss']:.4f}, "
               f"{int(row['accepted'])} updates{fed}", flush=True)
 
-    state = serve(cfg, on_round=show)
+    signal.signal(signal.SIGTERM, _interrupt)  # stop as on Ctrl-C: the clients are not told that the run is over
+    try:
+        state = serve(cfg, on_round=show)
+    except KeyboardInterrupt:
+        print(f"fedloom: server stopped before the run finished; its clients keep reconnecting, and the same command "
+              f"resumes after the last completed round (state in {cfg.deploy.state_dir})", file=sys.stderr)
+        return 130
     print(f"{cfg.run.name}: finished after round {state.round}; state in {cfg.deploy.state_dir}")
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _client(args: argparse.Namespace) -> int:
@@ -83,7 +94,11 @@ def _client(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cfg = load_config(args.config, args.set or [])
-    done = run_client(cfg, args.server)
+    try:
+        done = run_client(cfg, args.server)
+    except KeyboardInterrupt:
+        print(f"fedloom: client {cfg.deploy.name} stopped before the run finished", file=sys.stderr)
+        return 130
     print(f"{cfg.deploy.name}: run finished, {done} tasks done")
     return 0
 

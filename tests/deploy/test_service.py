@@ -1,97 +1,204 @@
-"""The gRPC service against bad input: every malformed or unexpected message gets an error reply."""
+"""The gRPC service in this process against bad input: every malformed or unexpected message gets an error."""
 
-from concurrent import futures
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
 import pytest
 
-from fedloom.deploy.dispatch import Dispatcher, Task
-from fedloom.deploy.server import SESSION_KEY, FederationService
+from fedloom.deploy.dispatch import DeployedTransport, LoopThread
+from fedloom.deploy.service import SESSION_KEY, FederationService
 from fedloom.deploy.state import ServerState as StateStore
-from fedloom.messages import TrainConfig, TrainReply, TrainRequest, Update
+from fedloom.messages import EvaluateReply, Evaluation, TrainConfig, TrainReply, TrainRequest, Update
 from fedloom.simulation.config import load_config
 from fedloom.transport import wire
 from fedloom.transport.proto import fedloom_pb2 as pb
 from fedloom.transport.proto import fedloom_pb2_grpc as pb_grpc
 
+MODEL = [np.zeros(3, np.float32)]
+
+
+class Running:
+    """A service on 127.0.0.1 in its own event loop, a channel to it, and a way to ask its clients."""
+
+    def __init__(self, tmp_path, *settings):
+        self.store = StateStore(tmp_path / "server.db")
+        self.tokens = [self.store.enroll(f"c{i}")[1] for i in range(2)]
+        cfg = load_config(None, ["deploy.max_message_mb=1", "deploy.tls=false", "deploy.recv_timeout_s=1",
+                                 *settings])
+        self.loop = LoopThread()
+        self.service = FederationService(self.store, cfg)
+        port = self.loop.call(self.service.start("127.0.0.1:0", None, max_clients=2))
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        self.stub = pb_grpc.FederationStub(self.channel)
+        self.transport = DeployedTransport(self.loop, self.service.dispatcher, 20.0, 20.0, 1 << 20)
+        self.pool = ThreadPoolExecutor(2)
+
+    def join(self, i=0):
+        session = self.stub.Join(pb.JoinRequest(client_name=f"c{i}", token=self.tokens[i])).session
+        return session, ((SESSION_KEY, session),)
+
+    def ask(self, *requests):
+        """The round's side, in a thread: a future of the replies."""
+        return self.pool.submit(self.transport.exchange, list(requests))
+
+    def pull(self, session, meta):
+        env = wire.from_chunks(self.stub.Pull(pb.PullRequest(session=session, wait_s=5), metadata=meta))
+        return env.task_id, wire.from_envelope(env)
+
+    def push(self, message, task_id, meta, **kw):
+        return self.stub.Push(wire.to_chunks(wire.to_envelope(message, task_id=task_id), **kw), metadata=meta)
+
+    def close(self):
+        self.channel.close()
+        self.loop.call(self.service.stop(False, 0.0))
+        self.loop.close()
+        self.pool.shutdown()
+        self.store.close()
+
 
 @pytest.fixture
-def service(tmp_path):
-    store = StateStore(tmp_path / "server.db")
-    _, token = store.enroll("c0")
-    dispatcher = Dispatcher()
-    cfg = load_config(None, ["deploy.max_message_mb=1", "deploy.tls=false"])
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    pb_grpc.add_FederationServicer_to_server(FederationService(store, dispatcher, cfg), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    yield pb_grpc.FederationStub(channel), token, store, dispatcher
-    channel.close()
-    server.stop(grace=None)
-    store.close()
+def running(tmp_path):
+    r = Running(tmp_path)
+    yield r
+    r.close()
 
 
-def test_bad_messages_get_error_replies_and_the_server_carries_on(service):
-    stub, token, store, dispatcher = service
+def test_bad_messages_get_error_replies_and_the_server_carries_on(running):
+    stub = running.stub
     with pytest.raises(grpc.RpcError) as err:
         stub.Join(pb.JoinRequest(client_name="c0", token="forged"))
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert err.value.details() == "unknown or revoked client token"
-    session = stub.Join(pb.JoinRequest(client_name="c0", token=token)).session
-    meta = ((SESSION_KEY, session),)
+    session, meta = running.join()
 
     with pytest.raises(grpc.RpcError) as err:  # no session
         stub.Push(iter([pb.Chunk(transfer_id="t", total_size=1, index=0, data=b"x", last=True)]))
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
+    reply = TrainReply(0, 1, update=Update([np.ones(3, np.float32)], 1.0))
+    stray = running.push(reply, "never-asked", meta)  # nothing is awaited from this client: refused at once
+    assert not stray.accepted and stray.error.code == "not_awaited"
+
+    replies = running.ask(TrainRequest(0, 1, MODEL, TrainConfig(round=1)))
+    task_id, request = running.pull(session, meta)
+    assert isinstance(request, TrainRequest)
     garbage = stub.Push(iter([pb.Chunk(transfer_id="t", total_size=9, index=0, data=b"\x00garbage", last=True)]),
                         metadata=meta)
     assert not garbage.accepted and garbage.error.code == "bad_message"
-
     huge = stub.Push(iter([pb.Chunk(transfer_id="t", total_size=10**12, index=0, data=b"x")]), metadata=meta)
-    assert not huge.accepted and huge.error.code == "bad_message" and "max_message_bytes" in huge.error.reason
-
-    big = TrainReply(0, 1, update=Update([np.zeros(400_000, np.float32)], 1.0))  # 1.6 MB > the 1 MB limit
-    over = stub.Push(wire.to_chunks(wire.to_envelope(big, task_id="x")), metadata=meta)
+    assert not huge.accepted and "declares 1000000000000 bytes" in huge.error.reason
+    big = TrainReply(0, 1, update=Update([np.zeros(400_000, np.float32)], 1.0))  # 1.6 MB: far over the task's reply
+    over = running.push(big, task_id, meta)
     assert not over.accepted and over.error.code == "bad_message"
+    other = running.push(reply, "not-this-one", meta)
+    assert not other.accepted and other.error.code == "not_awaited"
 
-    reply = TrainReply(0, 1, update=Update([np.ones(3, np.float32)], 1.0))
-    stray = stub.Push(wire.to_chunks(wire.to_envelope(reply, task_id="never-asked")), metadata=meta)
-    assert not stray.accepted and stray.error.code == "not_awaited"
-
-    dispatcher.submit([Task("t1", TrainRequest(0, 1, [np.zeros(3, np.float32)], TrainConfig()))])
-    call = stub.Pull(pb.PullRequest(session=session, wait_s=5), metadata=meta)
-    env = wire.from_chunks(call, wire.Limits())
-    assert env.task_id == "t1" and isinstance(wire.from_envelope(env), TrainRequest)
-    ok = stub.Push(wire.to_chunks(wire.to_envelope(reply, task_id="t1")), metadata=meta)
+    ok = running.push(reply, task_id, meta)
     assert ok.accepted
+    (got,) = replies.result(timeout=10)
+    assert got.update is not None and got.update.weight == 1.0
+    again = running.push(reply, task_id, meta)  # a replay: the task is answered
+    assert not again.accepted and again.error.code == "not_awaited"
     assert stub.Heartbeat(pb.HeartbeatRequest(session=session), metadata=meta).known
 
 
-def test_a_revoked_client_is_refused_and_its_session_ends(service):
-    stub, token, store, _ = service
-    session = stub.Join(pb.JoinRequest(client_name="c0", token=token)).session
-    meta = ((SESSION_KEY, session),)
-    assert stub.Heartbeat(pb.HeartbeatRequest(session=session), metadata=meta).known
-    store.revoke("c0")
-    with pytest.raises(grpc.RpcError) as err:  # the next heartbeat ends the open session
-        stub.Heartbeat(pb.HeartbeatRequest(session=session), metadata=meta)
+@pytest.mark.parametrize("answer, code, words", [
+    (EvaluateReply(0, 1, Evaluation(0.1, 1.0, 10**15)), "invalid_reply", "answered by a TrainReply, got an Eval"),
+    (TrainRequest(0, 1, MODEL, TrainConfig()), "invalid_reply", "got a TrainRequest"),
+    (TrainReply(0, 2, update=Update([np.ones(3, np.float32)], 1.0)), "invalid_reply", "round 2"),
+    (TrainReply(0, 1, update=Update([np.ones(4, np.float32)], 1.0)), "invalid_update", "expected <f4[3]"),
+    (TrainReply(0, 1, update=Update([np.full(3, np.nan, np.float32)], 1.0)), "invalid_update", "NaN"),
+    (TrainReply(0, 1, update=Update([np.ones(3, np.float32)], 0.0)), "invalid_update", "weight"),
+    (TrainReply(0, 1, update=Update([np.ones(3, np.float32)], 1e12)), "invalid_update", "over the limit of 1e+06"),
+])
+def test_replies_are_checked_at_the_door_and_the_round_hears_why(running, answer, code, words):
+    session, meta = running.join()
+    replies = running.ask(TrainRequest(0, 1, MODEL, TrainConfig(round=1)))
+    task_id, _ = running.pull(session, meta)
+    refused = running.push(answer, task_id, meta)
+    assert not refused.accepted and refused.error.code == code and words in refused.error.reason
+    (got,) = replies.result(timeout=5)  # the round does not wait for a reply that will not come
+    assert got.error.code == code and got.error.reason.startswith("refused by the server")
+
+
+def test_a_revoked_client_gets_no_task_and_its_pushes_are_refused_without_a_heartbeat(running):
+    session, meta = running.join()
+    replies = running.ask(TrainRequest(0, 1, MODEL, TrainConfig(round=1)))
+    task_id, _ = running.pull(session, meta)
+    running.store.revoke("c0")
+    time.sleep(1.5)  # the registry is read every second
+    reply = TrainReply(0, 1, update=Update([np.ones(3, np.float32)], 1.0))
+    with pytest.raises(grpc.RpcError) as err:
+        running.push(reply, task_id, meta)
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and "revoked" in err.value.details()
+    (got,) = replies.result(timeout=5)
+    assert got.error.code == "revoked"
+    running.ask(TrainRequest(0, 2, MODEL, TrainConfig(round=2)))
     with pytest.raises(grpc.RpcError) as err:
-        stub.Pull(pb.PullRequest(session=session, wait_s=1), metadata=meta).next()
-    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and "join again" in err.value.details()
-    with pytest.raises(grpc.RpcError) as err:
-        stub.Join(pb.JoinRequest(client_name="c0", token=token))
+        running.pull(session, meta)
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as err:
+        running.join()
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_poll_waiting_when_the_client_is_revoked_ends(running):
+    session, meta = running.join()
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        threading.Timer(0.5, running.store.revoke, ("c0",)).start()
+        running.stub.Pull(pb.PullRequest(session=session, wait_s=30), metadata=meta).next()
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and time.monotonic() - started < 5
+
+
+def test_one_session_per_client_bounded_calls_and_slow_bodies_cut_off(tmp_path):
+    r = Running(tmp_path, "deploy.client_calls=2", "deploy.join_calls=2")
+    try:
+        first, old = r.join()
+        second, meta = r.join()  # joining again replaces the old session
+        with pytest.raises(grpc.RpcError) as err:
+            r.stub.Heartbeat(pb.HeartbeatRequest(session=first), metadata=old)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and "join again" in err.value.details()
+        polls = [r.stub.Pull(pb.PullRequest(session=second, wait_s=5), metadata=meta) for _ in range(2)]
+        time.sleep(0.3)
+        with pytest.raises(grpc.RpcError) as err:  # a third open call of this client
+            r.stub.Heartbeat(pb.HeartbeatRequest(session=second), metadata=meta)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "client_calls" in err.value.details()
+        for p in polls:
+            p.cancel()
+
+        join = r.channel.stream_unary("/fedloom.v1.Federation/Join", request_serializer=pb.JoinRequest.SerializeToString,
+                                      response_deserializer=pb.JoinReply.FromString)
+        hold = threading.Event()
+
+        def body_never_comes():
+            hold.wait(10)
+            yield pb.JoinRequest()
+
+        slow = [join.future(body_never_comes()) for _ in range(2)]
+        time.sleep(0.3)
+        with pytest.raises(grpc.RpcError) as err:  # both Join slots are taken by calls with no body
+            r.join(1)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "join_calls" in err.value.details()
+        for f in slow:  # cut off after recv_timeout_s = 1
+            with pytest.raises(grpc.RpcError) as err:
+                f.result(timeout=5)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        hold.set()
+        assert r.join(1)[0]  # the slots are free again
+    finally:
+        r.close()
 
 
 @pytest.mark.parametrize("setting,key", [
     (["server.selection=\"oort\""], "server.selection"),
     (["server.aggregation=\"fedbuff\"", "hetero.population=\"silo\""], "server.aggregation"),
+    (["deploy.clients=[\"../../x\"]"], "deploy.clients"),
 ])
-def test_simulation_only_settings_are_refused_before_anything_starts(tmp_path, setting, key):
+def test_settings_the_server_cannot_take_are_refused_before_anything_starts(tmp_path, setting, key):
     from fedloom.deploy.server import serve
     from fedloom.errors import ConfigError
 
@@ -99,5 +206,5 @@ def test_simulation_only_settings_are_refused_before_anything_starts(tmp_path, s
                              "model.name=\"logreg\"", f"deploy.state_dir=\"{tmp_path / 'state'}\"", *setting])
     with pytest.raises(ConfigError) as e:
         serve(cfg)
-    assert e.value.key == key and "simulated only" in str(e.value)
-    assert not (tmp_path / "state").exists()
+    assert e.value.key == key
+    assert not (tmp_path / "state").exists() and not (tmp_path / "x.token").exists()

@@ -97,7 +97,7 @@ st.open_round(run, 1)
 st.complete_round(run, 1, [np.full((3, 2), 1.0, np.float32), np.arange(2.0)], ["layer.weight", "layer.bias"], {})
 st.open_round(run, 2)
 
-def hang(run_id, rnd, metrics_json, checkpoint):
+def hang(run_id, rnd, metrics_json, checkpoint, digest):
     # round 2's checkpoint is on disk; the transaction marking it done is open but never commits
     conn = st._conn
     conn.execute("BEGIN IMMEDIATE")
@@ -204,7 +204,7 @@ def test_corrupt_or_missing_checkpoint(db):
         data = bytearray(path.read_bytes())
         data[len(data) // 3] ^= 0xFF
         path.write_bytes(bytes(data))
-        with pytest.raises(StateError, match="round-000001.npz of done round 1 is corrupt"):
+        with pytest.raises(StateError, match="round-000001.npz is not the file written for round 1 .its SHA-256"):
             st.load_checkpoint(run)
         path.unlink()
         with pytest.raises(StateError, match="is missing"):
@@ -285,3 +285,77 @@ def test_closed_state(db):
     st.close()
     with pytest.raises(StateError, match="is closed"):
         st.clients()
+
+
+def test_a_replaced_checkpoint_is_refused_by_its_digest(db):
+    with ServerState(db) as st:
+        run = st.start_run("r", "")
+        for rnd in (1, 2):
+            _complete(st, run, rnd)
+        ckpt = db.parent / "checkpoints" / "run-0001"
+        (ckpt / "round-000002.npz").write_bytes((ckpt / "round-000001.npz").read_bytes())  # an older one copied over
+        with pytest.raises(StateError, match="round-000002.npz is not the file written for round 2"):
+            st.load_checkpoint(run)
+        np.savez(ckpt / "round-000002.npz", **dict(zip(NAMES, [np.full((3, 2), np.nan, np.float32), np.zeros(2)])))
+        with pytest.raises(StateError, match="not the file written for round 2"):  # valid .npz, full of NaN
+            st.load_checkpoint(run)
+
+
+def test_a_checkpoint_holding_nan_is_not_resumed(db):
+    with ServerState(db) as st:
+        run = st.start_run("r", "")
+        st.open_round(run, 1)
+        st.complete_round(run, 1, [np.full((3, 2), np.nan, np.float32), np.zeros(2)], NAMES, {})
+        with pytest.raises(StateError, match="round-000001.npz of round 1 holds NaN or Inf .in layer.weight."):
+            st.load_checkpoint(run)
+
+
+def test_checkpoints_the_database_does_not_account_for_are_refused(db):
+    with ServerState(db) as st:
+        run = st.start_run("r", "")
+        for rnd in range(1, 6):
+            _complete(st, run, rnd)
+        st.check_files()  # all accounted for
+        st._conn.execute("DELETE FROM rounds WHERE round > 2")  # as if the WAL holding rounds 3-5 were cut off
+        with pytest.raises(StateError, match="round-000005.npz exists but .* records run 'r' only up to round 2: the "
+                                             "database has lost committed rounds"):
+            st.check_files()
+        st._conn.execute("DELETE FROM rounds")
+        st._conn.execute("DELETE FROM runs")
+        with pytest.raises(StateError, match="run-0001 holds checkpoints up to round 5 but .* records no run with id 1"):
+            st.check_files()
+
+
+def test_the_round_after_the_last_done_may_have_a_checkpoint(db):
+    with ServerState(db) as st:  # written, then the server crashed before marking the round done
+        run = st.start_run("r", "")
+        _complete(st, run, 1)
+        st.open_round(run, 2)
+        np.savez(db.parent / "checkpoints" / "run-0001" / "round-000002.npz", **dict(zip(NAMES, _params(2))))
+        st.check_files()
+
+
+def test_state_files_are_private(db):
+    with ServerState(db) as st:
+        run = st.start_run("r", "")
+        _complete(st, run, 1)
+        files = [db, db.with_name(db.name + "-wal"), db.parent / "checkpoints" / "run-0001" / "round-000001.npz"]
+        assert [oct(p.stat().st_mode & 0o777) for p in files] == ["0o600"] * 3
+        dirs = [db.parent, db.parent / "checkpoints", db.parent / "checkpoints" / "run-0001"]
+        assert [oct(p.stat().st_mode & 0o777) for p in dirs] == ["0o700"] * 3
+
+
+def test_a_schema_1_database_is_migrated(db):
+    with ServerState(db) as st:
+        run = st.start_run("r", "")
+        _complete(st, run, 1)
+        st._conn.execute("ALTER TABLE rounds DROP COLUMN checkpoint_sha256")
+        st._conn.execute("PRAGMA user_version = 1")
+    with ServerState(db) as st:
+        assert st._conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        _assert_params(st.load_checkpoint(run)[2], _params(1))  # no digest was recorded for it: read as before
+        _complete(st, run, 2)
+        path = db.parent / "checkpoints" / "run-0001" / "round-000002.npz"
+        path.write_bytes(path.read_bytes() + b"\0")
+        with pytest.raises(StateError, match="SHA-256"):
+            st.load_checkpoint(run)

@@ -519,7 +519,7 @@ def test_endless_empty_chunks_are_refused() -> None:
         for i in range(10**9):
             yield pb.Chunk(transfer_id="t", total_size=10, index=i)
 
-    with pytest.raises(WireError, match="chunk 0 of transfer 't' is empty but not last"):
+    with pytest.raises(WireError, match="chunk 0 of transfer 't' carries 0 bytes; every chunk but the last"):
         wire.from_chunks(stream())
 
 
@@ -608,3 +608,28 @@ def test_no_pickle_in_the_wire_code() -> None:
         forbidden = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "marshal", "shelve"}
         assert not (imported | names) & forbidden, path
         assert "import pickle" not in source and "allow_pickle" not in source and "__import__" not in source, path
+
+
+def test_tiny_chunks_are_refused_at_the_first_one_under_the_minimum() -> None:
+    env = wire.to_envelope(TrainReply(0, 1, update=Update([np.zeros(100_000, np.float32)], 1.0)))
+    limits = wire.Limits(min_chunk_bytes=64 * 1024)
+    sent = []
+
+    def counted(chunks):
+        for c in chunks:
+            sent.append(c.index)
+            yield c
+
+    with pytest.raises(WireError, match="chunk 0 of transfer .* carries 1 bytes; every chunk but the last must carry "
+                                        "at least 65536"):
+        wire.from_chunks(counted(wire.to_chunks(env, chunk_bytes=1)), limits)
+    assert sent == [0]  # the flood is refused at its first chunk, not after 400,000 of them
+    # chunks of the minimum size, and a short last one, are fine
+    assert wire.from_chunks(wire.to_chunks(env, chunk_bytes=64 * 1024), limits) == env
+
+
+def test_the_buffer_grows_with_the_data_not_with_the_declared_size() -> None:
+    first = pb.Chunk(transfer_id="t", total_size=200 << 20, index=0, data=b"x" * 1000)
+    assembler = wire.Assembler(first, wire.Limits())
+    assert not assembler.add(first)
+    assert len(assembler.buf) == 1000  # a stranger's declared 200 MiB is not allocated on its word

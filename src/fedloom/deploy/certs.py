@@ -87,7 +87,7 @@ def make_dev_pki(
 def add_client(out_dir: Path, name: str, days: int = 365) -> tuple[Path, Path]:
     """Issue ``clients/NAME.pem``/``clients/NAME.key`` with the CA already in ``out_dir``; returns both paths."""
     out_dir = Path(out_dir)
-    _check_client_name(name)
+    check_client_name(name)
     if days < 1:
         raise CertError(f"days must be at least 1, got {days}", stage="certs")
     ca_cert, ca_key = _load_ca(out_dir)
@@ -108,7 +108,7 @@ def _check_request(out_dir: Path, server_names: Sequence[str], clients: Sequence
     if days < 1:
         raise CertError(f"days must be at least 1, got {days}", stage="certs")
     for name in clients:
-        _check_client_name(name)
+        check_client_name(name)
     if len(set(clients)) != len(clients):
         raise CertError(f"duplicate client names in {list(clients)}", stage="certs")
     existing = [p for p in (out_dir / "ca.pem", out_dir / "ca.key") if p.exists()]
@@ -117,7 +117,8 @@ def _check_request(out_dir: Path, server_names: Sequence[str], clients: Sequence
                         "(every certificate it signed stops being trusted)", stage="certs")
 
 
-def _check_client_name(name: str) -> None:
+def check_client_name(name: str) -> None:
+    """Raise :class:`CertError` unless ``name`` is a client name: 1-64 letters, digits, ".", "_" or "-"."""
     if not isinstance(name, str) or not _CLIENT_NAME.fullmatch(name):
         raise CertError(f"bad client name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
                         "starting with a letter or digit", stage="certs")

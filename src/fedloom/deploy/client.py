@@ -1,8 +1,11 @@
 """The deployed client: connects out to the server, pulls work, runs it on local data, pushes results.
 
-The client always initiates (join, long-poll, push, heartbeat), so it works from behind NAT. When
-the server is unreachable or restarts, the client reconnects by itself with exponential backoff
-(0.5 s doubling to 30 s, with jitter) and joins again; a refused token ends it with an error.
+The client always initiates (join, long-poll, push, heartbeat), so it works from behind NAT. It
+leaves only when the server says the run is over (a poll that ends with ``fedloom-status:
+finished``); a lost connection is never taken for that. When the server is unreachable, restarts
+or is busy, the client reconnects by itself with exponential backoff (0.5 s doubling to 30 s,
+with jitter) and joins again, for up to ``deploy.reconnect_s`` seconds of outage (0 = forever);
+a refused or revoked token ends it with an error.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ import grpc
 from fedloom.client.work import ClientWork, handle
 from fedloom.data.dataset import ClientDataset
 from fedloom.deploy.security import channel_credentials
-from fedloom.deploy.server import MAX_POLL_S, SESSION_KEY, STATUS_KEY, limits
-from fedloom.errors import ClientRefused, ConfigError, FedloomError
+from fedloom.deploy.service import MAX_POLL_S, SESSION_KEY, STATUS_KEY, limits
+from fedloom.errors import ClientRefused, ConfigError, FedloomError, WireError
 from fedloom.messages import Reply
 from fedloom.simulation.config import Config
 from fedloom.simulation.runner import build_clients
@@ -65,13 +68,15 @@ def _push(stub: pb_grpc.FederationStub, meta: tuple, task_id: str, reply: Reply)
 
 
 def serve_client(work: ClientWork, local: ClientDataset, cfg: Config, address: str, token: str,
-                 give_up_s: float = 600.0, stop: threading.Event | None = None) -> int:
-    """Take part in the server's run with ``work`` on ``local`` data until the run is finished.
+                 give_up_s: float | None = None, stop: threading.Event | None = None) -> int:
+    """Take part in the server's run with ``work`` on ``local`` data until the server says it is finished.
 
     Returns the number of replies the server accepted. A reply whose push failed is pushed again
-    after reconnecting (the server still awaits it unless its round gave up). ``stop`` (optional)
-    ends the client between tasks; used by tests and the load benchmark.
+    after reconnecting (the server still awaits it unless its round gave up). The client gives up
+    after ``give_up_s`` seconds without reaching the server (default ``deploy.reconnect_s``; 0 =
+    never). ``stop`` (optional) ends the client between tasks; used by tests and the load benchmark.
     """
+    give_up_s = cfg.deploy.reconnect_s if give_up_s is None else give_up_s
     stop = stop or threading.Event()
     lim = limits(cfg)
     backoff, last_ok, done = 0.5, time.monotonic(), 0
@@ -101,8 +106,13 @@ def serve_client(work: ClientWork, local: ClientDataset, cfg: Config, address: s
                             if dict(call.trailing_metadata() or ()).get(STATUS_KEY) == "finished":
                                 return done
                             continue
-                        env = wire.from_chunks(itertools.chain([first], call), lim)
-                        unsent = (env.task_id, handle(wire.from_envelope(env, lim), work, data))
+                        try:
+                            env = wire.from_chunks(itertools.chain([first], call), lim)
+                            request = wire.from_envelope(env, lim)
+                        except WireError as exc:  # a task this client cannot read: say so, keep polling
+                            log.warning("the server sent a task this client cannot read: %s", exc)
+                            continue
+                        unsent = (env.task_id, handle(request, work, data))
                         done += _push(stub, meta, *unsent)
                         unsent = None
                 finally:
@@ -111,8 +121,9 @@ def serve_client(work: ClientWork, local: ClientDataset, cfg: Config, address: s
             if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
                 if "session" not in (exc.details() or ""):
                     raise ClientRefused(exc.details() or "refused") from None
-            if time.monotonic() - last_ok > give_up_s:
-                raise FedloomError(f"server {address} unreachable for {give_up_s:g} s: {exc.details()}") from None
+            if give_up_s and time.monotonic() - last_ok > give_up_s:
+                raise FedloomError(f"server {address} unreachable for {give_up_s:g} s (deploy.reconnect_s): "
+                                   f"{exc.details()}") from None
             wait = backoff * (1 + random.random() / 2)
             log.info("connection lost (%s); retrying in %.1f s", exc.code().name, wait)
             stop.wait(wait)
@@ -120,10 +131,9 @@ def serve_client(work: ClientWork, local: ClientDataset, cfg: Config, address: s
     return done
 
 
-def run_client(cfg: Config, address: str | None = None, give_up_s: float = 600.0) -> int:
+def run_client(cfg: Config, address: str | None = None) -> int:
     """Load this client's data and model from ``cfg`` and take part in the run until it finishes."""
     work, dataset = build_clients(cfg)
     if not 0 <= cfg.deploy.client_index < len(dataset):
         raise ConfigError("deploy.client_index", f"the dataset has clients 0..{len(dataset) - 1}")
-    return serve_client(work, dataset[cfg.deploy.client_index], cfg, address or cfg.deploy.address, _token(cfg),
-                        give_up_s)
+    return serve_client(work, dataset[cfg.deploy.client_index], cfg, address or cfg.deploy.address, _token(cfg))

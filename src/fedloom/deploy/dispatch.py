@@ -1,174 +1,254 @@
-"""Tasks waiting for clients and replies waiting for the server, with no network code.
+"""Tasks waiting for clients and replies waiting for the round, with no network code.
 
-The gRPC service (``server.py``) and the round logic meet here. The round logic hands a round's
-requests to :class:`DeployedTransport` (the same ``exchange(requests) -> replies`` interface as the
-simulation engines, so ``SyncServer`` runs unchanged); the transport queues one task per client in
-the :class:`Dispatcher`; clients long-poll for their next task and push the result back; the
-transport returns the replies that arrived, and error replies for clients that timed out or were
-lost (no heartbeat). A reply for a task the server is not waiting for is refused.
+The gRPC service (``service.py``) and the round logic meet here. The :class:`Dispatcher` lives in
+the server's event loop (:class:`LoopThread`) and is only touched from it, so it needs no locks:
+per-client task queues that long-polls wait on, the tasks whose replies are awaited, and when
+each client was last heard from. The round logic runs in its own thread and reaches it through
+:class:`DeployedTransport` (the same ``exchange(requests) -> replies`` as the simulation engines,
+so :class:`~fedloom.server.SyncServer` runs unchanged): a round's requests become tasks, and the
+replies that arrived (or error replies for clients that timed out, were lost or were refused)
+come back.
+
+Every reply is checked against the task it answers when it arrives
+(:func:`~fedloom.server.validation.check_reply`); a refused one answers its task with the reason,
+so the round learns at once and the client is told why.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
-from fedloom.messages import Reply, Request, error_reply
+from fedloom.errors import FedloomError
+from fedloom.messages import ErrorReply, Reply, Request, TrainRequest, error_reply
+from fedloom.server.validation import check_reply
+
+T = TypeVar("T")
+REPLY_SLACK_BYTES = 1 << 20  # framing and metrics a reply may carry beyond the model's own bytes
+
+
+def reply_limit(request: Request, max_message_bytes: int) -> int:
+    """The most bytes a reply to ``request`` may take on the wire.
+
+    A train reply holds an update of the model it was sent, so it may be as large as the model's
+    arrays plus :data:`REPLY_SLACK_BYTES`; an evaluation reply is a few numbers (the slack alone).
+    """
+    size = REPLY_SLACK_BYTES
+    if isinstance(request, TrainRequest):
+        size += sum(p.nbytes for p in request.params)
+    return min(size, max_message_bytes)
 
 
 @dataclass(frozen=True)
 class Task:
-    """One request addressed to one client, with the id its reply must carry."""
+    """One request addressed to one client, with the id its reply must carry and the reply's size limit."""
 
     task_id: str
     request: Request
+    reply_limit: int
+
+
+class LoopThread:
+    """An asyncio event loop running in a daemon thread; other threads hand it coroutines with :meth:`call`."""
+
+    def __init__(self, name: str = "fedloom-loop"):
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run ``coro`` in the loop and wait for its result (its exception is raised here)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        """Stop the loop after what is scheduled now, and wait for its thread."""
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self.loop.close()
 
 
 class Dispatcher:
-    """Per-client task queues, the replies awaited, and when each client was last heard from.
+    """Per-client task queues, the tasks whose replies are awaited, and when each client was last heard from.
 
-    One lock guards everything; each client waits on its own condition and the round on another,
-    so a task, a reply or a heartbeat wakes only who it concerns (with hundreds of clients
-    polling, waking all of them on every event costs the server a core).
+    Only the event loop's thread may call it. ``max_examples`` bounds the example counts a reply
+    may claim (see :func:`~fedloom.server.validation.check_reply`).
     """
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._replies_ready = threading.Condition(self._lock)
-        self._task_ready: dict[int, threading.Condition] = {}
+    def __init__(self, max_examples: float | None = None):
+        self.max_examples = max_examples
         self._queues: dict[int, deque[Task]] = {}
-        self._awaited: dict[str, int] = {}  # task id -> client id
-        self._replies: dict[str, Reply] = {}
+        self._wake: dict[int, asyncio.Event] = {}
+        self._open: dict[str, tuple[Task, asyncio.Future[Reply]]] = {}  # awaited task id -> task, its reply
         self._last_seen: dict[int, float] = {}
         self._closed = False
 
-    def _cond(self, client_id: int) -> threading.Condition:
-        cond = self._task_ready.get(client_id)
-        if cond is None:
-            cond = self._task_ready[client_id] = threading.Condition(self._lock)
-        return cond
+    def _event(self, client_id: int) -> asyncio.Event:
+        return self._wake.setdefault(client_id, asyncio.Event())
 
     def close(self) -> None:
-        """No more tasks: waiting pollers return at once."""
-        with self._lock:
-            self._closed = True
-            for cond in self._task_ready.values():
-                cond.notify_all()
+        """No more tasks: waiting polls return at once."""
+        self._closed = True
+        for event in self._wake.values():
+            event.set()
+
+    # -- clients -----------------------------------------------------------------------------------
 
     def seen(self, client_id: int) -> None:
-        with self._lock:
-            self._last_seen[client_id] = time.monotonic()
-
-    def last_seen(self, client_id: int) -> float | None:
-        with self._lock:
-            return self._last_seen.get(client_id)
+        self._last_seen[client_id] = time.monotonic()
 
     def connected(self, within_s: float) -> list[int]:
         """Clients heard from in the last ``within_s`` seconds."""
         now = time.monotonic()
-        with self._lock:
-            return sorted(c for c, t in self._last_seen.items() if now - t <= within_s)
+        return sorted(c for c, t in self._last_seen.items() if now - t <= within_s)
 
-    def submit(self, tasks: Sequence[Task]) -> None:
-        with self._lock:
-            for task in tasks:
-                cid = task.request.client_id
-                self._queues.setdefault(cid, deque()).append(task)
-                self._awaited[task.task_id] = cid
-                self._cond(cid).notify_all()
+    def lost(self, client_id: int, after_s: float) -> bool:
+        seen = self._last_seen.get(client_id)
+        return seen is None or time.monotonic() - seen > after_s
 
-    def next_task(self, client_id: int, wait_s: float, active: Callable[[], bool] = lambda: True) -> Task | None:
+    def drop(self, client_id: int, code: str, reason: str) -> None:
+        """Forget ``client_id`` (it was revoked): its open tasks are answered with an error, its polls wake."""
+        self._last_seen.pop(client_id, None)
+        self._queues.pop(client_id, None)
+        for task, _ in list(self._open.values()):
+            if task.request.client_id == client_id:
+                self._answer(task.task_id, error_reply(task.request, code, reason))
+        self._event(client_id).set()
+
+    # -- the clients' side -------------------------------------------------------------------------
+
+    async def next_task(self, client_id: int, wait_s: float, valid: Callable[[], bool] = lambda: True) -> Task | None:
         """The client's next task, waiting up to ``wait_s`` seconds for one (long-poll).
 
-        ``active`` is checked every second, so a poll whose client has gone away ends early.
+        None when the time is up, the dispatcher is closed, or ``valid()`` turns false (the
+        client's session ended).
         """
         deadline = time.monotonic() + wait_s
-        with self._lock:
-            cond = self._cond(client_id)
-            while True:
-                self._last_seen[client_id] = time.monotonic()
-                queue = self._queues.get(client_id)
-                while queue:
-                    task = queue.popleft()
-                    if task.task_id in self._awaited:  # skip tasks whose round has given up on them
-                        return task
-                left = deadline - time.monotonic()
-                if left <= 0 or self._closed or not active():
-                    return None
-                cond.wait(min(left, 1.0))
+        event = self._event(client_id)
+        while True:
+            self.seen(client_id)
+            if self._closed or not valid():
+                return None
+            queue = self._queues.get(client_id)
+            while queue:
+                task = queue.popleft()
+                if task.task_id in self._open:  # skip tasks whose round has given up on them
+                    return task
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            event.clear()
+            try:
+                await asyncio.wait_for(event.wait(), left)
+            except TimeoutError:
+                pass
 
-    def deliver(self, client_id: int, task_id: str, reply: Reply) -> str | None:
-        """Accept a client's reply; returns a reason when it is refused."""
-        with self._lock:
-            self._last_seen[client_id] = time.monotonic()
-            owner = self._awaited.get(task_id)
-            if owner is None:
-                return f"no task {task_id!r} is awaited (it may have timed out)"
-            if owner != client_id or reply.client_id != client_id:
-                return f"task {task_id!r} belongs to another client"
-            del self._awaited[task_id]
-            self._replies[task_id] = reply
-            self._replies_ready.notify_all()
-            return None
+    def requeue(self, task: Task) -> None:
+        """Put back a task whose hand-over failed (the poll broke while it was sent), if still awaited."""
+        if task.task_id in self._open:
+            self._queues.setdefault(task.request.client_id, deque()).appendleft(task)
+            self._event(task.request.client_id).set()
 
-    def collect(self, tasks: Sequence[Task], deadline: float, lost: Callable[[int], bool]) -> dict[str, Reply]:
-        """Wait until every task has a reply, the deadline passes, or only lost clients are left.
+    def owed(self, client_id: int) -> int:
+        """The largest reply ``client_id`` may push now: the biggest limit of its awaited tasks (0: none)."""
+        return max((t.reply_limit for t, _ in self._open.values() if t.request.client_id == client_id), default=0)
 
-        Tasks still unanswered are withdrawn: a late reply to them is refused.
+    def deliver(self, client_id: int, task_id: str, reply: Reply) -> ErrorReply | None:
+        """Take a client's reply; None when accepted, else why it was refused.
+
+        A reply to another client's task, or to a task not awaited, is refused and changes nothing.
+        A reply that does not answer its task (kind, round, shapes, impossible numbers) is refused
+        and closes the task: the round records the reason.
         """
-        ids = {t.task_id: t.request.client_id for t in tasks}
-        with self._lock:
-            while True:
-                waiting = [tid for tid in ids if tid not in self._replies]
-                if not waiting or time.monotonic() >= deadline:
-                    break
-                self._lock.release()  # lost() reads last_seen under the lock
-                try:
-                    gone = all(lost(ids[t]) for t in waiting)
-                finally:
-                    self._lock.acquire()
-                if gone:
-                    break
-                self._replies_ready.wait(min(0.5, max(0.0, deadline - time.monotonic())))
-            got = {tid: self._replies.pop(tid) for tid in ids if tid in self._replies}
-            for tid in ids:
-                self._awaited.pop(tid, None)
-            return got
+        self.seen(client_id)
+        found = self._open.get(task_id)
+        if found is None or found[0].request.client_id != client_id:
+            return ErrorReply("not_awaited", f"no task {task_id[:64]!r} of this client is awaited "
+                                             "(it may have timed out)")
+        request = found[0].request
+        try:
+            check_reply(request, reply, self.max_examples)
+        except FedloomError as exc:
+            self._answer(task_id, error_reply(request, exc.code, f"refused by the server: {exc.message}"))
+            return ErrorReply(exc.code, exc.message)
+        self._answer(task_id, reply)
+        return None
+
+    def _answer(self, task_id: str, reply: Reply) -> None:
+        _, future = self._open.pop(task_id)
+        if not future.done():
+            future.set_result(reply)
+
+    # -- the round's side --------------------------------------------------------------------------
+
+    async def exchange(self, requests: Sequence[Request], timeout_s: float, lost_after_s: float,
+                       max_message_bytes: int) -> list[Reply]:
+        """Queue one task per request and wait for the replies (see :class:`DeployedTransport`)."""
+        loop = asyncio.get_running_loop()
+        tasks = [Task(uuid.uuid4().hex, r, reply_limit(r, max_message_bytes)) for r in requests]
+        for task in tasks:
+            self._open[task.task_id] = (task, loop.create_future())
+            self._queues.setdefault(task.request.client_id, deque()).append(task)
+            self._event(task.request.client_id).set()
+        futures = {t.task_id: self._open[t.task_id][1] for t in tasks}
+        deadline = time.monotonic() + timeout_s
+        while True:
+            waiting = [t for t in tasks if not futures[t.task_id].done()]
+            left = deadline - time.monotonic()
+            if not waiting or left <= 0 or all(self.lost(t.request.client_id, lost_after_s) for t in waiting):
+                break
+            await asyncio.wait([futures[t.task_id] for t in waiting], timeout=min(0.5, left))
+        out = []
+        for t in tasks:
+            future = futures[t.task_id]
+            self._open.pop(t.task_id, None)  # withdrawn: a late reply is refused
+            if future.done():
+                out.append(future.result())
+            elif self.lost(t.request.client_id, lost_after_s):
+                out.append(error_reply(t.request, "client_lost", f"client {t.request.client_id} stopped answering"))
+            else:
+                out.append(error_reply(t.request, "timeout", f"no reply within {timeout_s:g} s"))
+        return out
 
 
 class DeployedTransport:
-    """``exchange(requests) -> replies`` over real clients, through a :class:`Dispatcher`.
+    """``exchange(requests) -> replies`` over real clients, through a :class:`Dispatcher` in a :class:`LoopThread`.
 
     A round waits at most ``timeout_s``; a client silent for ``lost_after_s`` (no poll, push or
     heartbeat) is given up on early. Either way its reply is an error reply and the round goes on.
     """
 
-    def __init__(self, dispatcher: Dispatcher, timeout_s: float, lost_after_s: float):
+    def __init__(self, loop: LoopThread, dispatcher: Dispatcher, timeout_s: float, lost_after_s: float,
+                 max_message_bytes: int):
+        self.loop = loop
         self.dispatcher = dispatcher
         self.timeout_s = timeout_s
         self.lost_after_s = lost_after_s
-
-    def _lost(self, client_id: int) -> bool:
-        seen = self.dispatcher.last_seen(client_id)
-        return seen is None or time.monotonic() - seen > self.lost_after_s
+        self.max_message_bytes = max_message_bytes
 
     def exchange(self, requests: Sequence[Request]) -> list[Reply]:
-        tasks = [Task(uuid.uuid4().hex, r) for r in requests]
-        self.dispatcher.submit(tasks)
-        got = self.dispatcher.collect(tasks, time.monotonic() + self.timeout_s, self._lost)
-        out = []
-        for t in tasks:
-            if t.task_id in got:
-                out.append(got[t.task_id])
-            elif self._lost(t.request.client_id):
-                out.append(error_reply(t.request, "client_lost", f"client {t.request.client_id} stopped answering"))
-            else:
-                out.append(error_reply(t.request, "timeout", f"no reply within {self.timeout_s:g} s"))
-        return out
+        return self.loop.call(self.dispatcher.exchange(requests, self.timeout_s, self.lost_after_s,
+                                                       self.max_message_bytes))
+
+    def connected(self) -> list[int]:
+        """Clients heard from within ``lost_after_s``."""
+        return self.loop.call(_call(self.dispatcher.connected, self.lost_after_s))
 
     def close(self) -> None:
-        """Nothing to release: the gRPC server is owned by whoever made the dispatcher."""
+        """Nothing to release: the loop and the gRPC server belong to whoever made them."""
+
+
+async def _call(fn: Callable[..., T], *args: Any) -> T:
+    return fn(*args)

@@ -1,150 +1,153 @@
-"""The deployed server: the gRPC service clients connect to, and the round loop behind it.
+"""The deployed server: state that can be trusted, the gRPC service, and the round loop behind it.
 
-Clients connect out and pull work (long-poll), so a device behind NAT can take part. A client
-joins with its enrolment token and gets a session; every later call names the session in the
-``fedloom-session`` metadata. The round loop is the simulation's: a :class:`SyncServer` whose
-transport (:class:`DeployedTransport`) queues tasks for the clients and waits for their replies.
-After every round the global model and the optimizer state are checkpointed and the round is
-marked done in SQLite, so a restarted server resumes from the last completed round.
+Clients connect out and pull work (long-poll), so a device behind NAT can take part; the service
+(``service.py``) runs in an event loop thread. The round loop runs in the calling thread and is
+the simulation's: a :class:`SyncServer` whose transport (:class:`DeployedTransport`) queues tasks
+for the clients and waits for their replies. After every round the global model and the
+optimizer state are checkpointed and the round is marked done in SQLite, so a restarted server
+resumes from the last completed round.
+
+Before anything is served, the state is checked: a database that lost committed rounds or
+enrolments, a checkpoint that is not the file written for its round or that holds NaN, and a
+checkpoint or configuration that does not fit the configured model are refused with a
+:class:`StateError` naming the file and what to do. Clients are told that the run is over only
+when its last round is done; a server that stops otherwise (an error, Ctrl-C, SIGTERM) cuts their
+calls, and they keep reconnecting until it is back.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import secrets
-import threading
+import os
 import time
-from collections.abc import Callable, Iterator
-from concurrent import futures
+import tomllib
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
-import grpc
-
-from fedloom.deploy.dispatch import DeployedTransport, Dispatcher
+from fedloom.deploy.certs import check_client_name
+from fedloom.deploy.dispatch import REPLY_SLACK_BYTES, DeployedTransport, LoopThread
 from fedloom.deploy.security import server_credentials
+from fedloom.deploy.service import FederationService
 from fedloom.deploy.state import ServerState as StateStore
-from fedloom.errors import ConfigError, FedloomError
+from fedloom.deploy.state import private_dir
+from fedloom.errors import CertError, ConfigError, FedloomError, StateError
 from fedloom.params import Params
 from fedloom.server import SyncServer
 from fedloom.server.sync import ServerState
 from fedloom.simulation.config import Config, DeployConfig, to_toml
 from fedloom.simulation.runner import build_clients, build_strategy, round_metrics
-from fedloom.transport import wire
-from fedloom.transport.proto import fedloom_pb2 as pb
-from fedloom.transport.proto import fedloom_pb2_grpc as pb_grpc
 
 log = logging.getLogger("fedloom")
 
-SESSION_KEY = "fedloom-session"
-STATUS_KEY = "fedloom-status"
-MAX_POLL_S = 30
+# Settings a run's checkpoints depend on: changed between restarts, the saved state cannot be resumed.
+FIXED_SETTINGS = ("model", "server.optimizer")
 
 
-def limits(cfg: Config) -> wire.Limits:
-    size = cfg.deploy.max_message_mb * (1 << 20)
-    return wire.Limits(max_message_bytes=size, max_tensor_bytes=size)
-
-
-class FederationService(pb_grpc.FederationServicer):
-    """Join, Pull, Push, Heartbeat. Malformed or oversized input gets an error reply, never a crash."""
-
-    def __init__(self, store: StateStore, dispatcher: Dispatcher, cfg: Config):
-        self.store = store
-        self.dispatcher = dispatcher
-        self.cfg = cfg
-        self.limits = limits(cfg)
-        self.sessions: dict[str, tuple[int, str]] = {}  # session -> (client id, token), to re-check revocation
-        self.finished = threading.Event()
-        self._lock = threading.Lock()
-
-    def _client(self, context: grpc.ServicerContext, session: str = "") -> int:
-        session = session or dict(context.invocation_metadata()).get(SESSION_KEY, "")
-        with self._lock:
-            found = self.sessions.get(session)
-        if found is None:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown session: join again")
-        return found[0]  # type: ignore[index]
-
-    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
-        found = self.store.authenticate(request.token)
-        if found is None:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown or revoked client token")
-        cid, name = found  # type: ignore[misc]
-        if self.cfg.deploy.mutual_tls:
-            names = [v.decode() for v in context.auth_context().get("x509_common_name", [])]
-            if name not in names:
-                context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                              f"the token is {name!r}'s but the certificate is {names or 'nobody'}'s")
-        session = secrets.token_hex(16)
-        with self._lock:
-            self.sessions[session] = (cid, request.token)
-        self.dispatcher.seen(cid)
-        self.store.touch(cid)
-        log.info("client %s (%s) joined", cid, name)
-        return pb.JoinReply(session=session, client_id=cid, heartbeat_s=math.ceil(self.cfg.deploy.heartbeat_s))
-
-    def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
-        cid = self._client(context, request.session)
-        if self.finished.is_set():
-            context.set_trailing_metadata(((STATUS_KEY, "finished"),))
-            return
-        task = self.dispatcher.next_task(cid, min(float(request.wait_s or MAX_POLL_S), MAX_POLL_S), context.is_active)
-        if task is None:
-            context.set_trailing_metadata(((STATUS_KEY, "finished" if self.finished.is_set() else "idle"),))
-            return
-        yield from wire.to_chunks(wire.to_envelope(task.request, task_id=task.task_id))
-
-    def Push(self, request_iterator: Iterator[pb.Chunk], context: grpc.ServicerContext) -> pb.PushReply:
-        cid = self._client(context)
+def _check_config(cfg: Config) -> None:
+    """Refuse what the deployed server cannot run, before anything touches disk."""
+    if cfg.server.aggregation != "sync":
+        raise ConfigError("server.aggregation", "the deployed server runs synchronous rounds; "
+                                                f"{cfg.server.aggregation} is simulated only (docs/heterogeneity.md)")
+    if cfg.server.selection != "uniform":
+        raise ConfigError("server.selection", "the deployed server selects uniformly; "
+                                              f"{cfg.server.selection} is simulated only (docs/heterogeneity.md)")
+    for name in cfg.deploy.clients:
         try:
-            env = wire.from_chunks(request_iterator, self.limits)
-            reply = wire.from_envelope(env, self.limits)
-        except FedloomError as exc:
-            return pb.PushReply(accepted=False, error=pb.ErrorMsg(code=exc.code, reason=str(exc)))
-        reason = self.dispatcher.deliver(cid, env.task_id, reply)
-        if reason is not None:
-            return pb.PushReply(accepted=False, error=pb.ErrorMsg(code="not_awaited", reason=reason))
-        return pb.PushReply(accepted=True)
-
-    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
-        session = request.session or dict(context.invocation_metadata()).get(SESSION_KEY, "")
-        cid = self._client(context, session)
-        if self.store.authenticate(self.sessions[session][1]) is None:  # revoked while connected: end the session
-            with self._lock:
-                self.sessions.pop(session, None)
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown or revoked client token")
-        self.dispatcher.seen(cid)  # in memory: heartbeats cost a read, no disk write
-        return pb.HeartbeatReply(known=True)
+            check_client_name(name)
+        except CertError as exc:
+            raise ConfigError("deploy.clients", exc.message) from None
 
 
 def _enroll(store: StateStore, names: list[str], token_dir: Path) -> None:
-    """Enroll configured clients not yet known; each token goes to ``token_dir/NAME.token`` (0600)."""
+    """Enroll configured clients not yet known; each token goes to ``token_dir/NAME.token`` (0600).
+
+    A token file of a client the registry does not know means the database lost enrolments (a
+    token is written only after its enrolment is committed): refused, rather than enrolling anew.
+    """
+    private_dir(token_dir)
     known = {c["name"] for c in store.clients()}
-    token_dir.mkdir(parents=True, exist_ok=True)
+    stray = sorted(p for p in token_dir.glob("*.token") if p.stem not in known)
+    if stray:
+        raise StateError(f"{stray[0]} exists but {store.path} has no client {stray[0].stem!r}: the database has lost "
+                         "enrolments (was server.db-wal deleted or truncated, or an older copy restored?). Restore "
+                         "server.db and server.db-wal together from a backup; to start over, move the state folder "
+                         "aside", stage="state")
     for name in names:
         if name in known:
             continue
         _, token = store.enroll(name)
-        path = token_dir / f"{name}.token"
-        path.touch(mode=0o600)
-        path.write_text(token)
+        with os.fdopen(os.open(token_dir / f"{name}.token", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            f.write(token)
+
+
+def _settings(toml_text: str) -> dict[str, object]:
+    """A config's TOML as ``{"section.key": value}``."""
+    return {f"{s}.{k}": v for s, table in tomllib.loads(toml_text).items() for k, v in table.items()}
+
+
+def _check_same_run(stored: str, cfg: Config, db: Path) -> None:
+    """Refuse to resume a run whose :data:`FIXED_SETTINGS` changed; report other changed settings."""
+    old, new = _settings(stored), _settings(to_toml(cfg))
+    changed = {k: (old[k], new[k]) for k in old.keys() & new.keys() if old[k] != new[k]}
+    fixed = sorted(k for k in changed if k.split(".")[0] in FIXED_SETTINGS or k in FIXED_SETTINGS)
+    if fixed:
+        was = "; ".join(f"{k} was {changed[k][0]!r}, now {changed[k][1]!r}" for k in fixed)
+        raise StateError(f"run {cfg.run.name!r} in {db} was started with another model or optimizer ({was}): its "
+                         "checkpoints cannot be resumed. Put the settings back, or give the run a new run.name to "
+                         "start a new one", stage="state")
+    for k in sorted(changed):
+        log.info("resuming with a changed setting: %s was %r, now %r", k, *changed[k])
 
 
 def _opt_names(opt_state: dict[str, Params]) -> list[str]:
     return [f"optimizer/{key}/{i}" for key in sorted(opt_state) for i in range(len(opt_state[key]))]
 
 
-def _split_checkpoint(names: list[str], arrays: Params) -> tuple[Params, dict[str, Params]]:
-    params = [a for n, a in zip(names, arrays) if not n.startswith("optimizer/")]
-    opt: dict[str, Params] = {}
-    for n, a in zip(names, arrays):
-        if n.startswith("optimizer/"):
-            opt.setdefault(n.split("/")[1], []).append(a)
-    return params, opt
+def _checkpoint_arrays(state: ServerState) -> Params:
+    return state.params + [a for k in sorted(state.opt_state) for a in state.opt_state[k]]
 
 
-def _candidates(dispatcher: Dispatcher, d: DeployConfig, num_clients: int) -> list[int]:
+def _few(names: list[str]) -> str:
+    more = f" and {len(names) - 4} more" if len(names) > 4 else ""
+    return f"{len(names)} arrays ({', '.join(names[:4])}{more})"
+
+
+def _resume(store: StateStore, run_id: int, fresh: ServerState, names: list[str]) -> ServerState:
+    """``fresh`` with the latest checkpoint's round, model and optimizer state, checked against ``fresh``'s."""
+    saved = store.load_checkpoint(run_id)
+    if saved is None:
+        return fresh
+    done, saved_names, arrays = saved
+    path = store.checkpoint_path(run_id, done)
+    expected_names, expected = names + _opt_names(fresh.opt_state), _checkpoint_arrays(fresh)
+    problem = None
+    if saved_names != expected_names:
+        problem = f"it holds {_few(saved_names)}; the model and optimizer have {_few(expected_names)}"
+    else:
+        for n, a, b in zip(saved_names, arrays, expected):
+            if a.shape != b.shape or a.dtype != b.dtype:
+                problem = f"{n} is {a.dtype}{list(a.shape)} in it, {b.dtype}{list(b.shape)} in the model"
+                break
+    if problem:
+        raise StateError(f"checkpoint {path} does not fit the configured model: {problem}. Was [model] changed "
+                         "since the run started? Put it back, or give the run a new run.name to start a new one",
+                         stage="checkpoint")
+    rest = iter(arrays[len(names):])
+    opt = {k: [next(rest) for _ in fresh.opt_state[k]] for k in sorted(fresh.opt_state)}
+    log.info("resuming after round %d from %s", done, path)
+    return replace(fresh, round=done, params=arrays[: len(names)], opt_state=opt)
+
+
+def _check_budget(d: DeployConfig, params: Params) -> None:
+    """A train reply (and what decoding it takes) must fit ``inflight_mb``, or no update could ever arrive."""
+    need = 2 * (sum(p.nbytes for p in params) + REPLY_SLACK_BYTES)
+    if need > d.inflight_mb << 20:
+        raise ConfigError("deploy.inflight_mb", f"a train reply of this model needs {need >> 20} MiB in flight "
+                                                f"(its bytes and its decoding); raise it to at least {-(-need >> 20)}")
+
+
+def _candidates(transport: DeployedTransport, d: DeployConfig, num_clients: int) -> list[int]:
     """The connected clients, after waiting up to ``round_timeout_s`` for ``min_clients`` of them.
 
     When every client is connected this is all of them, so selection (and the whole run) is the
@@ -152,7 +155,7 @@ def _candidates(dispatcher: Dispatcher, d: DeployConfig, num_clients: int) -> li
     """
     deadline = time.monotonic() + d.round_timeout_s
     while True:
-        connected = [c for c in dispatcher.connected(3 * d.heartbeat_s) if c < num_clients]
+        connected = [c for c in transport.connected() if c < num_clients]
         if len(connected) >= d.min_clients or time.monotonic() >= deadline:
             return connected
         time.sleep(0.1)
@@ -160,59 +163,67 @@ def _candidates(dispatcher: Dispatcher, d: DeployConfig, num_clients: int) -> li
 
 def serve(cfg: Config, *, on_round: Callable[[dict[str, float]], None] | None = None) -> ServerState:
     """Run (or resume) the configured run as a gRPC server until its last round is done."""
-    if cfg.server.aggregation != "sync":
-        raise ConfigError("server.aggregation", "the deployed server runs synchronous rounds; "
-                                                f"{cfg.server.aggregation} is simulated only (docs/heterogeneity.md)")
-    if cfg.server.selection != "uniform":
-        raise ConfigError("server.selection", "the deployed server selects uniformly; "
-                                              f"{cfg.server.selection} is simulated only (docs/heterogeneity.md)")
+    _check_config(cfg)
     d = cfg.deploy
-    state_dir = Path(d.state_dir)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    store = StateStore(state_dir / "server.db")
-    _enroll(store, d.clients, state_dir / "tokens")
-    run_id = store.resume_run(cfg.run.name) or store.start_run(cfg.run.name, to_toml(cfg))
-    work, dataset = build_clients(cfg)  # the model's shapes, and the held-out data for centralised evaluation
-    names = [n for n, _ in work.model.named_parameters()]
-    num_clients = len(store.clients())
-    server = SyncServer(build_strategy(cfg), num_clients)
-    state = server.init(work.initial_params(cfg.run.seed))
-    saved = store.load_checkpoint(run_id)
-    if saved is not None:
-        done, saved_names, arrays = saved
-        params, opt_state = _split_checkpoint(saved_names, arrays)
-        state = ServerState(done, params, opt_state or state.opt_state)
-        log.info("resuming %s after round %d", cfg.run.name, done)
-    dispatcher = Dispatcher()
-    service = FederationService(store, dispatcher, cfg)
-    grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=max(16, 2 * num_clients + 4)))
-    pb_grpc.add_FederationServicer_to_server(service, grpc_server)
     if d.tls:
-        port = grpc_server.add_secure_port(d.address, server_credentials(d))
+        credentials = server_credentials(d)
     else:
-        port = grpc_server.add_insecure_port(d.address)
-    if port == 0:
-        raise FedloomError(f"cannot listen on {d.address}")
-    grpc_server.start()
-    log.info("listening on %s", d.address)
-    transport = DeployedTransport(dispatcher, d.round_timeout_s, lost_after_s=3 * d.heartbeat_s)
-    test = dataset.test_union()
+        credentials = None
+        log.warning("deploy.tls = false: tokens, models and updates travel unencrypted and unauthenticated on %s; "
+                    "use it only for experiments on a trusted network", d.address)
+    state_dir = Path(d.state_dir)
+    private_dir(state_dir)
+    store = StateStore(state_dir / "server.db")
     try:
-        while len(dispatcher.connected(3 * d.heartbeat_s)) < d.min_clients:  # before the first round: no limit
-            time.sleep(0.1)
-        while state.round < cfg.run.rounds:
-            store.open_round(run_id, state.round + 1)
-            requests, state = server.train_requests(state, _candidates(dispatcher, d, num_clients))
-            result, state = server.apply(state, requests, transport.exchange(requests))
-            row = round_metrics(result, state, server, transport, work, test, cfg, evaluate=True)
-            store.complete_round(run_id, state.round, state.params + [a for k in sorted(state.opt_state)
-                                                                      for a in state.opt_state[k]],
-                                 names + _opt_names(state.opt_state), row)
-            if on_round is not None:
-                on_round(row)
+        store.check_files()
+        _enroll(store, d.clients, state_dir / "tokens")
+        run_id = store.resume_run(cfg.run.name)
+        if run_id is None:
+            run_id = store.start_run(cfg.run.name, to_toml(cfg))
+        else:
+            _check_same_run(store.run_config(run_id), cfg, store.path)
+        work, dataset = build_clients(cfg)  # the model's shapes, and the held-out data for centralised evaluation
+        names = [n for n, _ in work.model.named_parameters()]
+        num_clients = len(store.clients())
+        server = SyncServer(build_strategy(cfg), num_clients)
+        state = _resume(store, run_id, server.init(work.initial_params(cfg.run.seed)), names)
+        _check_budget(d, state.params)
+        if state.round >= cfg.run.rounds:
+            log.info("run %s is already finished after round %d", cfg.run.name, state.round)
+            return state
+        loop = LoopThread()
+        service = FederationService(store, cfg)
+        completed = False
+        try:
+            try:
+                port = loop.call(service.start(d.address, credentials, num_clients))
+            except RuntimeError as exc:
+                raise FedloomError(f"cannot listen on {d.address}: {exc}") from None
+            if port == 0:
+                raise FedloomError(f"cannot listen on {d.address}")
+            log.info("listening on %s", d.address)
+            transport = DeployedTransport(loop, service.dispatcher, d.round_timeout_s, 3 * d.heartbeat_s,
+                                          service.max_message_bytes)
+            test = dataset.test_union()
+            while len(transport.connected()) < d.min_clients:  # before the first round: no limit
+                time.sleep(0.1)
+            while state.round < cfg.run.rounds:
+                store.open_round(run_id, state.round + 1)
+                requests, state = server.train_requests(state, _candidates(transport, d, num_clients))
+                result, state = server.apply(state, requests, transport.exchange(requests))
+                for cid, why in sorted(result.rejected.items(), key=str):
+                    log.info("round %d: no update from client %s: %s", state.round, cid, why[:300])
+                row = round_metrics(result, state, server, transport, work, test, cfg, evaluate=True)
+                store.complete_round(run_id, state.round, _checkpoint_arrays(state),
+                                     names + _opt_names(state.opt_state), row)
+                if on_round is not None:
+                    on_round(row)
+            completed = True
+        finally:
+            try:
+                loop.call(service.stop(completed, linger_s=min(10.0, 2 * d.heartbeat_s)), timeout=30)
+            finally:
+                loop.close()
+        return state
     finally:
-        service.finished.set()
-        dispatcher.close()
-        time.sleep(min(2.0, d.heartbeat_s))  # let polling clients hear that the run is finished
-        grpc_server.stop(grace=2.0)
-    return state
+        store.close()

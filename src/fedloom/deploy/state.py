@@ -39,7 +39,7 @@ from fedloom.deploy.certs import issue_token
 from fedloom.errors import ShapeError, StateError
 from fedloom.params import Params
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: rounds.checkpoint_sha256
 APPLICATION_ID = 0x466C6F6D  # "Flom": marks the SQLite file as a fedloom state database
 _TABLES = (
     """CREATE TABLE IF NOT EXISTS runs (
@@ -56,6 +56,7 @@ _TABLES = (
         finished REAL,
         metrics_json TEXT,
         checkpoint TEXT,
+        checkpoint_sha256 TEXT,
         PRIMARY KEY (run_id, round)
     )""",
     """CREATE TABLE IF NOT EXISTS clients (
@@ -67,6 +68,11 @@ _TABLES = (
         last_seen REAL
     )""",
 )
+
+
+_LOST = ("the database has lost committed rounds (was server.db-wal deleted or truncated, or an older copy "
+         "restored?). Restore server.db and server.db-wal together from a backup; to start over, move the state "
+         "folder aside")
 
 
 def hash_token(token: str) -> str:
@@ -164,20 +170,62 @@ class ServerState:
         metrics_json = _metrics_json(metrics)
         with self._tx("check round", write=False) as conn:
             self._check_open(conn, run_id, round)
-        relpath = Path(f"run-{run_id:04d}") / f"round-{round:06d}.npz"
-        self._write_checkpoint(self.checkpoint_dir / relpath, params, names)
-        self._mark_done(run_id, round, metrics_json, relpath.as_posix())
+        path = self.checkpoint_path(run_id, round)
+        digest = self._write_checkpoint(path, params, names)
+        self._mark_done(run_id, round, metrics_json, path.relative_to(self.checkpoint_dir).as_posix(), digest)
+
+    def checkpoint_path(self, run_id: int, round: int) -> Path:
+        """Where the checkpoint of ``round`` of run ``run_id`` is written."""
+        return self.checkpoint_dir / f"run-{run_id:04d}" / f"round-{round:06d}.npz"
 
     def load_checkpoint(self, run_id: int) -> tuple[int, list[str], Params] | None:
-        """``(round, names, params)`` of the latest done round, or None when no round is done."""
+        """``(round, names, params)`` of the latest done round, or None when no round is done.
+
+        The file must have the SHA-256 digest recorded when the round was marked done (rounds
+        recorded by schema 1 have none), and hold only finite numbers; else :class:`StateError`.
+        """
         with self._tx("read checkpoint", write=False) as conn:
             self._check_run(conn, run_id)
-            row = conn.execute("SELECT round, checkpoint FROM rounds WHERE run_id = ? AND status = 'done' "
-                               "ORDER BY round DESC LIMIT 1", (run_id,)).fetchone()
+            row = conn.execute("SELECT round, checkpoint, checkpoint_sha256 FROM rounds WHERE run_id = ? AND "
+                               "status = 'done' ORDER BY round DESC LIMIT 1", (run_id,)).fetchone()
         if row is None:
             return None
-        names, params = _read_checkpoint(self.checkpoint_dir / row[1], int(row[0]))
-        return int(row[0]), names, params
+        round, path = int(row[0]), self.checkpoint_dir / row[1]
+        names, params = _read_checkpoint(path, round, row[2])
+        bad = [n for n, a in zip(names, params) if a.dtype.kind in "fc" and not np.isfinite(a).all()]
+        if bad:
+            raise StateError(f"checkpoint {path} of round {round} holds NaN or Inf (in {', '.join(bad[:3])}): it "
+                             "cannot be resumed. Restore it from a backup, or move the state folder aside and start "
+                             "afresh", stage="checkpoint")
+        return round, names, params
+
+    def check_files(self) -> None:
+        """Refuse a database that has lost committed rounds: checkpoint files it does not account for.
+
+        A checkpoint of the round after the last done one is expected (the server may crash between
+        writing it and marking the round done); any later one, or a run folder of a run the
+        database does not know, means the database is older than its files (its WAL was deleted or
+        truncated, or an old copy was restored): resuming would silently redo or overwrite rounds.
+        """
+        if not self.checkpoint_dir.is_dir():
+            return
+        with self._tx("read runs", write=False) as conn:
+            runs = {int(i): (str(n), _last_done(conn, int(i))) for i, n in conn.execute("SELECT id, name FROM runs")}
+        for folder in sorted(self.checkpoint_dir.glob("run-*")):
+            run_id = int(folder.name[4:]) if folder.name[4:].isdigit() else None
+            files = sorted(folder.glob("round-*.npz"))
+            rounds = [int(f.stem[6:]) for f in files if f.stem[6:].isdigit()]
+            if not rounds:
+                continue
+            if run_id not in runs:
+                known = "no run" if run_id is None else f"no run with id {run_id}"
+                raise StateError(f"{folder} holds checkpoints up to round {max(rounds)} but {self.path} records "
+                                 f"{known}: {_LOST}", stage="state")
+            name, done = runs[run_id]
+            if max(rounds) > done + 1:
+                late = folder / f"round-{max(rounds):06d}.npz"
+                raise StateError(f"{late} exists but {self.path} records run {name!r} only up to round {done}: "
+                                 f"{_LOST}", stage="state")
 
     def history(self, run_id: int) -> list[dict[str, Any]]:
         """Done rounds in order: ``{"round", "started", "finished", "metrics"}`` each."""
@@ -228,6 +276,11 @@ class ServerState:
         with self._tx("revoke") as conn:
             if conn.execute("UPDATE clients SET revoked = 1 WHERE name = ?", (name,)).rowcount == 0:
                 raise StateError(f"no enrolled client named {name!r}", stage="revoke")
+
+    def revoked(self) -> list[int]:
+        """The ids of revoked clients."""
+        with self._tx("read revocations", write=False) as conn:
+            return [int(r[0]) for r in conn.execute("SELECT client_id FROM clients WHERE revoked = 1")]
 
     def touch(self, client_id: int) -> None:
         """Record that ``client_id`` was seen now."""
@@ -284,27 +337,35 @@ class ServerState:
             raise StateError(f"round {round} of run {run_id} was never opened (call open_round first)",
                              stage="state")
 
-    def _write_checkpoint(self, path: Path, params: Params, names: list[str]) -> None:
-        """Write ``path`` atomically: temp file in the same directory, fsync, rename, fsync the directory."""
+    def _write_checkpoint(self, path: Path, params: Params, names: list[str]) -> str:
+        """Write ``path`` atomically (temp file, fsync, rename, fsync of the folder), readable by this user only.
+
+        Returns the file's SHA-256 digest.
+        """
         from fedloom.simulation.runner import save_params  # imports torch: only when a checkpoint is written
 
         _make_dirs(path.parent)
         tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}.npz")
         try:
-            save_params(tmp, params, names)
-            _fsync_file(tmp)
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+                save_params(f, params, names)
+                f.flush()
+                os.fsync(f.fileno())
+            digest = _sha256(tmp)
             os.replace(tmp, path)
             _fsync_dir(path.parent)
         except (OSError, TypeError, ValueError) as exc:
             raise StateError(f"cannot write checkpoint {path}: {exc}", stage="checkpoint") from exc
         finally:
             tmp.unlink(missing_ok=True)
+        return digest
 
-    def _mark_done(self, run_id: int, round: int, metrics_json: str, checkpoint: str) -> None:
+    def _mark_done(self, run_id: int, round: int, metrics_json: str, checkpoint: str, digest: str) -> None:
         with self._tx("complete round") as conn:
             self._check_open(conn, run_id, round)
-            conn.execute("UPDATE rounds SET status = 'done', finished = ?, metrics_json = ?, checkpoint = ? "
-                         "WHERE run_id = ? AND round = ?", (time.time(), metrics_json, checkpoint, run_id, round))
+            conn.execute("UPDATE rounds SET status = 'done', finished = ?, metrics_json = ?, checkpoint = ?, "
+                         "checkpoint_sha256 = ? WHERE run_id = ? AND round = ?",
+                         (time.time(), metrics_json, checkpoint, digest, run_id, round))
 
 
 # -- opening the database --------------------------------------------------------------------------
@@ -313,7 +374,11 @@ class ServerState:
 def _connect(path: Path) -> sqlite3.Connection:
     """Open (creating when missing) the database and its schema; a file that is not one is a StateError."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path.parent)
+        for f in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            if f.exists():
+                f.chmod(0o600)  # SQLite creates its WAL and shm files with the database file's mode
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
     except (OSError, sqlite3.Error) as exc:
         raise StateError(f"cannot open the state database {path}: {exc}", stage="state") from exc
@@ -349,6 +414,8 @@ def _init_schema(conn: sqlite3.Connection, path: Path) -> None:
         if version > SCHEMA_VERSION:
             raise StateError(f"{path} has schema version {version}, newer than this fedloom's "
                              f"{SCHEMA_VERSION}", stage="state")
+        if version == 1:  # schema 1 had no checkpoint digests; its rounds keep none
+            conn.execute("ALTER TABLE rounds ADD COLUMN checkpoint_sha256 TEXT")
         for sql in _TABLES:
             conn.execute(sql)
         conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
@@ -413,32 +480,47 @@ def _json_default(value: Any) -> Any:
 # -- checkpoint files ------------------------------------------------------------------------------
 
 
-def _read_checkpoint(path: Path, round: int) -> tuple[list[str], Params]:
+def _read_checkpoint(path: Path, round: int, digest: str | None) -> tuple[list[str], Params]:
     from fedloom.simulation.runner import load_params  # imports torch: only when a checkpoint is read
 
     try:
+        if digest is not None and _sha256(path) != digest:
+            raise StateError(f"checkpoint {path} is not the file written for round {round} (its SHA-256 differs "
+                             "from the one recorded): it was replaced or damaged. Restore it from a backup, or move "
+                             "the state folder aside and start afresh", stage="checkpoint")
         return load_params(path)
     except FileNotFoundError:
         raise StateError(f"checkpoint {path} of done round {round} is missing", stage="checkpoint") from None
+    except StateError:
+        raise
     except Exception as exc:  # zipfile, numpy and OS errors of a damaged file all land here
         raise StateError(f"checkpoint {path} of done round {round} is corrupt: {exc}",
                          stage="checkpoint") from exc
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _make_dirs(directory: Path) -> None:
-    """Create ``directory`` and missing parents, fsyncing each new entry's parent so it survives a crash."""
+    """Create ``directory`` and missing parents (private: 0700), fsyncing each new entry's parent."""
     missing = []
     while not directory.exists():
         missing.append(directory)
         directory = directory.parent
     for d in reversed(missing):
-        d.mkdir(exist_ok=True)
+        d.mkdir(mode=0o700, exist_ok=True)
         _fsync_dir(d.parent)
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+def private_dir(directory: Path) -> None:
+    """Make ``directory`` (created when missing) readable by this user only."""
+    _make_dirs(directory)
+    directory.chmod(0o700)
 
 
 def _fsync_dir(directory: Path) -> None:

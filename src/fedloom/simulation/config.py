@@ -136,6 +136,19 @@ class DeployConfig:
     round_timeout_s: float = _f(600.0, "server: longest wait for a round's replies", ">0")
     heartbeat_s: float = _f(5.0, "seconds between client heartbeats; a client silent for 3 of them is lost", ">0")
     max_message_mb: int = _f(256, "largest message accepted, checked before allocation", ">=1")
+    max_examples: int = _f(1_000_000, "server: most examples a client may claim for one task (train weight, "
+                                      "evaluation count); a larger claim is refused", ">=1")
+    client_calls: int = _f(4, "server: calls one client may have open at once (polls, pushes, heartbeats); "
+                              "more are refused", ">=1")
+    join_calls: int = _f(64, "server: Join calls in flight at once over all connections (not yet authenticated); "
+                             "more are refused", ">=1")
+    recv_timeout_s: float = _f(30.0, "server: longest wait for a call's next message (a request, a chunk of a push); "
+                                     "a slower sender is cut off", ">0")
+    session_s: float = _f(3600.0, "server: lifetime of a session; then the client joins again by itself", ">0")
+    inflight_mb: int = _f(512, "server: bytes of replies being received or decoded at once, over all clients; "
+                               "more wait", ">=1")
+    min_chunk_kb: int = _f(64, "server: every chunk of a push but the last carries at least this many KiB",
+                           ">=1")
     tls: bool = _f(True, "encrypt with TLS (false only for local experiments)")
     mutual_tls: bool = _f(False, "server: also require client certificates signed by ca")
     ca: str = _f("", "CA certificate (PEM): the client trusts it; with mutual_tls the server checks clients with it")
@@ -144,6 +157,8 @@ class DeployConfig:
     name: str = _f("", "client: its enrolled name")
     token_file: str = _f("", "client: file holding its enrolment token")
     client_index: int = _f(0, "client: which client of the configured dataset holds this process's data", ">=0")
+    reconnect_s: float = _f(3600.0, "client: how long it keeps trying to reach a server that is down before it "
+                                    "gives up (exit 2); 0 = forever", ">=0")
 
 
 @dataclass(frozen=True)

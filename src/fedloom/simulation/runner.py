@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -178,7 +179,7 @@ def _run_dir(cfg: Config) -> Path:
     return path
 
 
-def save_params(path: Path, params: Params, names: list[str]) -> None:
+def save_params(path: Path | BinaryIO, params: Params, names: list[str]) -> None:
     """Save parameters as ``.npz`` keyed by parameter name (read back with :func:`load_params`)."""
     np.savez(path, **dict(zip(names, params)))
 

@@ -65,6 +65,7 @@ class Limits:
     max_tensors: int = 10_000  # tensors in one message
     max_dims: int = 8  # dimensions of one tensor
     max_elements: int = 200_000  # submessages and repeated entries in one body, counted before parsing
+    min_chunk_bytes: int = 1  # every chunk but the last carries at least this (or the rest): bounds the chunk count
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -518,52 +519,71 @@ def to_chunks(env: pb.Envelope, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Itera
         yield chunk
 
 
-def from_chunks(chunks: Iterable[pb.Chunk], limits: Limits = Limits()) -> pb.Envelope:
-    """Reassemble the :class:`Envelope` sent by :func:`to_chunks`.
+class Assembler:
+    """Reassembles the chunks of one transfer, its buffer growing only as data arrives.
 
-    ``total_size`` is checked against ``limits.max_message_bytes`` on the first chunk, before the
-    buffer is allocated; then every chunk must have the same transfer_id and total_size, the next
-    index, and (unless last) some data; the stream must reach a chunk marked ``last`` with exactly
-    ``total_size`` bytes. Reading stops at that chunk, so one stream may carry transfers back to back.
+    The first chunk's ``total_size`` is checked against ``limits.max_message_bytes``; then every
+    chunk must have the same transfer_id and total_size and the next index, and carry at least
+    ``limits.min_chunk_bytes`` (or the rest of the transfer) unless it is the last, so a transfer
+    has at most ``total_size / min_chunk_bytes + 1`` chunks. :meth:`add` returns True at the chunk
+    marked ``last``, which must complete exactly ``total_size`` bytes.
+    """
+
+    def __init__(self, first: pb.Chunk, limits: Limits = Limits()):
+        self.transfer_id, self.total = first.transfer_id, first.total_size
+        _require(self.total <= limits.max_message_bytes,
+                 f"transfer {self.transfer_id!r} declares {self.total} bytes, over max_message_bytes="
+                 f"{limits.max_message_bytes}")
+        self.min_chunk = limits.min_chunk_bytes
+        self.buf = bytearray()
+        self.index = 0
+
+    def add(self, chunk: pb.Chunk) -> bool:
+        """Check ``chunk`` and append its data; True when it was the last one."""
+        tid, got = self.transfer_id, len(self.buf)
+        _require(chunk.transfer_id == tid,
+                 f"chunk {chunk.index} belongs to transfer {chunk.transfer_id!r}, not {tid!r}")
+        _require(chunk.index == self.index, f"chunk {chunk.index} of transfer {tid!r} arrived where chunk {self.index} "
+                                            "was expected (out of order or missing)")
+        _require(chunk.total_size == self.total,
+                 f"chunk {self.index} of transfer {tid!r} declares total_size {chunk.total_size}, not {self.total}")
+        data = chunk.data
+        _require(got + len(data) <= self.total, f"chunks of transfer {tid!r} carry more than the declared {self.total} "
+                                                "bytes")
+        if not chunk.last:
+            least = max(1, min(self.min_chunk, self.total - got))
+            _require(len(data) >= least, f"chunk {self.index} of transfer {tid!r} carries {len(data)} bytes; every "
+                                         f"chunk but the last must carry at least {least}")
+        self.buf += data
+        self.index += 1
+        if chunk.last:
+            _require(len(self.buf) == self.total, f"transfer {tid!r} carried {len(self.buf)} bytes but declared "
+                                                  f"{self.total}")
+        return chunk.last
+
+    def envelope(self) -> pb.Envelope:
+        """The :class:`Envelope` the completed transfer holds (its buffer is released)."""
+        env = pb.Envelope()
+        try:
+            env.ParseFromString(self.buf)
+        except DecodeError as e:
+            raise WireError(f"transfer {self.transfer_id!r} is not a valid Envelope: {e}") from None
+        finally:
+            self.buf = bytearray()
+        return env
+
+
+def from_chunks(chunks: Iterable[pb.Chunk], limits: Limits = Limits()) -> pb.Envelope:
+    """Reassemble the :class:`Envelope` sent by :func:`to_chunks` (the rules are :class:`Assembler`'s).
+
+    Reading stops at the chunk marked ``last``, so one stream may carry transfers back to back.
     """
     it = iter(chunks)
     chunk = next(it, None)
     _require(chunk is not None, "empty chunk stream: no envelope was sent")
-    transfer_id, total = chunk.transfer_id, chunk.total_size
-    _require(total <= limits.max_message_bytes,
-             f"transfer {transfer_id!r} declares {total} bytes, over max_message_bytes={limits.max_message_bytes}")
-    buf = bytearray(total)
-    received = 0
-    for index in range(total + 1):  # every chunk but the last carries >= 1 byte: at most total + 1 chunks
-        received = _place_chunk(chunk, buf, received, transfer_id, index)
-        if chunk.last:
-            break
+    assembler = Assembler(chunk, limits)
+    while not assembler.add(chunk):
         chunk = next(it, None)
-        _require(chunk is not None,
-                 f"chunk stream of transfer {transfer_id!r} ended without a last chunk ({received} of {total} bytes)")
-    else:  # unreachable: the byte accounting above ends the loop first
-        raise WireError(f"transfer {transfer_id!r} has more chunks than bytes")
-    _require(received == total, f"transfer {transfer_id!r} carried {received} bytes but declared {total}")
-    env = pb.Envelope()
-    try:
-        env.ParseFromString(buf)
-    except DecodeError as e:
-        raise WireError(f"transfer {transfer_id!r} is not a valid Envelope: {e}") from None
-    return env
-
-
-def _place_chunk(chunk: pb.Chunk, buf: bytearray, received: int, transfer_id: str, index: int) -> int:
-    """Check one chunk against its transfer and copy its data into ``buf``; the new byte count."""
-    _require(chunk.transfer_id == transfer_id,
-             f"chunk {chunk.index} belongs to transfer {chunk.transfer_id!r}, not {transfer_id!r}")
-    _require(chunk.index == index,
-             f"chunk {chunk.index} of transfer {transfer_id!r} arrived where chunk {index} was expected "
-             "(out of order or missing)")
-    _require(chunk.total_size == len(buf),
-             f"chunk {index} of transfer {transfer_id!r} declares total_size {chunk.total_size}, not {len(buf)}")
-    data = chunk.data
-    _require(bool(data) or chunk.last, f"chunk {index} of transfer {transfer_id!r} is empty but not last")
-    end = received + len(data)
-    _require(end <= len(buf), f"chunks of transfer {transfer_id!r} carry more than the declared {len(buf)} bytes")
-    buf[received:end] = data
-    return end
+        _require(chunk is not None, f"chunk stream of transfer {assembler.transfer_id!r} ended without a last chunk "
+                                    f"({len(assembler.buf)} of {assembler.total} bytes)")
+    return assembler.envelope()

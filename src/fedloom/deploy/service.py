@@ -1,0 +1,386 @@
+"""The gRPC service clients connect to: Join, Pull, Push, Heartbeat, with every limit a stranger can push on.
+
+It runs on gRPC's asyncio server, in the event loop of a :class:`~fedloom.deploy.dispatch.LoopThread`:
+a call waiting for a slow client costs a coroutine, not a worker thread, so no number of slow
+calls can stall the honest clients' rounds. Every method is registered as *request-streaming*
+(a unary call is the same on the wire), so the handler starts as soon as a call arrives and can
+refuse it, count it and time out its body, before any body is read.
+
+What a caller can make the server hold is bounded by the ``[deploy]`` settings:
+
+* ``join_calls``: Join calls in flight over all connections (the only calls open to strangers);
+* ``client_calls``: calls one client has open at once (polls, pushes, heartbeats);
+* ``recv_timeout_s``: the wait for a call's next message (a Join's token, each chunk of a push);
+* ``session_s``: a session's lifetime; one session per client, bound to its certificate under
+  mutual TLS;
+* a push is refused at once unless its client owes a reply, and may declare at most the size
+  that reply can have (the model's bytes plus 1 MiB for a train reply); its buffer grows with the
+  data, chunks carry at least ``min_chunk_kb``;
+* ``inflight_mb``: bytes of replies being received or decoded at once (a push reserves its
+  declared size plus what decoding it may produce; others wait up to ``recv_timeout_s``).
+
+Revocation is checked on every call and at least once a second for open calls: a revoked client's
+polls end, its open tasks are answered with an error and its pushes are refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import secrets
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from fedloom.deploy.dispatch import Dispatcher, Task
+from fedloom.deploy.state import ServerState as StateStore
+from fedloom.errors import WireError
+from fedloom.simulation.config import Config, DeployConfig
+from fedloom.transport import wire
+from fedloom.transport.proto import fedloom_pb2 as pb
+
+log = logging.getLogger("fedloom")
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Federation"].full_name
+SESSION_KEY = "fedloom-session"
+STATUS_KEY = "fedloom-status"
+MAX_POLL_S = 30
+REVOCATION_CHECK_S = 1.0
+StatusCode = grpc.StatusCode
+
+
+def limits(cfg: Config) -> wire.Limits:
+    """The wire limits of ``[deploy]``: no message or tensor over ``max_message_mb``."""
+    size = cfg.deploy.max_message_mb * (1 << 20)
+    return wire.Limits(max_message_bytes=size, max_tensor_bytes=size)
+
+
+@dataclass
+class Session:
+    """A joined client: its id and name, the digest of its certificate (mutual TLS) and when the session ends."""
+
+    key: str
+    client_id: int
+    name: str
+    cert: str
+    expires: float
+
+
+class Refusal(Exception):
+    """A call refused before it started: the gRPC status code and details to end it with."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(details)
+        self.code, self.details = code, details
+
+
+class Sessions:
+    """One session per client: a new Join replaces the client's old session."""
+
+    def __init__(self, lifetime_s: float):
+        self.lifetime_s = lifetime_s
+        self._by_key: dict[str, Session] = {}
+        self._by_client: dict[int, Session] = {}
+        self.revoked: frozenset[int] = frozenset()
+
+    def open(self, client_id: int, name: str, cert: str) -> Session:
+        self.end(client_id)
+        session = Session(secrets.token_hex(16), client_id, name, cert, time.monotonic() + self.lifetime_s)
+        self._by_key[session.key] = self._by_client[client_id] = session
+        return session
+
+    def end(self, client_id: int) -> None:
+        old = self._by_client.pop(client_id, None)
+        if old is not None:
+            del self._by_key[old.key]
+
+    def clients(self) -> list[int]:
+        return list(self._by_client)
+
+    def find(self, key: str, cert: str) -> Session:
+        """The live session ``key`` presented with certificate digest ``cert``; else :class:`Refusal`."""
+        session = self._by_key.get(key)
+        if session is None:
+            raise Refusal(StatusCode.UNAUTHENTICATED, "unknown session: join again")
+        if session.client_id in self.revoked:
+            self.end(session.client_id)
+            raise Refusal(StatusCode.UNAUTHENTICATED, "unknown or revoked client token")
+        if time.monotonic() > session.expires:
+            self.end(session.client_id)
+            raise Refusal(StatusCode.UNAUTHENTICATED, "session expired: join again")
+        if session.cert != cert:
+            raise Refusal(StatusCode.PERMISSION_DENIED, "this session was opened with another certificate")
+        return session
+
+    def valid(self, session: Session) -> bool:
+        return (self._by_key.get(session.key) is session and session.client_id not in self.revoked
+                and time.monotonic() <= session.expires)
+
+
+class ByteBudget:
+    """Bytes the server may hold for replies at once; :meth:`reserve` waits for room, up to a timeout."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.used = 0
+        self._room = asyncio.Condition()
+
+    async def reserve(self, n: int, timeout_s: float) -> bool:
+        if n > self.capacity:
+            return False
+        async with self._room:
+            try:
+                await asyncio.wait_for(self._room.wait_for(lambda: self.used + n <= self.capacity), timeout_s)
+            except TimeoutError:
+                return False
+            self.used += n
+            return True
+
+    async def release(self, n: int) -> None:
+        async with self._room:
+            self.used -= n
+            self._room.notify_all()
+
+
+def _cert_digest(context: grpc.aio.ServicerContext) -> str:
+    """SHA-256 of the peer's certificate (PEM) under mutual TLS; empty without one."""
+    pems = context.auth_context().get("x509_pem_cert", [])
+    return hashlib.sha256(pems[0]).hexdigest() if pems else ""
+
+
+def _refused(code: str, reason: str) -> pb.PushReply:
+    return pb.PushReply(accepted=False, error=pb.ErrorMsg(code=code, reason=reason))
+
+
+def _encode(task: Task) -> list[pb.Chunk]:
+    return list(wire.to_chunks(wire.to_envelope(task.request, task_id=task.task_id)))
+
+
+class FederationService:
+    """Join, Pull, Push, Heartbeat over a :class:`Dispatcher`. Bad input gets an error, never a crash.
+
+    Create it anywhere, then :meth:`start` and :meth:`stop` it in the event loop that owns it.
+    """
+
+    def __init__(self, store: StateStore, cfg: Config):
+        self.store = store
+        self.d: DeployConfig = cfg.deploy
+        self.dispatcher = Dispatcher(max_examples=self.d.max_examples)
+        self.sessions = Sessions(self.d.session_s)
+        self.max_message_bytes = limits(cfg).max_message_bytes
+        self.finished = False
+        self._told: set[int] = set()  # clients told that the run is finished
+        self._joins = 0
+        self._calls: Counter[int] = Counter()
+        self._budget: ByteBudget | None = None
+        self._codec = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fedloom-codec")
+        self._server: grpc.aio.Server | None = None
+        self._watcher: asyncio.Task[None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def start(self, address: str, credentials: grpc.ServerCredentials | None, max_clients: int) -> int:
+        """Listen on ``address`` (TLS when ``credentials``); returns the port. ``max_clients`` sizes the call cap."""
+        self._budget = ByteBudget(self.d.inflight_mb << 20)
+        self._server = grpc.aio.server(
+            options=[("grpc.max_concurrent_streams", 4 * self.d.client_calls + 16)],
+            maximum_concurrent_rpcs=max_clients * self.d.client_calls + self.d.join_calls + 16)
+        self._server.add_generic_rpc_handlers((self._handlers(),))
+        if credentials is None:
+            port = self._server.add_insecure_port(address)
+        else:
+            port = self._server.add_secure_port(address, credentials)
+        await self._server.start()
+        self._watcher = asyncio.create_task(self._watch_revocations())
+        return port
+
+    async def stop(self, finished: bool, linger_s: float) -> None:
+        """Stop serving. With ``finished`` the clients are told first that the run is over (a client
+        hears it on its next poll; this waits up to ``linger_s`` for every connected one); without,
+        calls are cut off and the clients keep trying to reconnect, as after a crash."""
+        if finished:
+            self.finished = True
+            self.dispatcher.close()
+            end = time.monotonic() + linger_s
+            while time.monotonic() < end and set(self.dispatcher.connected(linger_s)) - self._told:
+                await asyncio.sleep(0.05)
+        if self._watcher is not None:
+            self._watcher.cancel()
+        if self._server is not None:
+            await self._server.stop(grace=1.0 if finished else None)
+        self._codec.shutdown(wait=False, cancel_futures=True)
+
+    def _handlers(self) -> grpc.GenericRpcHandler:
+        def stream_in(fn: Any, request: Any, reply: Any, streams_out: bool = False) -> grpc.RpcMethodHandler:
+            make = grpc.stream_stream_rpc_method_handler if streams_out else grpc.stream_unary_rpc_method_handler
+            return make(fn, request_deserializer=request.FromString, response_serializer=reply.SerializeToString)
+
+        return grpc.method_handlers_generic_handler(SERVICE, {
+            "Join": stream_in(self.Join, pb.JoinRequest, pb.JoinReply),
+            "Pull": stream_in(self.Pull, pb.PullRequest, pb.Chunk, streams_out=True),
+            "Push": stream_in(self.Push, pb.Chunk, pb.PushReply),
+            "Heartbeat": stream_in(self.Heartbeat, pb.HeartbeatRequest, pb.HeartbeatReply),
+        })
+
+    async def _watch_revocations(self) -> None:
+        """Read the registry's revocations every second: revoked clients' sessions, polls and tasks end."""
+        while True:
+            try:
+                revoked = frozenset(await asyncio.to_thread(self.store.revoked))
+            except Exception as exc:  # noqa: BLE001 - a locked or failing database must not end the watcher
+                log.warning("cannot read revocations: %s", exc)
+            else:
+                self.sessions.revoked, newly = revoked, revoked - self.sessions.revoked
+                for cid in newly:  # its session is refused from now on (Sessions.find), its polls end
+                    log.info("client %d is revoked: its session and tasks end", cid)
+                    self.dispatcher.drop(cid, "revoked", f"client {cid} was revoked")
+            await asyncio.sleep(REVOCATION_CHECK_S)
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    async def _next(self, requests: AsyncIterator[Any], what: str) -> Any:
+        """The call's next message (None at its end), or :class:`Refusal` after ``recv_timeout_s``."""
+        try:
+            return await asyncio.wait_for(anext(requests), self.d.recv_timeout_s)
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            raise Refusal(StatusCode.DEADLINE_EXCEEDED,
+                          f"{what} did not arrive within deploy.recv_timeout_s={self.d.recv_timeout_s:g} s") from None
+
+    async def _request(self, requests: AsyncIterator[Any], what: str) -> Any:
+        request = await self._next(requests, what)
+        if request is None:
+            raise Refusal(StatusCode.INVALID_ARGUMENT, f"no {what} was sent")
+        return request
+
+    @asynccontextmanager
+    async def _session(self, context: grpc.aio.ServicerContext) -> AsyncIterator[Session]:
+        """The caller's session, counted against ``client_calls`` while the call lasts."""
+        key = dict(context.invocation_metadata()).get(SESSION_KEY, "")
+        session = self.sessions.find(key, _cert_digest(context) if self.d.mutual_tls else "")
+        cid = session.client_id
+        if self._calls[cid] >= self.d.client_calls:
+            raise Refusal(StatusCode.RESOURCE_EXHAUSTED, f"this client has {self._calls[cid]} calls open, the "
+                                                         f"limit (deploy.client_calls)")
+        self._calls[cid] += 1
+        try:
+            yield session
+        finally:
+            self._calls[cid] -= 1
+
+    # -- the four calls ----------------------------------------------------------------------------
+
+    async def Join(self, requests: AsyncIterator[pb.JoinRequest], context: grpc.aio.ServicerContext) -> pb.JoinReply:
+        try:
+            if self._joins >= self.d.join_calls:
+                raise Refusal(StatusCode.RESOURCE_EXHAUSTED, f"{self._joins} joins are in flight, the limit "
+                                                             "(deploy.join_calls): try again shortly")
+            self._joins += 1
+            try:
+                return await self._join(await self._request(requests, "the join request"), context)
+            finally:
+                self._joins -= 1
+        except Refusal as r:
+            await context.abort(r.code, r.details)
+
+    async def _join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
+        found = await asyncio.to_thread(self.store.authenticate, request.token)
+        if found is None:
+            raise Refusal(StatusCode.UNAUTHENTICATED, "unknown or revoked client token")
+        cid, name = found
+        cert = ""
+        if self.d.mutual_tls:
+            names = [v.decode() for v in context.auth_context().get("x509_common_name", [])]
+            if name not in names:
+                raise Refusal(StatusCode.PERMISSION_DENIED,
+                              f"the token is {name!r}'s but the certificate is {names or 'nobody'}'s")
+            cert = _cert_digest(context)
+        session = self.sessions.open(cid, name, cert)
+        self.dispatcher.seen(cid)
+        await asyncio.to_thread(self.store.touch, cid)
+        log.info("client %s (%s) joined", cid, name)
+        return pb.JoinReply(session=session.key, client_id=cid, heartbeat_s=math.ceil(self.d.heartbeat_s))
+
+    async def Pull(self, requests: AsyncIterator[pb.PullRequest],
+                   context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Chunk]:
+        try:
+            async with self._session(context) as session:
+                request = await self._request(requests, "the poll request")
+                task = None
+                if not self.finished:
+                    wait = min(float(request.wait_s or MAX_POLL_S), MAX_POLL_S)
+                    task = await self.dispatcher.next_task(session.client_id, wait,
+                                                           lambda: self.sessions.valid(session))
+                if task is None:
+                    self.sessions.find(session.key, session.cert)  # a session that ended meanwhile: say why
+                    if self.finished:
+                        self._told.add(session.client_id)
+                    context.set_trailing_metadata(((STATUS_KEY, "finished" if self.finished else "idle"),))
+                    return
+                try:
+                    for chunk in await asyncio.get_running_loop().run_in_executor(self._codec, _encode, task):
+                        yield chunk
+                except BaseException:  # the poll broke while the task was handed over: keep it for the next
+                    self.dispatcher.requeue(task)
+                    raise
+        except Refusal as r:
+            await context.abort(r.code, r.details)
+
+    async def Push(self, requests: AsyncIterator[pb.Chunk], context: grpc.aio.ServicerContext) -> pb.PushReply:
+        try:
+            async with self._session(context) as session:
+                return await self._push(session.client_id, requests)
+        except Refusal as r:
+            await context.abort(r.code, r.details)
+
+    async def _push(self, cid: int, requests: AsyncIterator[pb.Chunk]) -> pb.PushReply:
+        owed = self.dispatcher.owed(cid)
+        if not owed:
+            return _refused("not_awaited", "no task of this client is awaited")
+        first = await self._next(requests, "the first chunk")
+        if first is None:
+            return _refused("bad_message", "empty chunk stream: no envelope was sent")
+        if first.total_size > owed:
+            return _refused("bad_message", f"the reply declares {first.total_size} bytes; the largest reply this "
+                                           f"client owes may have {owed}")
+        lim = wire.Limits(max_message_bytes=owed, max_tensor_bytes=owed, min_chunk_bytes=self.d.min_chunk_kb << 10)
+        need = first.total_size + owed  # its bytes, and what decoding them may produce
+        assert self._budget is not None
+        if not await self._budget.reserve(need, self.d.recv_timeout_s):
+            raise Refusal(StatusCode.RESOURCE_EXHAUSTED, "the server is receiving too much at once "
+                                                         "(deploy.inflight_mb): push again shortly")
+        try:
+            assembler, chunk = wire.Assembler(first, lim), first
+            while not assembler.add(chunk):
+                chunk = await self._next(requests, f"chunk {assembler.index}")
+                if chunk is None:
+                    raise WireError(f"the stream ended at chunk {assembler.index} without a last chunk")
+                if not self.dispatcher.owed(cid):
+                    return _refused("not_awaited", "the task was given up on while its reply was arriving")
+            env = assembler.envelope()
+            reply = await asyncio.get_running_loop().run_in_executor(self._codec, wire.from_envelope, env, lim)
+        except WireError as exc:
+            return _refused(exc.code, str(exc))
+        finally:
+            await self._budget.release(need)
+        error = self.dispatcher.deliver(cid, env.task_id, reply)
+        return pb.PushReply(accepted=True) if error is None else _refused(error.code, error.reason)
+
+    async def Heartbeat(self, requests: AsyncIterator[pb.HeartbeatRequest],
+                        context: grpc.aio.ServicerContext) -> pb.HeartbeatReply:
+        try:
+            async with self._session(context) as session:
+                await self._request(requests, "the heartbeat")
+                self.dispatcher.seen(session.client_id)  # in memory: heartbeats cost no disk write
+                return pb.HeartbeatReply(known=True)
+        except Refusal as r:
+            await context.abort(r.code, r.details)
