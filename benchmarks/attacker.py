@@ -21,7 +21,7 @@ each task it gets with an error reply, so that rounds never wait for it: what is
 server's resources, not a straggler):
 
 * ``slow-joins``: ``--count`` Join calls whose request never arrives, over ``--conns`` connections,
-  re-opened when the server ends them; no token needed.
+  each re-opened a second after the server ends it; no token needed.
 * ``long-polls``: one enrolled client holding ``--count`` polls.
 * ``big-declare``: ``--count`` push streams each declaring ``--size`` bytes and sending 1 byte.
 * ``zlib-bomb``: ``--count`` concurrent pushes of a zlib payload that inflates to ``--size`` bytes.
@@ -207,24 +207,26 @@ def lies(task: Any) -> list[bytes]:
 
 
 def answer_tasks(args: argparse.Namespace, answers) -> dict[str, Any]:
-    """Poll for ``--seconds``; send each answer ``answers(task)`` gives for every task, in turn."""
+    """Poll for ``--seconds`` (or until the server is gone); answer the n-th task of each kind with the n-th
+    of the answers ``answers(task)`` offers, in turn."""
     me = Peer(args)
     me.join()
-    pushes, tasks = [], 0
+    pushes: list[dict[str, Any]] = []
+    seen: dict[str, int] = {}
     for _ in _until(args.seconds):
         try:
             task = me.poll()
         except grpc.RpcError as exc:
-            return {"tasks": tasks, "pushes": pushes, "ended": rpc_error(exc)}
+            return {"tasks": sum(seen.values()), "pushes": pushes, "ended": rpc_error(exc)}
         if task is None:
             continue
-        tasks += 1
-        for data in answers(task):
-            try:
-                pushes.append({"task_kind": task.kind, **verdict(me.push(data))})
-            except grpc.RpcError as exc:
-                pushes.append({"task_kind": task.kind, **rpc_error(exc)})
-    return {"tasks": tasks, "pushes": pushes}
+        n = seen[task.kind] = seen.get(task.kind, 0) + 1
+        offered = answers(task)
+        try:
+            pushes.append({"task_kind": task.kind, **verdict(me.push(offered[(n - 1) % len(offered)]))})
+        except grpc.RpcError as exc:
+            pushes.append({"task_kind": task.kind, **rpc_error(exc)})
+    return {"tasks": sum(seen.values()), "pushes": pushes}
 
 
 def revoked(args: argparse.Namespace) -> dict[str, Any]:
@@ -266,19 +268,25 @@ class Counts:
             self.by[what] = self.by.get(what, 0) + 1
 
 
+def decline(me: Peer, task: Any, counts: Counts) -> None:
+    """Answer ``task`` with an error reply at once, so that no round waits for this client."""
+    for _ in range(100):  # its own attack may hold every call slot it has: try again
+        try:
+            me.push(error_reply(task))
+            counts.add("declined_task")
+            return
+        except grpc.RpcError:
+            time.sleep(0.02)
+    counts.add("task_left_unanswered")
+
+
 def decline_tasks(me: Peer, stop: threading.Event, counts: Counts) -> None:
-    """Answer every task at once with an error reply, so that no round waits for this client."""
+    """Poll, and :func:`decline` every task."""
     while not stop.is_set():
         try:
             task = me.poll(wait_s=2)
             if task is not None:
-                for _ in range(20):  # its own attack may hold every call slot it has: try again
-                    try:
-                        me.push(error_reply(task))
-                        counts.add("declined_task")
-                        break
-                    except grpc.RpcError:
-                        time.sleep(0.05)
+                decline(me, task, counts)
         except grpc.RpcError as exc:
             counts.add(f"poll_{exc.code().name}")
             stop.wait(0.1)
@@ -291,30 +299,54 @@ def run_threads(count: int, seconds: float, body) -> None:
         t.start()
     time.sleep(seconds)
     stop.set()
+    end = time.monotonic() + 10
     for t in threads:
-        t.join(timeout=20)
+        t.join(timeout=max(0.0, end - time.monotonic()))
+
+
+def held_call(multi_callable: Any, make, stop: threading.Event, counts: Counts, **kw: Any) -> None:
+    """Start a request-streaming call with ``make(release)`` and wait until the server ends it or ``stop``.
+
+    The stream's generator may block on ``release`` (a request that never finishes arriving); it is
+    set once the call is over, so no thread outlives its call.
+    """
+    release = threading.Event()
+    call = multi_callable.future(make(release), **kw)
+    try:
+        while True:
+            try:
+                reply = call.result(timeout=0.2)
+            except grpc.FutureTimeoutError:
+                if stop.is_set():
+                    call.cancel()
+                    counts.add("held_to_the_end")
+                    return
+                continue
+            except grpc.RpcError as exc:
+                counts.add(exc.code().name)
+                return
+            accepted = getattr(reply, "accepted", True)
+            counts.add("accepted" if accepted else f"refused_{reply.error.code}")
+            return
+    finally:
+        release.set()
 
 
 def slow_joins(args: argparse.Namespace) -> dict[str, Any]:
     peers = [Peer(args) for _ in range(args.conns)]
     counts = Counts()
 
+    def never(release: threading.Event):
+        release.wait()
+        yield pb.JoinRequest()
+
     def hold(i: int, stop: threading.Event) -> None:
         join = peers[i % len(peers)].channel.stream_unary(
             "/fedloom.v1.Federation/Join", request_serializer=pb.JoinRequest.SerializeToString,
             response_deserializer=pb.JoinReply.FromString)
-
-        def never():
-            stop.wait()
-            yield pb.JoinRequest()
-
         while not stop.is_set():
-            try:
-                join(never(), timeout=max(1.0, args.seconds + 5))
-                counts.add("answered")
-            except grpc.RpcError as exc:
-                counts.add(exc.code().name)
-                stop.wait(0.1)
+            held_call(join, never, stop, counts)
+            stop.wait(1.0)  # then open another: the point is to hold calls, not to flood
 
     run_threads(args.count, args.seconds, hold)
     return {"calls": args.count, "connections": args.conns, "outcomes": counts.by}
@@ -330,10 +362,10 @@ def long_polls(args: argparse.Namespace) -> dict[str, Any]:
             return decline_tasks(me, stop, counts)
         while not stop.is_set():
             try:
-                task = me.poll(wait_s=30)
+                task = me.poll(wait_s=10)
                 counts.add("task" if task is not None else "empty")
                 if task is not None:
-                    me.push(error_reply(task))
+                    decline(me, task, counts)
             except grpc.RpcError as exc:
                 counts.add(exc.code().name)
                 stop.wait(0.1)
@@ -343,7 +375,7 @@ def long_polls(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def pushes(args: argparse.Namespace, make) -> dict[str, Any]:
-    """``--count`` threads each pushing ``make(stop)`` chunk streams over and over, and one declining tasks."""
+    """``--count`` threads each pushing ``make(release)`` chunk streams over and over, and one declining tasks."""
     me = Peer(args)
     me.join()
     counts = Counts()
@@ -352,11 +384,7 @@ def pushes(args: argparse.Namespace, make) -> dict[str, Any]:
         if i == 0:
             return decline_tasks(me, stop, counts)
         while not stop.is_set():
-            try:
-                reply = me.stub.Push(make(stop), metadata=me.meta, timeout=args.seconds + 30)
-                counts.add(f"refused_{reply.error.code}" if not reply.accepted else "accepted")
-            except grpc.RpcError as exc:
-                counts.add(exc.code().name)
+            held_call(me.stub.Push, make, stop, counts, metadata=me.meta)
             stop.wait(0.1)
 
     run_threads(args.count + 1, args.seconds, push)
@@ -364,23 +392,24 @@ def pushes(args: argparse.Namespace, make) -> dict[str, Any]:
 
 
 def big_declare(args: argparse.Namespace) -> dict[str, Any]:
-    def one_byte_of_many(stop: threading.Event):
+    def one_byte_of_many(release: threading.Event):
         yield pb.Chunk(transfer_id=secrets.token_hex(8), total_size=args.size, index=0, data=b"x")
-        stop.wait()
+        release.wait()
 
     return pushes(args, one_byte_of_many)
 
 
 def zlib_bomb(args: argparse.Namespace) -> dict[str, Any]:
-    bomb = zlib.compress(b"\0" * args.size, 9)
+    deflate, zeros = zlib.compressobj(9), bytes(MiB)
+    bomb = b"".join(deflate.compress(zeros) for _ in range(args.size // MiB)) + deflate.flush()
     data = pb.Envelope(kind="train_reply", task_id="bomb", encoding="zlib+proto", payload=bomb).SerializeToString()
-    return {"compressed_bytes": len(data), **pushes(args, lambda stop: chunks(data))}
+    return {"compressed_bytes": len(data), **pushes(args, lambda release: chunks(data))}
 
 
 def tiny_chunks(args: argparse.Namespace) -> dict[str, Any]:
     data = os.urandom(args.count)
     args.count = 1
-    return pushes(args, lambda stop: chunks(data, chunk_bytes=1))
+    return pushes(args, lambda release: chunks(data, chunk_bytes=1))
 
 
 def join_flood(args: argparse.Namespace) -> dict[str, Any]:

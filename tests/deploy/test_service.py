@@ -170,7 +170,8 @@ def test_one_session_per_client_bounded_calls_and_slow_bodies_cut_off(tmp_path):
         for p in polls:
             p.cancel()
 
-        join = r.channel.stream_unary("/fedloom.v1.Federation/Join", request_serializer=pb.JoinRequest.SerializeToString,
+        join = r.channel.stream_unary("/fedloom.v1.Federation/Join",
+                                      request_serializer=pb.JoinRequest.SerializeToString,
                                       response_deserializer=pb.JoinReply.FromString)
         hold = threading.Event()
 

@@ -161,9 +161,9 @@ class Dispatcher:
             self._queues.setdefault(task.request.client_id, deque()).appendleft(task)
             self._event(task.request.client_id).set()
 
-    def owed(self, client_id: int) -> int:
-        """The largest reply ``client_id`` may push now: the biggest limit of its awaited tasks (0: none)."""
-        return max((t.reply_limit for t, _ in self._open.values() if t.request.client_id == client_id), default=0)
+    def owed(self, client_id: int) -> list[Task]:
+        """The tasks whose replies are awaited from ``client_id``."""
+        return [t for t, _ in self._open.values() if t.request.client_id == client_id]
 
     def deliver(self, client_id: int, task_id: str, reply: Reply) -> ErrorReply | None:
         """Take a client's reply; None when accepted, else why it was refused.

@@ -9,7 +9,8 @@ refuse it, count it and time out its body, before any body is read.
 What a caller can make the server hold is bounded by the ``[deploy]`` settings:
 
 * ``join_calls``: Join calls in flight over all connections (the only calls open to strangers);
-* ``client_calls``: calls one client has open at once (polls, pushes, heartbeats);
+* ``client_calls``: polls and heartbeats one client has open at once; its pushes are counted
+  apart, one per task it owes (so its own polls never keep its replies out);
 * ``recv_timeout_s``: the wait for a call's next message (a Join's token, each chunk of a push);
 * ``session_s``: a session's lifetime; one session per client, bound to its certificate under
   mutual TLS;
@@ -54,6 +55,7 @@ SESSION_KEY = "fedloom-session"
 STATUS_KEY = "fedloom-status"
 MAX_POLL_S = 30
 REVOCATION_CHECK_S = 1.0
+TOUCH_EVERY_S = 60.0  # how often a joining client's last_seen is written to the registry
 StatusCode = grpc.StatusCode
 
 
@@ -150,6 +152,10 @@ class ByteBudget:
             self._room.notify_all()
 
 
+class _NotAwaited(Exception):
+    """A push from a client that owes no reply."""
+
+
 def _cert_digest(context: grpc.aio.ServicerContext) -> str:
     """SHA-256 of the peer's certificate (PEM) under mutual TLS; empty without one."""
     pems = context.auth_context().get("x509_pem_cert", [])
@@ -180,6 +186,8 @@ class FederationService:
         self._told: set[int] = set()  # clients told that the run is finished
         self._joins = 0
         self._calls: Counter[int] = Counter()
+        self._pushes: Counter[int] = Counter()
+        self._touched: dict[int, float] = {}
         self._budget: ByteBudget | None = None
         self._codec = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fedloom-codec")
         self._server: grpc.aio.Server | None = None
@@ -263,19 +271,27 @@ class FederationService:
         return request
 
     @asynccontextmanager
-    async def _session(self, context: grpc.aio.ServicerContext) -> AsyncIterator[Session]:
-        """The caller's session, counted against ``client_calls`` while the call lasts."""
+    async def _session(self, context: grpc.aio.ServicerContext, push: bool = False) -> AsyncIterator[Session]:
+        """The caller's session, its call counted while it lasts.
+
+        Polls and heartbeats count against ``client_calls``; pushes apart, one per task the client
+        owes, so that a client's own polls can never keep its replies out.
+        """
         key = dict(context.invocation_metadata()).get(SESSION_KEY, "")
         session = self.sessions.find(key, _cert_digest(context) if self.d.mutual_tls else "")
         cid = session.client_id
-        if self._calls[cid] >= self.d.client_calls:
-            raise Refusal(StatusCode.RESOURCE_EXHAUSTED, f"this client has {self._calls[cid]} calls open, the "
-                                                         f"limit (deploy.client_calls)")
-        self._calls[cid] += 1
+        counter, limit = (self._pushes, len(self.dispatcher.owed(cid))) if push else (self._calls, self.d.client_calls)
+        if push and not limit:
+            raise _NotAwaited
+        if counter[cid] >= limit:
+            what = f"{counter[cid]} pushes open, one per task it owes" if push else \
+                f"{counter[cid]} calls open, the limit (deploy.client_calls)"
+            raise Refusal(StatusCode.RESOURCE_EXHAUSTED, f"this client has {what}")
+        counter[cid] += 1
         try:
             yield session
         finally:
-            self._calls[cid] -= 1
+            counter[cid] -= 1
 
     # -- the four calls ----------------------------------------------------------------------------
 
@@ -306,7 +322,9 @@ class FederationService:
             cert = _cert_digest(context)
         session = self.sessions.open(cid, name, cert)
         self.dispatcher.seen(cid)
-        await asyncio.to_thread(self.store.touch, cid)
+        if time.monotonic() - self._touched.get(cid, -math.inf) > TOUCH_EVERY_S:  # a disk write: not on every Join
+            self._touched[cid] = time.monotonic()
+            await asyncio.to_thread(self.store.touch, cid)
         log.info("client %s (%s) joined", cid, name)
         return pb.JoinReply(session=session.key, client_id=cid, heartbeat_s=math.ceil(self.d.heartbeat_s))
 
@@ -337,15 +355,15 @@ class FederationService:
 
     async def Push(self, requests: AsyncIterator[pb.Chunk], context: grpc.aio.ServicerContext) -> pb.PushReply:
         try:
-            async with self._session(context) as session:
+            async with self._session(context, push=True) as session:
                 return await self._push(session.client_id, requests)
+        except _NotAwaited:
+            return _refused("not_awaited", "no task of this client is awaited")
         except Refusal as r:
             await context.abort(r.code, r.details)
 
     async def _push(self, cid: int, requests: AsyncIterator[pb.Chunk]) -> pb.PushReply:
-        owed = self.dispatcher.owed(cid)
-        if not owed:
-            return _refused("not_awaited", "no task of this client is awaited")
+        owed = max((t.reply_limit for t in self.dispatcher.owed(cid)), default=0)
         first = await self._next(requests, "the first chunk")
         if first is None:
             return _refused("bad_message", "empty chunk stream: no envelope was sent")

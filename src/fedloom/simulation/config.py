@@ -138,8 +138,8 @@ class DeployConfig:
     max_message_mb: int = _f(256, "largest message accepted, checked before allocation", ">=1")
     max_examples: int = _f(1_000_000, "server: most examples a client may claim for one task (train weight, "
                                       "evaluation count); a larger claim is refused", ">=1")
-    client_calls: int = _f(4, "server: calls one client may have open at once (polls, pushes, heartbeats); "
-                              "more are refused", ">=1")
+    client_calls: int = _f(4, "server: polls and heartbeats one client may have open at once (its pushes: one per "
+                              "task it owes); more are refused", ">=1")
     join_calls: int = _f(64, "server: Join calls in flight at once over all connections (not yet authenticated); "
                              "more are refused", ">=1")
     recv_timeout_s: float = _f(30.0, "server: longest wait for a call's next message (a request, a chunk of a push); "

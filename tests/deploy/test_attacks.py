@@ -1,0 +1,145 @@
+"""Attacks from outside on a real deployment: a ``fedloom server`` with three honest ``fedloom client``
+processes and an attacker built from ``fedloom.proto`` alone (``benchmarks/attacker.py``)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from benchmarks.attacks import HONEST, MIXES, Deployment, finish
+from fedloom.deploy.state import ServerState as StateStore
+
+
+@pytest.fixture
+def deployment(tmp_path):
+    made: list[Deployment] = []
+
+    def make(**kw) -> Deployment:
+        made.append(Deployment(tmp_path / f"d{len(made)}", **kw))
+        (tmp_path / f"d{len(made) - 1}").mkdir(exist_ok=True)
+        return made[-1]
+
+    yield make
+    for d in made:
+        d.stop()
+
+
+def run_to_the_end(d: Deployment, attacker: subprocess.Popen) -> dict:
+    assert d.server.wait(timeout=240) == 0, d.server.stderr.read()
+    for name, client in d.clients.items():
+        out, err = client.communicate(timeout=60)
+        assert client.returncode == 0 and f"{name}: run finished" in out, err[-2000:]
+    return finish(attacker)
+
+
+def test_replies_of_the_wrong_kind_are_refused_and_the_run_finishes(deployment):
+    d = deployment(rounds=25, settings=("eval.federated_clients=7", "deploy.min_clients=4"))
+    d.start()
+    result = run_to_the_end(d, d.attacker("wrong-kind", seconds=300))
+    assert not result["imports_fedloom"]
+    pushes = result["pushes"]
+    kinds = {p["task_kind"] for p in pushes}
+    assert kinds == {"train_request", "evaluate_request"} and len(pushes) >= 40
+    assert all(not p["accepted"] and p["code"] == "invalid_reply" for p in pushes), pushes
+    reasons = {p["reason"] for p in pushes}
+    assert {"a TrainRequest is answered by a TrainReply, got an EvaluateReply",
+            "an EvaluateRequest is answered by an EvaluateReply, got a TrainReply",
+            "a TrainRequest is answered by a TrainReply, got a TrainRequest"} <= reasons
+    assert [k for _, _, k in d.rounds] == [3] * 25
+
+
+def test_lying_reports_are_refused_with_their_reason(deployment):
+    d = deployment(rounds=25, settings=("eval.federated_clients=7", "deploy.min_clients=4"))
+    d.start()
+    result = run_to_the_end(d, d.attacker("lying", seconds=300))
+    pushes = result["pushes"]
+    assert pushes and all(not p["accepted"] for p in pushes), pushes
+    reasons = " | ".join(p["reason"] for p in pushes)
+    for words in ("expected <f4[2, 30]", "is <f8[2, 30]", "NaN or Inf", "weight must be a positive number",
+                  "weight claims 1e+12 examples", "addressed to client 3, round", "claims 1e+15 examples",
+                  "accuracy must be between 0 and 1"):
+        assert words in reasons, words
+    with StateStore(d.state / "server.db") as store:
+        history = store.history(store.resume_run("attacked"))
+    assert len(history) == 25
+    for h in history:  # the liar's 10^15 examples at accuracy 1.0 did not become the federation's accuracy
+        m = h["metrics"]
+        assert m["accepted"] == 3 and abs(m["fed_accuracy"] - m["test_accuracy"]) < 0.1, m
+        assert 0 <= m["fed_loss"] < 10, m
+
+
+def test_clients_stay_when_the_server_stops_and_come_back_when_it_returns(deployment):
+    d = deployment(settings=("deploy.heartbeat_s=1.0",))
+    d.start()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, then a service manager's stop
+        d.wait_round(len(d.rounds) + 3)
+        d.server.send_signal(sig)
+        assert d.server.wait(timeout=30) == 130
+        assert "stopped before the run finished" in d.server.stderr.read()
+        time.sleep(3)  # an old server told everyone "run finished" here, and they left
+        assert all(c.poll() is None for c in d.clients.values())
+        resumed_after = d.rounds[-1][1]
+        d.start_server()
+        d.wait_round(resumed_after + 5, timeout=120)  # the clients found the new server by themselves
+        assert d.rounds[-1][2] == 3 and d.rounds[-5][1] == resumed_after + 1
+    d.stop()
+    alone = d.fedloom("client", "--config", str(d.config), "--set", 'deploy.name="c0"', "--set", "deploy.reconnect_s=2",
+                      "--set", f'deploy.token_file="{d.state / "tokens" / "c0.token"}"',
+                      "--set", f'deploy.cert="{d.pki / "clients" / "c0.pem"}"',
+                      "--set", f'deploy.key="{d.pki / "clients" / "c0.key"}"')
+    out, err = alone.communicate(timeout=120)
+    assert alone.returncode == 2 and "unreachable for 2 s (deploy.reconnect_s)" in err
+
+
+def test_a_revoked_client_that_never_heartbeats_gets_no_task_and_no_push_in(deployment):
+    d = deployment()
+    d.start()
+    d.wait_round(2)
+    attacker = d.attacker("revoked", seconds=12)
+    time.sleep(5)
+    revoked_at = time.time()
+    done = subprocess.run([sys.executable, "-m", "fedloom.cli", "revoke", "--state-dir", str(d.state), "mallory"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    events = finish(attacker)["events"]
+    before = [e for e in events if e["t"] < revoked_at and e.get("accepted")]
+    after = [e for e in events if e["t"] > revoked_at + 1.5]  # revocations are read every second
+    assert len(before) >= 3, events  # it was taking part
+    assert after and not any("task" in e for e in after), after  # no task, so no model, after the revocation
+    assert all(e.get("status") == "UNAUTHENTICATED" for e in after), after
+    rounds_after = [k for t, _, k in d.rounds if t > time.monotonic() - 5]
+    assert rounds_after and all(k == 3 for k in rounds_after)
+
+
+def test_slow_and_flooding_calls_leave_the_honest_rounds_running_in_bounded_memory(deployment):
+    d = deployment(settings=("deploy.recv_timeout_s=3",))
+    d.start()
+    d.wait_round(3)
+    base = d.window(8)
+    attackers = {mode: d.attacker(mode, seconds=10, **options) for mode, options in MIXES["all"]}
+    hit = d.window(10)
+    results = {mode: finish(a) for mode, a in attackers.items()}
+    print(json.dumps({"baseline": base, "attacked": hit, "attackers": results}))
+    assert hit["peak_rss_mb"] < 1024 and hit["lost_updates"] == 0, hit
+    assert hit["rounds_per_min"] >= 0.25 * base["rounds_per_min"] > 0, (base, hit)
+    joins = results["slow-joins"]["outcomes"]
+    assert joins.get("RESOURCE_EXHAUSTED", 0) > 0 and joins.get("DEADLINE_EXCEEDED", 0) > 0, joins  # refused, cut off
+    assert results["long-polls"]["outcomes"].get("RESOURCE_EXHAUSTED", 0) > 0
+    for mode in ("big-declare", "zlib-bomb", "tiny-chunks"):
+        outcomes = results[mode]["outcomes"]
+        assert "accepted" not in outcomes and outcomes.get("refused_bad_message", 0) > 0, (mode, outcomes)
+    assert all(k == len(HONEST) for _, _, k in d.rounds)
+
+    flood = finish(d.attacker("join-flood", count=300))
+    gone = {"status": "UNAUTHENTICATED", "details": "unknown session: join again"}
+    assert flood["first_middle_last"][:2] == [gone, gone]
+    assert flood["first_middle_last"][2] is True  # one session per client: only the newest works
+    stolen = finish(d.attacker("rebind", other_cert=d.pki / "clients" / "intruder.pem",
+                               other_key=d.pki / "clients" / "intruder.key"))
+    assert stolen["own_certificate"] is True
+    assert stolen["other_certificate"]["status"] == "PERMISSION_DENIED"
