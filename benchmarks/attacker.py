@@ -51,6 +51,7 @@ import grpc
 
 PROTO = Path(__file__).resolve().parents[1] / "src" / "fedloom" / "transport" / "proto" / "fedloom.proto"
 SESSION_KEY = "fedloom-session"
+TOKEN_KEY = "fedloom-token"  # the documented metadata a Join may carry its token in
 MiB = 1 << 20
 
 
@@ -104,7 +105,8 @@ class Peer:
         return ((SESSION_KEY, self.session),)
 
     def join(self) -> str:
-        reply = self.stub.Join(pb.JoinRequest(client_name="mallory", token=self.token), timeout=10)
+        reply = self.stub.Join(pb.JoinRequest(client_name="mallory", token=self.token), timeout=10,
+                               metadata=((TOKEN_KEY, self.token),))
         self.session, self.client_id = reply.session, reply.client_id
         return reply.session
 

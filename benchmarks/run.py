@@ -6,6 +6,7 @@
     python -m benchmarks.run wa --repeat 5
     python -m benchmarks.run load        # gRPC deployment: 200 threaded clients, 5 rounds (benchmarks/load.py)
     python -m benchmarks.run hetero      # simulated mobile devices: time to target accuracy (benchmarks/hetero.py)
+    python -m benchmarks.run attacks     # resource-exhaustion attacks beside honest clients (benchmarks/attacks.py)
 
 Each implementation runs in its own child process of this script (so start-up and peak memory are
 its own): imports, data, one untimed warm-up round, then ``--repeat`` timed runs, of which the
@@ -68,7 +69,7 @@ def measure(wl: Workload, implementation: str, repeat: int) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run")
-    parser.add_argument("workload", choices=sorted([*WORKLOADS, "load", "hetero"]))
+    parser.add_argument("workload", choices=sorted([*WORKLOADS, "load", "hetero", "attacks"]))
     parser.add_argument("--repeat", type=int, help="timed runs per implementation (default: the workload's)")
     parser.add_argument("--only", help="run one implementation in this process (used by the parent)")
     parser.add_argument("--implementations", help="comma-separated subset to run after plain-pytorch "
@@ -76,11 +77,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget", type=int, default=3000, help="hetero: client trips per strategy")
     parser.add_argument("--target", type=float, help="hetero: target accuracy (default: 95%% of sync uniform's final)")
     parser.add_argument("--figure", help="hetero: where to write the comparison figure")
+    parser.add_argument("--seconds", type=float, default=20.0, help="attacks: length of each measuring window")
     args = parser.parse_args(argv)
     if args.workload == "load":
         from benchmarks.load import run_load  # imported here: grpc must not count in the other workloads' import_s
 
         print(json.dumps(run_load()))
+        return
+    if args.workload == "attacks":
+        from benchmarks.attacks import run_attacks
+
+        run_attacks(args.seconds, args.implementations.split(",") if args.implementations else None)
         return
     if args.workload == "hetero":
         from benchmarks.hetero import run_hetero

@@ -37,3 +37,19 @@ def test_the_hetero_benchmark_prints_one_record_per_strategy(tmp_path, capsys):
         assert r["target"] == 0.05 and 0 < r["time_to_target_s"] <= r["sim_time_s"]
         assert r["speedup"] == round(records[0]["time_to_target_s"] / r["time_to_target_s"], 2)
     assert records[0]["speedup"] == 1.0 and records[0]["updates"] == 3
+
+
+def test_the_attacks_benchmark_prints_the_named_fields_per_mix():
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "benchmarks.run", "attacks", "--seconds", "4",
+                           "--implementations", "tiny-chunks"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (record,) = [json.loads(line) for line in done.stdout.splitlines()]
+    assert list(record) == ["attack", "honest_rounds_per_min", "baseline_rounds_per_min", "server_peak_rss_mb",
+                            "lost_updates"]
+    assert record["attack"] == "tiny-chunks" and record["lost_updates"] == 0
+    assert record["baseline_rounds_per_min"] > 0 and record["honest_rounds_per_min"] > 0
+    assert 0 < record["server_peak_rss_mb"] < 1024

@@ -116,8 +116,24 @@ def test_a_revoked_client_that_never_heartbeats_gets_no_task_and_no_push_in(depl
     assert rounds_after and all(k == 3 for k in rounds_after)
 
 
+def test_sessions_are_one_per_client_bound_to_the_certificate_and_strangers_wait_for_nothing(deployment):
+    d = deployment()
+    d.start()
+    d.wait_round(2)
+    flood = finish(d.attacker("join-flood", identity="mallory2", count=300))
+    gone = {"status": "UNAUTHENTICATED", "details": "unknown session: join again"}
+    assert flood["first_middle_last"] == [gone, gone, True]  # one session per client: only the newest works
+    stolen = finish(d.attacker("rebind", identity="mallory2", other_cert=d.pki / "clients" / "intruder.pem",
+                               other_key=d.pki / "clients" / "intruder.key"))
+    assert stolen["own_certificate"] is True
+    assert stolen["other_certificate"]["status"] == "PERMISSION_DENIED"
+    slow = finish(d.attacker("slow-joins", identity="intruder", token=False, count=50, conns=5, seconds=4))
+    assert set(slow["outcomes"]) == {"PERMISSION_DENIED"}  # a certificate of no enrolled client: refused at once
+    assert d.rounds[-1][2] == 3
+
+
 def test_slow_and_flooding_calls_leave_the_honest_rounds_running_in_bounded_memory(deployment):
-    d = deployment(settings=("deploy.recv_timeout_s=3",))
+    d = deployment(settings=("deploy.recv_timeout_s=3",), mutual_tls=False)  # anyone can open a Join
     d.start()
     d.wait_round(3)
     base = d.window(8)
@@ -135,11 +151,3 @@ def test_slow_and_flooding_calls_leave_the_honest_rounds_running_in_bounded_memo
         assert "accepted" not in outcomes and outcomes.get("refused_bad_message", 0) > 0, (mode, outcomes)
     assert all(k == len(HONEST) for _, _, k in d.rounds)
 
-    flood = finish(d.attacker("join-flood", count=300))
-    gone = {"status": "UNAUTHENTICATED", "details": "unknown session: join again"}
-    assert flood["first_middle_last"][:2] == [gone, gone]
-    assert flood["first_middle_last"][2] is True  # one session per client: only the newest works
-    stolen = finish(d.attacker("rebind", other_cert=d.pki / "clients" / "intruder.pem",
-                               other_key=d.pki / "clients" / "intruder.key"))
-    assert stolen["own_certificate"] is True
-    assert stolen["other_certificate"]["status"] == "PERMISSION_DENIED"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fedloom.deploy.dispatch import DeployedTransport, LoopThread
-from fedloom.deploy.service import SESSION_KEY, FederationService
+from fedloom.deploy.service import SESSION_KEY, TOKEN_KEY, FederationService
 from fedloom.deploy.state import ServerState as StateStore
 from fedloom.messages import EvaluateReply, Evaluation, TrainConfig, TrainReply, TrainRequest, Update
 from fedloom.simulation.config import load_config
@@ -184,6 +184,11 @@ def test_one_session_per_client_bounded_calls_and_slow_bodies_cut_off(tmp_path):
         with pytest.raises(grpc.RpcError) as err:  # both Join slots are taken by calls with no body
             r.join(1)
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "join_calls" in err.value.details()
+        token_first = r.stub.Join(pb.JoinRequest(token=r.tokens[1]), metadata=((TOKEN_KEY, r.tokens[1]),))
+        assert token_first.client_id == 1  # a client whose token is in its metadata needs no slot
+        with pytest.raises(grpc.RpcError) as err:
+            r.stub.Join(pb.JoinRequest(), metadata=((TOKEN_KEY, "forged"),))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
         for f in slow:  # cut off after recv_timeout_s = 1
             with pytest.raises(grpc.RpcError) as err:
                 f.result(timeout=5)

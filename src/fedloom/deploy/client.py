@@ -23,7 +23,7 @@ import grpc
 from fedloom.client.work import ClientWork, handle
 from fedloom.data.dataset import ClientDataset
 from fedloom.deploy.security import channel_credentials
-from fedloom.deploy.service import MAX_POLL_S, SESSION_KEY, STATUS_KEY, limits
+from fedloom.deploy.service import MAX_POLL_S, SESSION_KEY, STATUS_KEY, TOKEN_KEY, limits
 from fedloom.errors import ClientRefused, ConfigError, FedloomError, WireError
 from fedloom.messages import Reply
 from fedloom.simulation.config import Config
@@ -85,7 +85,8 @@ def serve_client(work: ClientWork, local: ClientDataset, cfg: Config, address: s
         try:
             with _channel(cfg, address) as channel:
                 stub = pb_grpc.FederationStub(channel)
-                joined = stub.Join(pb.JoinRequest(client_name=cfg.deploy.name, token=token), timeout=10)
+                joined = stub.Join(pb.JoinRequest(client_name=cfg.deploy.name, token=token), timeout=10,
+                                   metadata=((TOKEN_KEY, token),))  # known before its request is read
                 meta = ((SESSION_KEY, joined.session),)
                 data = replace(local, client_id=joined.client_id)  # the server's id keys the seeded shuffle
                 log.info("joined %s as client %d", address, joined.client_id)

@@ -118,6 +118,11 @@ class Dispatcher:
         seen = self._last_seen.get(client_id)
         return seen is None or time.monotonic() - seen > after_s
 
+    def wake(self, client_id: int) -> None:
+        """The client was heard from, and its waiting polls check again whether they are still valid."""
+        self.seen(client_id)
+        self._event(client_id).set()
+
     def drop(self, client_id: int, code: str, reason: str) -> None:
         """Forget ``client_id`` (it was revoked): its open tasks are answered with an error, its polls wake."""
         self._last_seen.pop(client_id, None)

@@ -8,7 +8,8 @@ refuse it, count it and time out its body, before any body is read.
 
 What a caller can make the server hold is bounded by the ``[deploy]`` settings:
 
-* ``join_calls``: Join calls in flight over all connections (the only calls open to strangers);
+* ``join_calls``: Join calls in flight without a token in their metadata, over all connections
+  (the only calls open to strangers; under mutual TLS only to certificates of enrolled clients);
 * ``client_calls``: polls and heartbeats one client has open at once; its pushes are counted
   apart, one per task it owes (so its own polls never keep its replies out);
 * ``recv_timeout_s``: the wait for a call's next message (a Join's token, each chunk of a push);
@@ -52,6 +53,7 @@ log = logging.getLogger("fedloom")
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Federation"].full_name
 SESSION_KEY = "fedloom-session"
+TOKEN_KEY = "fedloom-token"
 STATUS_KEY = "fedloom-status"
 MAX_POLL_S = 30
 REVOCATION_CHECK_S = 1.0
@@ -185,6 +187,7 @@ class FederationService:
         self.finished = False
         self._told: set[int] = set()  # clients told that the run is finished
         self._joins = 0
+        self._enrolled: frozenset[str] = frozenset()  # names of enrolled clients that are not revoked
         self._calls: Counter[int] = Counter()
         self._pushes: Counter[int] = Counter()
         self._touched: dict[int, float] = {}
@@ -198,9 +201,11 @@ class FederationService:
     async def start(self, address: str, credentials: grpc.ServerCredentials | None, max_clients: int) -> int:
         """Listen on ``address`` (TLS when ``credentials``); returns the port. ``max_clients`` sizes the call cap."""
         self._budget = ByteBudget(self.d.inflight_mb << 20)
+        await self._read_registry()
         self._server = grpc.aio.server(
-            options=[("grpc.max_concurrent_streams", 4 * self.d.client_calls + 16)],
-            maximum_concurrent_rpcs=max_clients * self.d.client_calls + self.d.join_calls + 16)
+            options=[("grpc.max_concurrent_streams", 4 * self.d.client_calls + 16),
+                     ("grpc.server_handshake_timeout_ms", int(self.d.recv_timeout_s * 1000))],
+            maximum_concurrent_rpcs=max_clients * (self.d.client_calls + 1) + self.d.join_calls + 16)
         self._server.add_generic_rpc_handlers((self._handlers(),))
         if credentials is None:
             port = self._server.add_insecure_port(address)
@@ -238,19 +243,24 @@ class FederationService:
             "Heartbeat": stream_in(self.Heartbeat, pb.HeartbeatRequest, pb.HeartbeatReply),
         })
 
+    async def _read_registry(self) -> None:
+        """Enrolled names and revocations, from the database: revoked clients' sessions, polls and tasks end."""
+        clients = await asyncio.to_thread(self.store.clients)
+        self._enrolled = frozenset(c["name"] for c in clients if not c["revoked"])
+        revoked = frozenset(c["client_id"] for c in clients if c["revoked"])
+        self.sessions.revoked, newly = revoked, revoked - self.sessions.revoked
+        for cid in newly:  # its session is refused from now on (Sessions.find), its polls end
+            log.info("client %d is revoked: its session and tasks end", cid)
+            self.dispatcher.drop(cid, "revoked", f"client {cid} was revoked")
+
     async def _watch_revocations(self) -> None:
-        """Read the registry's revocations every second: revoked clients' sessions, polls and tasks end."""
+        """:meth:`_read_registry` every second."""
         while True:
-            try:
-                revoked = frozenset(await asyncio.to_thread(self.store.revoked))
-            except Exception as exc:  # noqa: BLE001 - a locked or failing database must not end the watcher
-                log.warning("cannot read revocations: %s", exc)
-            else:
-                self.sessions.revoked, newly = revoked, revoked - self.sessions.revoked
-                for cid in newly:  # its session is refused from now on (Sessions.find), its polls end
-                    log.info("client %d is revoked: its session and tasks end", cid)
-                    self.dispatcher.drop(cid, "revoked", f"client {cid} was revoked")
             await asyncio.sleep(REVOCATION_CHECK_S)
+            try:
+                await self._read_registry()
+            except Exception as exc:  # noqa: BLE001 - a locked or failing database must not end the watcher
+                log.warning("cannot read the client registry: %s", exc)
 
     # -- helpers -----------------------------------------------------------------------------------
 
@@ -272,14 +282,19 @@ class FederationService:
 
     @asynccontextmanager
     async def _session(self, context: grpc.aio.ServicerContext, push: bool = False) -> AsyncIterator[Session]:
-        """The caller's session, its call counted while it lasts.
-
-        Polls and heartbeats count against ``client_calls``; pushes apart, one per task the client
-        owes, so that a client's own polls can never keep its replies out.
-        """
+        """The caller's session, its call counted while it lasts (:meth:`_counted`)."""
         key = dict(context.invocation_metadata()).get(SESSION_KEY, "")
         session = self.sessions.find(key, _cert_digest(context) if self.d.mutual_tls else "")
-        cid = session.client_id
+        async with self._counted(session.client_id, push):
+            yield session
+
+    @asynccontextmanager
+    async def _counted(self, cid: int, push: bool = False) -> AsyncIterator[None]:
+        """Count a call of client ``cid`` while it lasts.
+
+        Joins, polls and heartbeats count against ``client_calls``; pushes apart, one per task the
+        client owes, so that a client's own polls can never keep its replies out.
+        """
         counter, limit = (self._pushes, len(self.dispatcher.owed(cid))) if push else (self._calls, self.d.client_calls)
         if push and not limit:
             raise _NotAwaited
@@ -289,39 +304,61 @@ class FederationService:
             raise Refusal(StatusCode.RESOURCE_EXHAUSTED, f"this client has {what}")
         counter[cid] += 1
         try:
-            yield session
+            yield
         finally:
             counter[cid] -= 1
+
+    def _certificate_names(self, context: grpc.aio.ServicerContext) -> list[str]:
+        """Under mutual TLS, the certificate's common names, which must include an enrolled client's."""
+        names = [v.decode() for v in context.auth_context().get("x509_common_name", [])]
+        if not set(names) & self._enrolled:
+            raise Refusal(StatusCode.PERMISSION_DENIED, f"the certificate ({', '.join(names) or 'no name'}) is no "
+                                                        "enrolled client's")
+        return names
+
+    async def _authenticate(self, token: str, names: list[str] | None) -> tuple[int, str]:
+        found = await asyncio.to_thread(self.store.authenticate, token)
+        if found is None:
+            raise Refusal(StatusCode.UNAUTHENTICATED, "unknown or revoked client token")
+        if names is not None and found[1] not in names:
+            raise Refusal(StatusCode.PERMISSION_DENIED, f"the token is {found[1]!r}'s but the certificate is "
+                                                        f"{', '.join(names)}'s")
+        return found
 
     # -- the four calls ----------------------------------------------------------------------------
 
     async def Join(self, requests: AsyncIterator[pb.JoinRequest], context: grpc.aio.ServicerContext) -> pb.JoinReply:
+        """A client presents its token (metadata ``fedloom-token``, or the request) and gets a session.
+
+        With the token in the metadata the caller is known before its request is read, and its
+        call counts as one of its own; without, the call is a stranger's until its request
+        arrives, and waits for it in one of the ``join_calls`` slots. Under mutual TLS a
+        certificate of no enrolled client is refused before anything else.
+        """
         try:
+            names = self._certificate_names(context) if self.d.mutual_tls else None
+            token = dict(context.invocation_metadata()).get(TOKEN_KEY, "")
+            if token:
+                found = await self._authenticate(token, names)
+                async with self._counted(found[0]):
+                    await self._request(requests, "the join request")
+                    return await self._open(found, context)
             if self._joins >= self.d.join_calls:
-                raise Refusal(StatusCode.RESOURCE_EXHAUSTED, f"{self._joins} joins are in flight, the limit "
-                                                             "(deploy.join_calls): try again shortly")
+                raise Refusal(StatusCode.RESOURCE_EXHAUSTED, f"{self._joins} joins without a token in their metadata "
+                                                             "are in flight, the limit (deploy.join_calls)")
             self._joins += 1
             try:
-                return await self._join(await self._request(requests, "the join request"), context)
+                request = await self._request(requests, "the join request")
+                return await self._open(await self._authenticate(request.token, names), context)
             finally:
                 self._joins -= 1
         except Refusal as r:
             await context.abort(r.code, r.details)
 
-    async def _join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
-        found = await asyncio.to_thread(self.store.authenticate, request.token)
-        if found is None:
-            raise Refusal(StatusCode.UNAUTHENTICATED, "unknown or revoked client token")
+    async def _open(self, found: tuple[int, str], context: grpc.aio.ServicerContext) -> pb.JoinReply:
         cid, name = found
-        cert = ""
-        if self.d.mutual_tls:
-            names = [v.decode() for v in context.auth_context().get("x509_common_name", [])]
-            if name not in names:
-                raise Refusal(StatusCode.PERMISSION_DENIED,
-                              f"the token is {name!r}'s but the certificate is {names or 'nobody'}'s")
-            cert = _cert_digest(context)
-        session = self.sessions.open(cid, name, cert)
-        self.dispatcher.seen(cid)
+        session = self.sessions.open(cid, name, _cert_digest(context) if self.d.mutual_tls else "")
+        self.dispatcher.wake(cid)  # polls of the session it replaces end instead of taking this client's tasks
         if time.monotonic() - self._touched.get(cid, -math.inf) > TOUCH_EVERY_S:  # a disk write: not on every Join
             self._touched[cid] = time.monotonic()
             await asyncio.to_thread(self.store.touch, cid)

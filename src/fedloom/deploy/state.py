@@ -277,11 +277,6 @@ class ServerState:
             if conn.execute("UPDATE clients SET revoked = 1 WHERE name = ?", (name,)).rowcount == 0:
                 raise StateError(f"no enrolled client named {name!r}", stage="revoke")
 
-    def revoked(self) -> list[int]:
-        """The ids of revoked clients."""
-        with self._tx("read revocations", write=False) as conn:
-            return [int(r[0]) for r in conn.execute("SELECT client_id FROM clients WHERE revoked = 1")]
-
     def touch(self, client_id: int) -> None:
         """Record that ``client_id`` was seen now."""
         with self._tx("touch") as conn:
