@@ -104,9 +104,15 @@ class Peer:
     def meta(self) -> tuple[tuple[str, str], ...]:
         return ((SESSION_KEY, self.session),)
 
-    def join(self) -> str:
-        reply = self.stub.Join(pb.JoinRequest(client_name="mallory", token=self.token), timeout=10,
-                               metadata=((TOKEN_KEY, self.token),))
+    def join(self, tries: int = 3) -> str:
+        for attempt in range(tries):
+            try:
+                reply = self.stub.Join(pb.JoinRequest(client_name="mallory", token=self.token), timeout=20,
+                                       metadata=((TOKEN_KEY, self.token),))
+                break
+            except grpc.RpcError as exc:
+                if attempt == tries - 1 or exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise
         self.session, self.client_id = reply.session, reply.client_id
         return reply.session
 
