@@ -43,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +142,53 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
 
 
+class Proc:
+    """A child process whose output is read as it comes (a full pipe would block it), kept whole."""
+
+    def __init__(self, args: list[str], env: dict[str, str], cpus: set[int] | None,
+                 on_line: Callable[[str], None] | None = None):
+        self.popen = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                      preexec_fn=_pin(cpus))
+        self.pid = self.popen.pid
+        self._out: list[str] = []
+        self._err: list[str] = []
+        self._readers = [threading.Thread(target=self._read, args=(self.popen.stdout, self._out, on_line), daemon=True),
+                         threading.Thread(target=self._read, args=(self.popen.stderr, self._err, None), daemon=True)]
+        for r in self._readers:
+            r.start()
+
+    @staticmethod
+    def _read(stream: Any, lines: list[str], on_line: Callable[[str], None] | None) -> None:
+        for line in stream:
+            lines.append(line)
+            if on_line is not None:
+                on_line(line)
+
+    @property
+    def out(self) -> str:
+        return "".join(self._out)
+
+    @property
+    def err(self) -> str:
+        return "".join(self._err)
+
+    def poll(self) -> int | None:
+        return self.popen.poll()
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the exit, then for the rest of its output."""
+        code = self.popen.wait(timeout)
+        for r in self._readers:
+            r.join(timeout=10)
+        return code
+
+    def send_signal(self, sig: int) -> None:
+        self.popen.send_signal(sig)
+
+    def kill(self) -> None:
+        self.popen.kill()
+
+
 class Deployment:
     """A real server, three honest clients and an enrolled attacker identity, in folder ``root``."""
 
@@ -153,32 +201,26 @@ class Deployment:
         self.settings = [a for s in settings for a in ("--set", s)]
         self.address = f"127.0.0.1:{self.config.read_text().split('127.0.0.1:')[1].split(chr(34))[0]}"
         self.rounds: list[tuple[float, int, int]] = []  # (arrival, round, accepted updates)
-        self.server_out: list[str] = []
-        self.server: subprocess.Popen[str] | None = None
-        self.clients: dict[str, subprocess.Popen[str]] = {}
+        self.server: Proc | None = None
+        self.clients: dict[str, Proc] = {}
 
     # -- processes ---------------------------------------------------------------------------------
 
-    def fedloom(self, *args: str) -> subprocess.Popen[str]:
-        return subprocess.Popen([sys.executable, "-m", "fedloom.cli", *args], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=_env(), preexec_fn=_pin(FEDERATION_CPUS))
+    def fedloom(self, *args: str, on_line: Callable[[str], None] | None = None) -> Proc:
+        return Proc([sys.executable, "-m", "fedloom.cli", *args], _env(), FEDERATION_CPUS, on_line)
 
-    def start_server(self, *extra: str) -> subprocess.Popen[str]:
-        self.server = self.fedloom("server", "--config", str(self.config), *self.settings, *extra)
-        server = self.server
+    def _round_line(self, line: str) -> None:
+        m = ROUND_LINE.match(line)
+        if m:
+            self.rounds.append((time.monotonic(), int(m.group(1)), int(m.group(2))))
 
-        def read() -> None:
-            for line in server.stdout:  # type: ignore[union-attr]
-                self.server_out.append(line)
-                m = ROUND_LINE.match(line)
-                if m:
-                    self.rounds.append((time.monotonic(), int(m.group(1)), int(m.group(2))))
-
-        threading.Thread(target=read, daemon=True).start()
+    def start_server(self, *extra: str) -> Proc:
+        self.server = self.fedloom("server", "--config", str(self.config), *self.settings, *extra,
+                                   on_line=self._round_line)
         self.wait_for(self.state / "tokens" / f"{ATTACKERS[-1]}.token")
-        return server
+        return self.server
 
-    def start_client(self, name: str) -> subprocess.Popen[str]:
+    def start_client(self, name: str) -> Proc:
         i = HONEST.index(name)
         self.clients[name] = self.fedloom(
             "client", "--config", str(self.config), *self.settings, "--set", f'deploy.name="{name}"',
@@ -193,7 +235,7 @@ class Deployment:
             self.start_client(name)
         return self
 
-    def attacker(self, mode: str, identity: str = "mallory", token: bool = True, **options: Any) -> subprocess.Popen:
+    def attacker(self, mode: str, identity: str = "mallory", token: bool = True, **options: Any) -> Proc:
         """``benchmarks/attacker.py MODE`` against this server as ``identity`` (a certificate in the PKI)."""
         args = [sys.executable, str(ATTACKER), mode, "--address", self.address, "--ca", str(self.pki / "ca.pem"),
                 "--cert", str(self.pki / "clients" / f"{identity}.pem"),
@@ -203,8 +245,7 @@ class Deployment:
         for k, v in options.items():
             args += [f"--{k.replace('_', '-')}", str(v)]
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing of fedloom's on its path
-        return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                preexec_fn=_pin(ATTACKER_CPUS))
+        return Proc(args, env, ATTACKER_CPUS)
 
     def stop(self) -> None:
         for p in [self.server, *self.clients.values()]:
@@ -226,7 +267,7 @@ class Deployment:
         end = time.monotonic() + timeout
         while not self.rounds or self.rounds[-1][1] < n:
             if time.monotonic() > end or (self.server is not None and self.server.poll() is not None):
-                raise AssertionError(f"round {n} never came; the server said:\n{''.join(self.server_out[-20:])}")
+                raise AssertionError(f"round {n} never came; the server said:\n{self.server.err[-3000:]}")
             time.sleep(0.05)
 
     def window(self, seconds: float) -> dict[str, float]:
@@ -241,12 +282,12 @@ class Deployment:
                 "lost_updates": sum(len(HONEST) - k for _, _, k in done)}
 
 
-def finish(proc: subprocess.Popen[str], timeout: float = 120) -> dict[str, Any]:
+def finish(proc: Proc, timeout: float = 120) -> dict[str, Any]:
     """Wait for an attacker and return its JSON line (its stderr tail when it printed none)."""
-    out, err = proc.communicate(timeout=timeout)
-    lines = [line for line in out.splitlines() if line.startswith("{")]
+    code = proc.wait(timeout)
+    lines = [line for line in proc.out.splitlines() if line.startswith("{")]
     if not lines:
-        raise RuntimeError(f"the attacker exited {proc.returncode} without a result:\n{err[-2000:]}")
+        raise RuntimeError(f"the attacker exited {code} without a result:\n{proc.err[-2000:]}")
     return json.loads(lines[-1])
 
 

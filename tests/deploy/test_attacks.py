@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from benchmarks.attacks import HONEST, MIXES, Deployment, finish
+from benchmarks.attacks import HONEST, MIXES, Deployment, Proc, finish
 from fedloom.deploy.state import ServerState as StateStore
 
 
@@ -29,11 +29,10 @@ def deployment(tmp_path):
         d.stop()
 
 
-def run_to_the_end(d: Deployment, attacker: subprocess.Popen) -> dict:
-    assert d.server.wait(timeout=240) == 0, d.server.stderr.read()
+def run_to_the_end(d: Deployment, attacker: Proc) -> dict:
+    assert d.server.wait(timeout=240) == 0, d.server.err[-3000:]
     for name, client in d.clients.items():
-        out, err = client.communicate(timeout=60)
-        assert client.returncode == 0 and f"{name}: run finished" in out, err[-2000:]
+        assert client.wait(timeout=60) == 0 and f"{name}: run finished" in client.out, client.err[-2000:]
     return finish(attacker)
 
 
@@ -80,7 +79,7 @@ def test_clients_stay_when_the_server_stops_and_come_back_when_it_returns(deploy
         d.wait_round(len(d.rounds) + 3)
         d.server.send_signal(sig)
         assert d.server.wait(timeout=30) == 130
-        assert "stopped before the run finished" in d.server.stderr.read()
+        assert "stopped before the run finished" in d.server.err
         time.sleep(3)  # an old server told everyone "run finished" here, and they left
         assert all(c.poll() is None for c in d.clients.values())
         resumed_after = d.rounds[-1][1]
@@ -92,8 +91,20 @@ def test_clients_stay_when_the_server_stops_and_come_back_when_it_returns(deploy
                       "--set", f'deploy.token_file="{d.state / "tokens" / "c0.token"}"',
                       "--set", f'deploy.cert="{d.pki / "clients" / "c0.pem"}"',
                       "--set", f'deploy.key="{d.pki / "clients" / "c0.key"}"')
-    out, err = alone.communicate(timeout=120)
-    assert alone.returncode == 2 and "unreachable for 2 s (deploy.reconnect_s)" in err
+    assert alone.wait(timeout=120) == 2 and "unreachable for 2 s (deploy.reconnect_s)" in alone.err
+
+
+def test_clients_join_again_by_themselves_when_their_sessions_expire(deployment):
+    d = deployment(settings=("deploy.session_s=2",))
+    d.start()
+    d.wait_round(2)
+    first = len(d.rounds)
+    time.sleep(7)  # three lifetimes
+    assert len(d.rounds) - first > 10 and all(k == 3 for _, _, k in d.rounds[first:])
+    d.server.kill()
+    d.server.wait()
+    joins = [line for line in d.server.err.splitlines() if "joined" in line]
+    assert len(joins) >= 3 * 3  # each client, at least once per expiry
 
 
 def test_a_revoked_client_that_never_heartbeats_gets_no_task_and_no_push_in(deployment):

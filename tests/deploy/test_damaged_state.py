@@ -24,7 +24,7 @@ def _run(root: Path, rounds: int, kill_at: int | None = None) -> Deployment:
     d = Deployment(root, rounds=rounds)
     d.start()
     if kill_at is None:
-        assert d.server.wait(timeout=240) == 0, d.server.stderr.read()
+        assert d.server.wait(timeout=240) == 0, d.server.err[-3000:]
     else:
         d.wait_round(kill_at)
         os.kill(d.server.pid, signal.SIGKILL)

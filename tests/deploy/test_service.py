@@ -199,6 +199,22 @@ def test_one_session_per_client_bounded_calls_and_slow_bodies_cut_off(tmp_path):
         r.close()
 
 
+def test_a_session_expires_and_the_client_joins_again(tmp_path):
+    r = Running(tmp_path, "deploy.session_s=1")
+    try:
+        session, meta = r.join()
+        assert r.stub.Heartbeat(pb.HeartbeatRequest(session=session), metadata=meta).known
+        time.sleep(1.3)
+        with pytest.raises(grpc.RpcError) as err:
+            r.stub.Heartbeat(pb.HeartbeatRequest(session=session), metadata=meta)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert err.value.details() == "session expired: join again"
+        session, meta = r.join()
+        assert r.stub.Heartbeat(pb.HeartbeatRequest(session=session), metadata=meta).known
+    finally:
+        r.close()
+
+
 @pytest.mark.parametrize("setting,key", [
     (["server.selection=\"oort\""], "server.selection"),
     (["server.aggregation=\"fedbuff\"", "hetero.population=\"silo\""], "server.aggregation"),
