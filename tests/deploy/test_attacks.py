@@ -82,10 +82,12 @@ def test_clients_stay_when_the_server_stops_and_come_back_when_it_returns(deploy
         assert "stopped before the run finished" in d.server.err
         time.sleep(3)  # an old server told everyone "run finished" here, and they left
         assert all(c.poll() is None for c in d.clients.values())
-        resumed_after = d.rounds[-1][1]
+        printed, before = d.rounds[-1][1], len(d.rounds)
         d.start_server()
-        d.wait_round(resumed_after + 5, timeout=120)  # the clients found the new server by themselves
-        assert d.rounds[-1][2] == 3 and d.rounds[-5][1] == resumed_after + 1
+        d.wait_round(printed + 6, timeout=120)  # the clients found the new server by themselves
+        resumed = d.rounds[before:]
+        # it resumes after the last round done: the one printed, or one done but cut off before its line
+        assert resumed[0][1] in (printed + 1, printed + 2) and all(k == 3 for _, _, k in resumed), resumed
     d.stop()
     alone = d.fedloom("client", "--config", str(d.config), "--set", 'deploy.name="c0"', "--set", "deploy.reconnect_s=2",
                       "--set", f'deploy.token_file="{d.state / "tokens" / "c0.token"}"',
@@ -111,14 +113,15 @@ def test_a_revoked_client_that_never_heartbeats_gets_no_task_and_no_push_in(depl
     d = deployment()
     d.start()
     d.wait_round(2)
-    attacker = d.attacker("revoked", seconds=12)
+    attacker = d.attacker("revoked", seconds=20)
     time.sleep(5)
-    revoked_at = time.time()
+    started = time.time()
     done = subprocess.run([sys.executable, "-m", "fedloom.cli", "revoke", "--state-dir", str(d.state), "mallory"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+    revoked_at = time.time()  # the registry changed between started and now
     events = finish(attacker)["events"]
-    before = [e for e in events if e["t"] < revoked_at and e.get("accepted")]
+    before = [e for e in events if e["t"] < started and e.get("accepted")]
     after = [e for e in events if e["t"] > revoked_at + 1.5]  # revocations are read every second
     assert len(before) >= 3, events  # it was taking part
     assert after and not any("task" in e for e in after), after  # no task, so no model, after the revocation
