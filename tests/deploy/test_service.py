@@ -30,7 +30,7 @@ class Running:
                                  *settings])
         self.loop = LoopThread()
         self.service = FederationService(self.store, cfg)
-        port = self.loop.call(self.service.start("127.0.0.1:0", None, max_clients=2))
+        port = self.loop.call(self.service.start("127.0.0.1:0", None))
         self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         self.stub = pb_grpc.FederationStub(self.channel)
         self.transport = DeployedTransport(self.loop, self.service.dispatcher, 20.0, 20.0, 1 << 20)

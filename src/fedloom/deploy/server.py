@@ -196,7 +196,7 @@ def serve(cfg: Config, *, on_round: Callable[[dict[str, float]], None] | None = 
         completed = False
         try:
             try:
-                port = loop.call(service.start(d.address, credentials, num_clients))
+                port = loop.call(service.start(d.address, credentials))
             except RuntimeError as exc:
                 raise FedloomError(f"cannot listen on {d.address}: {exc}") from None
             if port == 0:

@@ -198,14 +198,16 @@ class FederationService:
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
-    async def start(self, address: str, credentials: grpc.ServerCredentials | None, max_clients: int) -> int:
-        """Listen on ``address`` (TLS when ``credentials``); returns the port. ``max_clients`` sizes the call cap."""
+    async def start(self, address: str, credentials: grpc.ServerCredentials | None) -> int:
+        """Listen on ``address`` (TLS when ``credentials``); returns the port."""
         self._budget = ByteBudget(self.d.inflight_mb << 20)
         await self._read_registry()
+        # No server-wide cap on calls (maximum_concurrent_rpcs): strangers would fill it and the clients'
+        # polls be refused with them. Each kind of call has its own bound instead: join_calls for strangers,
+        # client_calls and owed pushes per client, and a call with no valid session is refused at once.
         self._server = grpc.aio.server(
             options=[("grpc.max_concurrent_streams", 4 * self.d.client_calls + 16),
-                     ("grpc.server_handshake_timeout_ms", int(self.d.recv_timeout_s * 1000))],
-            maximum_concurrent_rpcs=max_clients * (self.d.client_calls + 1) + self.d.join_calls + 16)
+                     ("grpc.server_handshake_timeout_ms", int(self.d.recv_timeout_s * 1000))])
         self._server.add_generic_rpc_handlers((self._handlers(),))
         if credentials is None:
             port = self._server.add_insecure_port(address)
