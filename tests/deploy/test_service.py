@@ -103,6 +103,11 @@ def test_bad_messages_get_error_replies_and_the_server_carries_on(running):
     again = running.push(reply, task_id, meta)  # a replay: the task is answered
     assert not again.accepted and again.error.code == "not_awaited"
     assert stub.Heartbeat(pb.HeartbeatRequest(session=session), metadata=meta).known
+    raw = running.channel.unary_unary("/fedloom.v1.Federation/Heartbeat", request_serializer=bytes,
+                                      response_deserializer=pb.HeartbeatReply.FromString)
+    with pytest.raises(grpc.RpcError):  # a body that is no HeartbeatRequest: the call fails, the server does not
+        raw(b"\xff\xff\xff", metadata=meta, timeout=5)
+    assert stub.Heartbeat(pb.HeartbeatRequest(session=session), metadata=meta).known
 
 
 @pytest.mark.parametrize("answer, code, words", [

@@ -189,8 +189,8 @@ def serve(cfg: Config, *, on_round: Callable[[dict[str, float]], None] | None = 
         state = _resume(store, run_id, server.init(work.initial_params(cfg.run.seed)), names)
         _check_budget(d, state.params)
         if state.round >= cfg.run.rounds:
-            log.info("run %s is already finished after round %d", cfg.run.name, state.round)
-            return state
+            log.info("run %s is already finished after round %d: clients that connect are told so", cfg.run.name,
+                     state.round)
         loop = LoopThread()
         service = FederationService(store, cfg)
         completed = False
