@@ -106,9 +106,6 @@ class Sessions:
         if old is not None:
             del self._by_key[old.key]
 
-    def clients(self) -> list[int]:
-        return list(self._by_client)
-
     def find(self, key: str, cert: str) -> Session:
         """The live session ``key`` presented with certificate digest ``cert``; else :class:`Refusal`."""
         session = self._by_key.get(key)
