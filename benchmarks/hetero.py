@@ -22,8 +22,8 @@ import json
 import time
 from pathlib import Path
 
+from fedloom.config import load_config
 from fedloom.simulation.compare import compare_runs, time_to_target
-from fedloom.simulation.config import load_config
 from fedloom.simulation.runner import simulate
 
 STRATEGIES = {

@@ -40,11 +40,11 @@ from pathlib import Path
 from typing import IO, Any
 
 import fedloom
+from fedloom.build import build_clients
 from fedloom.client.torch_work import TorchClientWork
+from fedloom.config import Config, config_from_dict, to_toml
 from fedloom.deploy.certs import make_dev_pki
 from fedloom.deploy.client import serve_client
-from fedloom.simulation.config import Config, config_from_dict, to_toml
-from fedloom.simulation.runner import build_clients
 
 log = logging.getLogger("fedloom.benchmarks.load")
 

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fedloom.build import load_dataset, model_factory
+from fedloom.config import Config, config_from_dict
 from fedloom.data.dataset import FederatedDataset
-from fedloom.simulation.config import Config, config_from_dict
-from fedloom.simulation.runner import load_dataset, model_factory
 
 _WA = {
     "run": {"name": "wa", "seed": 0, "rounds": 20},

@@ -12,7 +12,7 @@ from fedloom.errors import FedloomError
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from fedloom.simulation.config import load_config, with_rounds
+    from fedloom.config import load_config, with_rounds
     from fedloom.simulation.runner import simulate
 
     cfg = load_config(args.config, args.set or [])
@@ -60,8 +60,8 @@ def _compare(args: argparse.Namespace) -> int:
 def _server(args: argparse.Namespace) -> int:
     import logging
 
+    from fedloom.config import load_config
     from fedloom.deploy.server import serve
-    from fedloom.simulation.config import load_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cfg = load_config(args.config, args.set or [])
@@ -89,8 +89,8 @@ def _interrupt(signum: int, frame: object) -> None:
 def _client(args: argparse.Namespace) -> int:
     import logging
 
+    from fedloom.config import load_config
     from fedloom.deploy.client import run_client
-    from fedloom.simulation.config import load_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cfg = load_config(args.config, args.set or [])

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedloom.config import load_config
 from fedloom.deploy.certs import make_dev_pki
 from fedloom.deploy.state import ServerState as StateStore
-from fedloom.simulation.config import load_config
 from fedloom.simulation.runner import simulate
 
 BASE = """

@@ -10,9 +10,9 @@ import time
 import numpy as np
 from test_e2e import BASE, free_port, wait_for
 
+from fedloom.config import load_config
 from fedloom.deploy.certs import make_dev_pki
 from fedloom.deploy.state import ServerState as StateStore
-from fedloom.simulation.config import load_config
 from fedloom.simulation.runner import simulate
 
 

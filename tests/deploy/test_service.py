@@ -8,12 +8,12 @@ import grpc
 import numpy as np
 import pytest
 
-from fedloom.deploy.dispatch import DeployedTransport, LoopThread
+from fedloom.config import load_config
 from fedloom.deploy.service import SESSION_KEY, TOKEN_KEY, FederationService
 from fedloom.deploy.state import ServerState as StateStore
 from fedloom.messages import EvaluateReply, Evaluation, TrainConfig, TrainReply, TrainRequest, Update
-from fedloom.simulation.config import load_config
 from fedloom.transport import wire
+from fedloom.transport.dispatch import DeployedTransport, LoopThread
 from fedloom.transport.proto import fedloom_pb2 as pb
 from fedloom.transport.proto import fedloom_pb2_grpc as pb_grpc
 

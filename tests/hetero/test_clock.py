@@ -5,10 +5,10 @@ import math
 import numpy as np
 import pytest
 
+from fedloom.config import load_config
 from fedloom.hetero.clock import message_bytes, run_clock, shrink_to_deadline, steps_that_fit
 from fedloom.hetero.profiles import REFERENCE_FLOPS, DeviceProfile, task_duration
 from fedloom.messages import TrainConfig, TrainReply, TrainRequest, Update
-from fedloom.simulation.config import load_config
 from fedloom.simulation.runner import simulate
 
 PARAMS = [np.zeros(1000, np.float32)]

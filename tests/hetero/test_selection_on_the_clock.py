@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
+from fedloom.config import load_config
 from fedloom.errors import ConfigError
-from fedloom.simulation.config import load_config
 from fedloom.simulation.runner import simulate
 
 BASE = ["data.dataset=\"synthetic\"", "data.num_clients=60", "model.name=\"logreg\"", "run.rounds=40",

@@ -5,11 +5,11 @@ import math
 import numpy as np
 import pytest
 
+from fedloom.config import load_config
 from fedloom.errors import ConfigError
 from fedloom.messages import ErrorReply, TrainConfig, TrainReply, Update
 from fedloom.server import Strategy, sgd
 from fedloom.server.asynchronous import AsyncServer, polynomial_staleness
-from fedloom.simulation.config import load_config
 from fedloom.simulation.runner import simulate
 
 X = [np.array([1.0, 2.0], np.float32)]

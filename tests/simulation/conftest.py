@@ -2,8 +2,8 @@
 
 import pytest
 
+from fedloom.build import build_clients, build_strategy
 from fedloom.server import SyncServer
-from fedloom.simulation.runner import build_clients, build_strategy
 
 
 def _drive(cfg, transport, rounds):

@@ -2,8 +2,8 @@ import tomllib
 
 import pytest
 
+from fedloom.config import Config, config_from_dict, load_config, to_toml
 from fedloom.errors import ConfigError
-from fedloom.simulation.config import Config, config_from_dict, load_config, to_toml
 
 
 def test_defaults_round_trip_through_commented_toml():

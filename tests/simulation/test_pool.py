@@ -10,13 +10,13 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
+from fedloom.build import build_clients
+from fedloom.config import load_config
 from fedloom.data.dataset import FederatedDataset
 from fedloom.errors import WorkerError
 from fedloom.messages import EvaluateReply, EvaluateRequest, TrainConfig, TrainReply, TrainRequest
-from fedloom.simulation.config import load_config
 from fedloom.simulation.engines import request_cost, split_balanced
 from fedloom.simulation.pool import ProcessPoolTransport
-from fedloom.simulation.runner import build_clients
 from fedloom.transport.inprocess import InProcessTransport
 
 ROUNDS = 4

@@ -16,11 +16,11 @@ import pytest
 ray = pytest.importorskip("ray")
 
 import fedloom  # noqa: E402
+from fedloom.build import build_clients  # noqa: E402
+from fedloom.config import load_config  # noqa: E402
 from fedloom.messages import TrainConfig, TrainRequest  # noqa: E402
-from fedloom.simulation.config import load_config  # noqa: E402
 from fedloom.simulation.engines import request_cost, split_balanced  # noqa: E402
 from fedloom.simulation.ray_engine import RayTransport  # noqa: E402
-from fedloom.simulation.runner import build_clients  # noqa: E402
 from fedloom.transport.inprocess import InProcessTransport  # noqa: E402
 
 ROUNDS = 3

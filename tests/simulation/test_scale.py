@@ -6,7 +6,7 @@ import sys
 
 SCRIPT = """
 import json, resource
-from fedloom.simulation.config import load_config
+from fedloom.config import load_config
 from fedloom.simulation.runner import simulate
 cfg = load_config(None, ['data.dataset="synthetic"', 'data.num_clients=10000', 'model.name="logreg"',
                          'client.lr=0.01', 'server.clients_per_round=1000', 'run.rounds=3', 'eval.every=1',

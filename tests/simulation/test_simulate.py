@@ -5,8 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from fedloom.simulation.config import load_config
-from fedloom.simulation.runner import load_params, simulate
+from fedloom.config import load_config
+from fedloom.paramfiles import load_params
+from fedloom.simulation.runner import simulate
 
 TIMING = ("round_s", "elapsed_s")
 

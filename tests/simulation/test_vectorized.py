@@ -8,12 +8,12 @@ import pytest
 from torch import nn
 
 from benchmarks.workloads import WORKLOADS
+from fedloom.build import build_clients, build_strategy
 from fedloom.client import TorchClientWork
+from fedloom.config import load_config
 from fedloom.data.dataset import ClientDataset, FederatedDataset
 from fedloom.messages import TrainConfig, TrainRequest
 from fedloom.server import SyncServer
-from fedloom.simulation.config import load_config
-from fedloom.simulation.runner import build_clients, build_strategy
 from fedloom.simulation.vectorized import VectorizedTransport, stacked_forward
 from fedloom.transport import InProcessTransport
 

@@ -20,14 +20,14 @@ from pathlib import Path
 
 import grpc
 
+from fedloom.build import build_clients
 from fedloom.client.work import ClientWork, handle
+from fedloom.config import Config
 from fedloom.data.dataset import ClientDataset
 from fedloom.deploy.security import channel_credentials
 from fedloom.deploy.service import MAX_POLL_S, SESSION_KEY, STATUS_KEY, TOKEN_KEY, limits
 from fedloom.errors import ClientRefused, ConfigError, FedloomError, WireError
 from fedloom.messages import Reply
-from fedloom.simulation.config import Config
-from fedloom.simulation.runner import build_clients
 from fedloom.transport import wire
 from fedloom.transport.proto import fedloom_pb2 as pb
 from fedloom.transport.proto import fedloom_pb2_grpc as pb_grpc

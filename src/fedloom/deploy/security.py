@@ -6,8 +6,8 @@ from pathlib import Path
 
 import grpc
 
+from fedloom.config import DeployConfig
 from fedloom.errors import ConfigError
-from fedloom.simulation.config import DeployConfig
 
 
 def _read(key: str, path: str) -> bytes:

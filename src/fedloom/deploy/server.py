@@ -21,22 +21,24 @@ import logging
 import os
 import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from fedloom.build import build_clients, build_strategy
+from fedloom.config import Config, DeployConfig, to_toml
 from fedloom.deploy.certs import check_client_name
-from fedloom.deploy.dispatch import REPLY_SLACK_BYTES, DeployedTransport, LoopThread
 from fedloom.deploy.security import server_credentials
 from fedloom.deploy.service import FederationService
 from fedloom.deploy.state import ServerState as StateStore
 from fedloom.deploy.state import private_dir
 from fedloom.errors import CertError, ConfigError, FedloomError, StateError
+from fedloom.messages import Reply, TrainRequest
 from fedloom.params import Params
+from fedloom.rounds import round_metrics, run_rounds, train_round
 from fedloom.server import SyncServer
-from fedloom.server.sync import ServerState
-from fedloom.simulation.config import Config, DeployConfig, to_toml
-from fedloom.simulation.runner import build_clients, build_strategy, round_metrics
+from fedloom.server.sync import RoundResult, ServerState
+from fedloom.transport.dispatch import REPLY_SLACK_BYTES, DeployedTransport, LoopThread
 
 log = logging.getLogger("fedloom")
 
@@ -147,18 +149,28 @@ def _check_budget(d: DeployConfig, params: Params) -> None:
                                                 f"(its bytes and its decoding); raise it to at least {-(-need >> 20)}")
 
 
-def _candidates(transport: DeployedTransport, d: DeployConfig, num_clients: int) -> list[int]:
-    """The connected clients, after waiting up to ``round_timeout_s`` for ``min_clients`` of them.
+class Connected:
+    """The deployed server's pacer (``rounds.Pacer``): a round asks the connected clients.
 
-    When every client is connected this is all of them, so selection (and the whole run) is the
-    simulation's; a lost client is not asked again until it reconnects.
+    It waits up to ``round_timeout_s`` for ``min_clients`` of them. When every client is connected
+    this is all of them, so selection (and the whole run) is the simulation's; a lost client is
+    not asked again until it reconnects. Every reply the transport returns is kept.
     """
-    deadline = time.monotonic() + d.round_timeout_s
-    while True:
-        connected = [c for c in transport.connected() if c < num_clients]
-        if len(connected) >= d.min_clients or time.monotonic() >= deadline:
-            return connected
-        time.sleep(0.1)
+
+    def __init__(self, transport: DeployedTransport, d: DeployConfig, num_clients: int):
+        self.transport, self.d, self.num_clients = transport, d, num_clients
+
+    def requests(self, server: SyncServer, state: ServerState) -> tuple[list[TrainRequest], ServerState]:
+        deadline = time.monotonic() + self.d.round_timeout_s
+        while True:
+            connected = [c for c in self.transport.connected() if c < self.num_clients]
+            if len(connected) >= self.d.min_clients or time.monotonic() >= deadline:
+                return server.train_requests(state, connected)
+            time.sleep(0.1)
+
+    def settle(self, requests: Sequence[TrainRequest],
+               replies: Sequence[Reply]) -> tuple[list[Reply], dict[int, float]]:
+        return list(replies), {}
 
 
 def serve(cfg: Config, *, on_round: Callable[[dict[str, float]], None] | None = None) -> ServerState:
@@ -207,10 +219,13 @@ def serve(cfg: Config, *, on_round: Callable[[dict[str, float]], None] | None = 
             test = dataset.test_union()
             while len(transport.connected()) < d.min_clients:  # before the first round: no limit
                 time.sleep(0.1)
-            while state.round < cfg.run.rounds:
+            pacer = Connected(transport, d, num_clients)
+
+            def step(state: ServerState) -> tuple[RoundResult, ServerState]:
                 store.open_round(run_id, state.round + 1)
-                requests, state = server.train_requests(state, _candidates(transport, d, num_clients))
-                result, state = server.apply(state, requests, transport.exchange(requests))
+                return train_round(server, state, transport, pacer)
+
+            def after(result: RoundResult, state: ServerState) -> bool:
                 for cid, why in sorted(result.rejected.items(), key=str):
                     log.info("round %d: no update from client %s: %s", state.round, cid, why[:300])
                 row = round_metrics(result, state, server, transport, work, test, cfg, evaluate=True)
@@ -218,6 +233,9 @@ def serve(cfg: Config, *, on_round: Callable[[dict[str, float]], None] | None = 
                                      names + _opt_names(state.opt_state), row)
                 if on_round is not None:
                     on_round(row)
+                return False
+
+            state = run_rounds(step, state, cfg.run.rounds, after)
             completed = True
         finally:
             try:

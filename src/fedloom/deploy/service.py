@@ -1,6 +1,6 @@
 """The gRPC service clients connect to: Join, Pull, Push, Heartbeat, with every limit a stranger can push on.
 
-It runs on gRPC's asyncio server, in the event loop of a :class:`~fedloom.deploy.dispatch.LoopThread`:
+It runs on gRPC's asyncio server, in the event loop of a :class:`~fedloom.transport.dispatch.LoopThread`:
 a call waiting for a slow client costs a coroutine, not a worker thread, so no number of slow
 calls can stall the honest clients' rounds. Every method is registered as *request-streaming*
 (a unary call is the same on the wire), so the handler starts as soon as a call arrives and can
@@ -42,11 +42,11 @@ from typing import Any
 
 import grpc
 
-from fedloom.deploy.dispatch import Dispatcher, Task
+from fedloom.config import Config, DeployConfig
 from fedloom.deploy.state import ServerState as StateStore
 from fedloom.errors import WireError
-from fedloom.simulation.config import Config, DeployConfig
 from fedloom.transport import wire
+from fedloom.transport.dispatch import Dispatcher, Task
 from fedloom.transport.proto import fedloom_pb2 as pb
 
 log = logging.getLogger("fedloom")

@@ -7,7 +7,7 @@ One database file (WAL journal, ``synchronous=FULL``) holds:
 * ``clients``: enrolled clients, each with a dense ``client_id`` (0, 1, 2, ...), the SHA-256 hash of its
   token (never the token), and whether it is revoked.
 
-Model checkpoints are ``.npz`` files (written by :func:`fedloom.simulation.runner.save_params`, read
+Model checkpoints are ``.npz`` files (written by :func:`fedloom.paramfiles.save_params`, read
 without unpickling) under ``checkpoints/run-NNNN/round-NNNNNN.npz`` next to the database.
 :meth:`ServerState.complete_round` first writes the checkpoint atomically (temp file, fsync,
 ``os.replace``, fsync of the directory) and only then marks the round done in one transaction. A crash
@@ -37,6 +37,7 @@ import numpy as np
 
 from fedloom.deploy.certs import issue_token
 from fedloom.errors import ShapeError, StateError
+from fedloom.paramfiles import load_params, save_params
 from fedloom.params import Params
 
 SCHEMA_VERSION = 2  # 2: rounds.checkpoint_sha256
@@ -337,7 +338,6 @@ class ServerState:
 
         Returns the file's SHA-256 digest.
         """
-        from fedloom.simulation.runner import save_params  # imports torch: only when a checkpoint is written
 
         _make_dirs(path.parent)
         tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}.npz")
@@ -476,8 +476,6 @@ def _json_default(value: Any) -> Any:
 
 
 def _read_checkpoint(path: Path, round: int, digest: str | None) -> tuple[list[str], Params]:
-    from fedloom.simulation.runner import load_params  # imports torch: only when a checkpoint is read
-
     try:
         if digest is not None and _sha256(path) != digest:
             raise StateError(f"checkpoint {path} is not the file written for round {round} (its SHA-256 differs "

@@ -1,7 +1,7 @@
 """Simulation engines: how the simulated clients' work is executed on this host or a cluster.
 
-Every engine is a transport: ``exchange(requests) -> replies`` and ``close()``. They differ only
-in where and how the clients' work runs:
+Every engine is a transport (``transport/base.Transport``): ``exchange(requests) -> replies`` and
+``close()``. They differ only in where and how the clients' work runs:
 
 - ``sequential`` — one client after another in this process (:class:`InProcessTransport`).
 - ``vectorized`` — clients that share one architecture train together, parameters stacked along
@@ -17,11 +17,11 @@ client work and the federated dataset, so data is loaded once per worker, never 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol
 
 from fedloom.client.work import ClientWork
 from fedloom.data.dataset import FederatedDataset
-from fedloom.messages import Reply, Request, TrainRequest
+from fedloom.messages import Request, TrainRequest
+from fedloom.transport.base import Transport
 from fedloom.transport.inprocess import InProcessTransport
 
 ClientSpec = Callable[[], tuple[ClientWork, FederatedDataset]]
@@ -29,13 +29,7 @@ ClientSpec = Callable[[], tuple[ClientWork, FederatedDataset]]
 ENGINES = ("sequential", "vectorized", "process", "ray")
 
 
-class Engine(Protocol):
-    def exchange(self, requests: Sequence[Request]) -> list[Reply]: ...
-
-    def close(self) -> None: ...
-
-
-def local_engine(work: ClientWork, data: FederatedDataset, vectorize: bool, group_size: int = 0) -> Engine:
+def local_engine(work: ClientWork, data: FederatedDataset, vectorize: bool, group_size: int = 0) -> Transport:
     """The in-process engine: vectorized when asked (it falls back to sequential by itself)."""
     if vectorize:
         from fedloom.simulation.vectorized import VectorizedTransport

@@ -10,22 +10,22 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
 from fedloom.client.torch_work import TorchClientWork
+from fedloom.config import Config
 from fedloom.data.dataset import FederatedDataset
 from fedloom.errors import ConfigError, RoundError
 from fedloom.hetero.clock import flops_per_sample, message_bytes, run_clock, shrink_to_deadline
 from fedloom.hetero.profiles import DeviceProfile, load_population, mobile, silo, task_duration
-from fedloom.messages import ErrorReply, TrainReply, TrainRequest
+from fedloom.messages import ErrorReply, Reply, TrainReply, TrainRequest
 from fedloom.params import Params
 from fedloom.seeding import keyed_rng
-from fedloom.server.asynchronous import AsyncServer, polynomial_staleness
-from fedloom.server.strategy import Strategy
+from fedloom.server.asynchronous import AsyncServer
 from fedloom.server.sync import RoundResult, ServerState, SyncServer
-from fedloom.simulation.config import Config
-from fedloom.simulation.engines import Engine
+from fedloom.transport.base import Transport
 
 
 def load_profiles(cfg: Config, num_clients: int) -> list[DeviceProfile] | None:
@@ -42,12 +42,17 @@ def load_profiles(cfg: Config, num_clients: int) -> list[DeviceProfile] | None:
 
 
 class SimulatedClock:
-    """Simulated time and traffic of a run with a device population (see ``hetero/clock.py``)."""
+    """Simulated time and traffic of a run with a device population (see ``hetero/clock.py``).
+
+    It paces synchronous rounds (a ``rounds.Pacer``): only available clients are asked, and a
+    round keeps the first arrivals before its deadline, at simulated times from the device profiles.
+    """
 
     def __init__(self, cfg: Config, profiles: list[DeviceProfile], flops: float, full_steps: list[int]):
         self.cfg, self.profiles, self.flops, self.full_steps = cfg, profiles, flops, full_steps
         self.now = 0.0
         self.trips = self.bytes_down = self.bytes_up = 0
+        self.k = 0  # clients_per_round of the round in progress
 
     @classmethod
     def create(cls, cfg: Config, dataset: FederatedDataset, work: TorchClientWork) -> SimulatedClock:
@@ -69,33 +74,35 @@ class SimulatedClock:
                 raise ConfigError("hetero.population", f"no device is ever available after {self.now:.0f} s")
             self.now = nxt
 
-    def round(self, server: SyncServer, state: ServerState, transport: Engine) -> tuple[RoundResult, ServerState]:
-        h, k = self.cfg.hetero, server.strategy.clients_per_round
+    def requests(self, server: SyncServer, state: ServerState) -> tuple[list[TrainRequest], ServerState]:
+        """The pacer's first half (``rounds.Pacer``): the available clients, over-selected; partial work."""
+        h = self.cfg.hetero
+        self.k = server.strategy.clients_per_round
         candidates = self._available()
-        requests, state = server.train_requests(state, candidates, k=min(len(candidates), math.ceil(h.over_select * k)))
+        requests, state = server.train_requests(state, candidates,
+                                                k=min(len(candidates), math.ceil(h.over_select * self.k)))
         if h.deadline_s > 0 and h.stragglers == "partial":
             requests = shrink_to_deadline(requests, self.profiles, h.deadline_s, self.flops,
                                           [self.full_steps[r.client_id] for r in requests])
-        tick = run_clock(self.now, requests, transport.exchange(requests), self.profiles, self.flops, k,
-                         h.deadline_s, self.cfg.run.seed)
+        return requests, state
+
+    def settle(self, requests: Sequence[TrainRequest],
+               replies: Sequence[Reply]) -> tuple[list[Reply], dict[int, float]]:
+        """The pacer's second half: the first ``clients_per_round`` arrivals before the deadline, and the time."""
+        tick = run_clock(self.now, requests, replies, self.profiles, self.flops, self.k,  # type: ignore[arg-type]
+                         self.cfg.hetero.deadline_s, self.cfg.run.seed)
         self.now = tick.end_s
         self.trips += tick.trips
         self.bytes_down += tick.bytes_down
         self.bytes_up += tick.bytes_up
-        return server.apply(state, requests, tick.replies, tick.durations)
-
-
-def async_server(cfg: Config, strategy: Strategy) -> AsyncServer:
-    """FedBuff with ``buffer_size`` (default half of ``clients_per_round``) or FedAsync (a buffer of one)."""
-    s = cfg.server
-    size = 1 if s.aggregation == "fedasync" else (s.buffer_size or max(1, s.clients_per_round // 2))
-    return AsyncServer(strategy, size, polynomial_staleness(s.staleness_exponent))
+        return list(tick.replies), tick.durations
 
 
 class AsyncRun:
     """FedBuff/FedAsync on the simulated clock; :meth:`next_update` runs events until the next server update."""
 
-    def __init__(self, cfg: Config, clock: SimulatedClock, server: AsyncServer, transport: Engine, params: Params):
+    def __init__(self, cfg: Config, clock: SimulatedClock, server: AsyncServer, transport: Transport,
+                 params: Params):
         self.cfg, self.clock, self.server, self.transport = cfg, clock, server, transport
         self.state = server.init(params)
         self.events: list[tuple[float, int, TrainRequest | None, TrainReply | None, int]] = []

@@ -1,6 +1,6 @@
 """Tasks waiting for clients and replies waiting for the round, with no network code.
 
-The gRPC service (``service.py``) and the round logic meet here. The :class:`Dispatcher` lives in
+The gRPC service (``deploy/service.py``) and the round logic meet here. The :class:`Dispatcher` lives in
 the server's event loop (:class:`LoopThread`) and is only touched from it, so it needs no locks:
 per-client task queues that long-polls wait on, the tasks whose replies are awaited, and when
 each client was last heard from. The round logic runs in its own thread and reaches it through

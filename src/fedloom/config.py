@@ -1,4 +1,4 @@
-"""The simulation config: one dataclass per TOML section, every field with a default and a comment.
+"""The config of a run, simulated or deployed: one dataclass per TOML section, each field with a default and a comment.
 
 ``load_config(path, overrides)`` reads a TOML file, applies ``key=value`` overrides and checks
 every value before any data is loaded or model built; a bad value raises
