@@ -7,6 +7,9 @@
     python -m benchmarks.run load        # gRPC deployment: 200 threaded clients, 5 rounds (benchmarks/load.py)
     python -m benchmarks.run hetero      # simulated mobile devices: time to target accuracy (benchmarks/hetero.py)
     python -m benchmarks.run attacks     # resource-exhaustion attacks beside honest clients (benchmarks/attacks.py)
+    python -m benchmarks.run robust      # robust aggregation under simulated attackers (benchmarks/robust.py)
+    python -m benchmarks.run aggregation-cost   # each reducer's cost, and its share of a W-A round
+    python -m benchmarks.run privacy     # DP-FedAvg at epsilon 1, 4, 8 against no DP (benchmarks/privacy.py)
 
 Each implementation runs in its own child process of this script (so start-up and peak memory are
 its own): imports, data, one untimed warm-up round, then ``--repeat`` timed runs, of which the
@@ -67,22 +70,43 @@ def measure(wl: Workload, implementation: str, repeat: int) -> dict:
             "examples": examples, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
+def _subset(text: str | None) -> list[str] | None:
+    return text.split(",") if text else None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run")
-    parser.add_argument("workload", choices=sorted([*WORKLOADS, "load", "hetero", "attacks"]))
+    parser.add_argument("workload", choices=sorted([*WORKLOADS, "load", "hetero", "attacks", "robust",
+                                                    "aggregation-cost", "privacy"]))
     parser.add_argument("--repeat", type=int, help="timed runs per implementation (default: the workload's)")
     parser.add_argument("--only", help="run one implementation in this process (used by the parent)")
     parser.add_argument("--implementations", help="comma-separated subset to run after plain-pytorch "
                         "(default: the workload's; fedloom-vectorized-cuda is added where a GPU is present)")
     parser.add_argument("--budget", type=int, default=3000, help="hetero: client trips per strategy")
     parser.add_argument("--target", type=float, help="hetero: target accuracy (default: 95%% of sync uniform's final)")
-    parser.add_argument("--figure", help="hetero: where to write the comparison figure")
+    parser.add_argument("--figure", help="hetero, robust, privacy: where to write the figure")
+    parser.add_argument("--tasks", help="robust, privacy: comma-separated subset of the tasks")
     parser.add_argument("--seconds", type=float, default=20.0, help="attacks: length of each measuring window")
     args = parser.parse_args(argv)
     if args.workload == "load":
         from benchmarks.load import run_load  # imported here: grpc must not count in the other workloads' import_s
 
         print(json.dumps(run_load()))
+        return
+    if args.workload == "robust":
+        from benchmarks.robust import run_robust
+
+        run_robust(_subset(args.tasks), aggregators=_subset(args.implementations), figure=args.figure)
+        return
+    if args.workload == "aggregation-cost":
+        from benchmarks.robust import run_cost
+
+        run_cost()
+        return
+    if args.workload == "privacy":
+        from benchmarks.privacy import run_privacy
+
+        run_privacy(_subset(args.tasks), figure=args.figure)
         return
     if args.workload == "attacks":
         from benchmarks.attacks import run_attacks

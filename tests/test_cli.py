@@ -70,3 +70,15 @@ def test_readme_example_runs():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("round 20: client loss")
+
+
+def test_privacy_chooses_the_noise_for_a_target_epsilon(tmp_path):
+    from fedloom.stages.privacy import Accountant
+
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY.format(out=tmp_path / "runs"))
+    done = fedloom("privacy", str(config), "--epsilon", "4", "--set", "privacy.delta=1e-4", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    z = float(done.stdout.split("noise_multiplier = ")[1].split()[0])
+    assert "3 rounds (4 of 8 clients a round, drawn without replacement)" in done.stdout
+    assert Accountant(z, "fixed", 8, 4, 1e-4).epsilon(3) <= 4.0 < Accountant(z * 0.95, "fixed", 8, 4, 1e-4).epsilon(3)

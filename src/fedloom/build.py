@@ -7,9 +7,13 @@ same config).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 from torch import nn
 
+from fedloom.aggregation.aggregator import Aggregator, chain
+from fedloom.aggregation.reducers import coordinate_median, krum, trimmed_mean, weighted_mean
+from fedloom.client.pipeline import ClientPipeline
 from fedloom.client.torch_work import TorchClientWork
 from fedloom.config import Config
 from fedloom.data.dataset import FederatedDataset
@@ -19,6 +23,7 @@ from fedloom.models import build_model
 from fedloom.server import (
     ClientSelector,
     OortSelector,
+    PoissonSelector,
     PowerOfChoiceSelector,
     Strategy,
     UniformSelector,
@@ -30,6 +35,11 @@ from fedloom.server import (
 )
 from fedloom.server.asynchronous import AsyncServer, polynomial_staleness
 from fedloom.server.optimizers import ServerOptimizer
+from fedloom.stages.attacks import Attack, attackers
+from fedloom.stages.base import Noise, SecureNoise, SeededNoise, Stage
+from fedloom.stages.clipping import CenteredClip, Clip, MaxNorm, NormBound
+from fedloom.stages.privacy import Accountant, GaussianNoise, LocalNoise, update_multiplier
+from fedloom.stages.weighting import Weighting
 
 
 def load_dataset(cfg: Config) -> FederatedDataset:
@@ -61,8 +71,16 @@ def model_factory(cfg: Config, dataset: FederatedDataset) -> Callable[[], nn.Mod
 
 
 def build_clients(cfg: Config) -> tuple[TorchClientWork, FederatedDataset]:
-    """The client work and data a config describes; a picklable ``ClientSpec`` as ``partial(build_clients, cfg)``."""
+    """The client work and data a config describes; a picklable ``ClientSpec`` as ``partial(build_clients, cfg)``.
+
+    With ``attack.kind = "label_flip"`` the attackers' training labels are ``C - 1 - y``.
+    """
     dataset = load_dataset(cfg)
+    if cfg.attack.kind == "label_flip":
+        bad = attackers(cfg.attack.fraction, len(dataset), cfg.run.seed)
+        dataset = replace(dataset, clients=[
+            replace(c, y_train=(dataset.num_classes - 1 - c.y_train).astype(c.y_train.dtype)) if i in bad else c
+            for i, c in enumerate(dataset.clients)])
     return TorchClientWork(model_factory(cfg, dataset), device=cfg.engine.device), dataset
 
 
@@ -84,10 +102,63 @@ def client_selector(cfg: Config) -> ClientSelector:
         return OortSelector(seed=cfg.run.seed)
     if s.selection == "power_of_choice":
         return PowerOfChoiceSelector(d=s.choice_d or 2 * s.clients_per_round, seed=cfg.run.seed)
+    if s.selection == "poisson":
+        return PoissonSelector(cfg.run.seed)
     return UniformSelector(cfg.run.seed)
 
 
-def build_strategy(cfg: Config) -> Strategy:
+def noise_source(cfg: Config, deployed: bool) -> Noise:
+    """A simulation's noise follows ``run.seed``; a deployment's comes from the OS unless a test fixes a seed."""
+    if not deployed:
+        return SeededNoise(cfg.run.seed)
+    return SeededNoise(cfg.privacy.noise_seed) if cfg.privacy.noise_seed >= 0 else SecureNoise()
+
+
+def accountant(cfg: Config, num_clients: int) -> Accountant:
+    """The privacy accountant for the sampling this run uses (``stages/privacy.py``)."""
+    p, s = cfg.privacy, cfg.server
+    if p.local or s.aggregation != "sync":
+        sampling = "none"  # local DP, and asynchronous rounds: no amplification by sampling is claimed
+    else:
+        sampling = "poisson" if s.selection == "poisson" else "fixed"
+    return Accountant(p.noise_multiplier, sampling, num_clients, min(s.clients_per_round, num_clients), p.delta)
+
+
+def build_aggregator(cfg: Config, num_clients: int, deployed: bool = False) -> Aggregator:
+    """The chain ``[aggregation]`` and ``[privacy]`` describe (see ``aggregation/aggregator.py``)."""
+    a, p, s = cfg.aggregation, cfg.privacy, cfg.server
+    before: list[Stage] = [MaxNorm(a.max_norm)] if a.max_norm else []
+    before.append(Weighting(a.weighting, a.max_weight))
+    if a.norm_bound:
+        before.append(NormBound(a.norm_bound))
+    if a.centered_clip:
+        before.append(CenteredClip(a.centered_clip))
+    after: list[Stage] = []
+    if p.noise_multiplier:
+        per_update = s.clients_per_round if s.aggregation == "sync" else async_buffer(cfg)
+        count_std = per_update / 20 if p.target_quantile else 0.0  # Andrew et al. 2021's choice
+        before.append(Clip(p.clip, p.target_quantile, p.clip_lr, count_std, server_clip=not p.local))
+        acct = accountant(cfg, num_clients)
+        if p.local:
+            before.append(LocalNoise(p.noise_multiplier, acct, p.epsilon_budget))
+        else:
+            after.append(GaussianNoise(update_multiplier(p.noise_multiplier, count_std), acct, p.epsilon_budget))
+    reducer = {"mean": weighted_mean, "median": coordinate_median, "trimmed_mean": trimmed_mean(a.trim),
+               "krum": krum(a.byzantine, 1), "multi_krum": krum(a.byzantine, a.krum_m or 10**9)}[a.reducer]
+    return chain(*before, reducer, *after, noise=noise_source(cfg, deployed))
+
+
+def client_pipeline(cfg: Config, num_clients: int, deployed: bool = False) -> ClientPipeline:
+    """The client halves a client runs on each update: the aggregator's, then a simulated attacker's."""
+    stages = build_aggregator(cfg, num_clients, deployed).client_stages()
+    if cfg.attack.kind and cfg.attack.kind != "label_flip":
+        stages += (Attack(cfg.attack.kind, attackers(cfg.attack.fraction, num_clients, cfg.run.seed),
+                          cfg.attack.strength),)
+    return ClientPipeline(stages, noise_source(cfg, deployed))
+
+
+def build_strategy(cfg: Config, num_clients: int, deployed: bool = False) -> Strategy:
+    """The server's pieces; ``num_clients`` is the federation's size (the accountant's population)."""
     c = cfg.client
     train = TrainConfig(lr=c.lr, batch_size=c.batch_size, local_epochs=c.local_epochs,
                         max_steps=c.max_steps or None, mu=c.mu, seed=cfg.run.seed)
@@ -95,6 +166,7 @@ def build_strategy(cfg: Config) -> Strategy:
         clients_per_round=cfg.server.clients_per_round,
         train=train,
         selector=client_selector(cfg),
+        aggregator=build_aggregator(cfg, num_clients, deployed),
         optimizer=server_optimizer(cfg),
         min_updates=cfg.server.min_updates,
         evaluate_clients=cfg.eval.federated_clients,
@@ -102,8 +174,12 @@ def build_strategy(cfg: Config) -> Strategy:
     )
 
 
+def async_buffer(cfg: Config) -> int:
+    """FedBuff's buffer size (default half of ``clients_per_round``); FedAsync's is one."""
+    s = cfg.server
+    return 1 if s.aggregation == "fedasync" else (s.buffer_size or max(1, s.clients_per_round // 2))
+
+
 def async_server(cfg: Config, strategy: Strategy) -> AsyncServer:
     """FedBuff with ``buffer_size`` (default half of ``clients_per_round``) or FedAsync (a buffer of one)."""
-    s = cfg.server
-    size = 1 if s.aggregation == "fedasync" else (s.buffer_size or max(1, s.clients_per_round // 2))
-    return AsyncServer(strategy, size, polynomial_staleness(s.staleness_exponent))
+    return AsyncServer(strategy, async_buffer(cfg), polynomial_staleness(cfg.server.staleness_exponent))

@@ -6,6 +6,7 @@ import argparse
 import math
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from fedloom.errors import FedloomError
@@ -103,6 +104,24 @@ def _client(args: argparse.Namespace) -> int:
     return 0
 
 
+def _privacy(args: argparse.Namespace) -> int:
+    from fedloom.build import accountant, load_dataset
+    from fedloom.config import load_config
+    from fedloom.stages.privacy import noise_for_epsilon
+
+    cfg = load_config(args.config, args.set or [])
+    rounds = args.rounds or cfg.run.rounds
+    acct = accountant(cfg, len(load_dataset(cfg)))
+    z = noise_for_epsilon(args.epsilon, rounds, acct.sampling, acct.population, acct.per_round, acct.delta)
+    how = {"fixed": f"{acct.per_round} of {acct.population} clients a round, drawn without replacement",
+           "poisson": f"each of {acct.population} clients with probability {acct.per_round}/{acct.population}",
+           "none": "no amplification by sampling"}[acct.sampling]
+    reached = replace(acct, noise_multiplier=z).epsilon(rounds)
+    print(f"noise_multiplier = {z:.4f} keeps {rounds} rounds ({how}) within epsilon {args.epsilon:g} at delta "
+          f"{acct.delta:g} (it reaches {reached:.4f})")
+    return 0
+
+
 def _certs(args: argparse.Namespace) -> int:
     from fedloom.deploy.certs import make_dev_pki
 
@@ -152,6 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="config naming the data, the model and the credentials")
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.set_defaults(func=_client)
+    p = sub.add_parser("privacy", help="the DP noise multiplier that keeps a run within a target epsilon")
+    p.add_argument("config", help="the run's TOML config (its sampling, rounds and privacy.delta are used)")
+    p.add_argument("--epsilon", type=float, required=True, help="target epsilon")
+    p.add_argument("--rounds", type=int, help="rounds (default: run.rounds)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.set_defaults(func=_privacy)
     p = sub.add_parser("certs", help="create a development CA and server/client certificates")
     p.add_argument("out_dir")
     p.add_argument("--client", action="append", help="a client certificate to issue (repeatable)")

@@ -22,7 +22,10 @@ ENGINES = ("sequential", "vectorized", "process", "ray")
 DEVICES = ("cpu", "cuda")
 STRAGGLERS = ("drop", "partial")
 AGGREGATIONS = ("sync", "fedbuff", "fedasync")
-SELECTIONS = ("uniform", "oort", "power_of_choice")
+SELECTIONS = ("uniform", "poisson", "oort", "power_of_choice")
+REDUCERS = ("mean", "median", "trimmed_mean", "krum", "multi_krum")
+WEIGHTINGS = ("examples", "uniform", "capped")
+ATTACKS = ("", "sign_flip", "scale", "gaussian", "weight", "label_flip")
 
 
 def _f(default: Any, doc: str, check: str = "") -> Any:
@@ -76,8 +79,8 @@ class ClientConfig:
 @dataclass(frozen=True)
 class ServerConfig:
     clients_per_round: int = _f(10, "clients asked per round (before over-selection)", ">=1")
-    selection: str = _f("uniform", "sync: uniform | oort (Lai et al. 2021) | power_of_choice (Cho et al. 2022)",
-                        SELECTIONS)
+    selection: str = _f("uniform", "sync: uniform (k of n) | poisson (each client with probability k/n) | oort "
+                                   "(Lai et al. 2021) | power_of_choice (Cho et al. 2022)", SELECTIONS)
     choice_d: int = _f(0, "power_of_choice: clients drawn before the k highest-loss; 0 = 2 x clients_per_round",
                        ">=0")
     optimizer: str = _f("sgd", "sgd (FedAvg) | momentum (FedAvgM) | adagrad | adam | yogi", OPTIMIZERS)
@@ -112,6 +115,46 @@ class EngineConfig:
     group_size: int = _f(0, "vectorized: most clients trained together; 0 = all of a round's clients", ">=0")
     device: str = _f("cpu", "cpu | cuda: where clients train", DEVICES)
     ray_address: str = _f("", "ray: cluster address (\"auto\", \"ray://head:10001\"); empty = start a local Ray")
+
+
+@dataclass(frozen=True)
+class AggregationConfig:
+    reducer: str = _f("mean", "mean (FedAvg) | median | trimmed_mean (Yin et al. 2018) | krum | multi_krum "
+                              "(Blanchard et al. 2017)", REDUCERS)
+    weighting: str = _f("examples", "examples (as each client reports, FedAvg) | uniform | capped (at most max_weight)",
+                        WEIGHTINGS)
+    max_weight: float = _f(0.0, "capped: the most examples one update counts for", ">=0")
+    max_norm: float = _f(1e6, "refuse any update whose L2 norm is above this (corrupt or malicious); 0 = no limit",
+                         ">=0")
+    trim: float = _f(0.1, "trimmed_mean: fraction dropped at each end of every coordinate", "0..1")
+    byzantine: int = _f(1, "krum/multi_krum: attackers tolerated (f); a round needs more than 2f + 2 updates", ">=0")
+    krum_m: int = _f(0, "multi_krum: best updates averaged; 0 = n - f", ">=0")
+    norm_bound: float = _f(0.0, "server clips each update to this L2 norm (Sun et al. 2019); 0 = off", ">=0")
+    centered_clip: float = _f(0.0, "server clips each update's distance from the last aggregate to this "
+                                   "(Karimireddy et al. 2021); 0 = off", ">=0")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    noise_multiplier: float = _f(0.0, "DP-FedAvg noise multiplier z (McMahan et al. 2018); 0 = no differential "
+                                      "privacy", ">=0")
+    clip: float = _f(1.0, "clip bound C of each update (the first one, with adaptive clipping)", ">0")
+    target_quantile: float = _f(0.0, "adaptive clipping (Andrew et al. 2021): fraction of updates left unclipped; "
+                                     "0 = a fixed bound", "0..1")
+    clip_lr: float = _f(0.2, "adaptive clipping: learning rate of the bound (geometric steps)", ">0")
+    local: bool = _f(False, "local DP: each client adds the noise to its own clipped update")
+    delta: float = _f(1e-5, "delta of the (epsilon, delta) reported and budgeted", "0..1")
+    epsilon_budget: float = _f(0.0, "stop training before epsilon would exceed this; 0 = no budget", ">=0")
+    noise_seed: int = _f(-1, "deployed server and clients: a fixed noise seed, for tests only; -1 = the OS's "
+                             "secure random source (a simulation's noise follows run.seed)")
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    kind: str = _f("", "simulated attackers: empty = none | sign_flip | scale | gaussian | weight (claims 10^12 "
+                       "examples) | label_flip", ATTACKS)
+    fraction: float = _f(0.0, "fraction of the clients that attack (drawn from run.seed)", "0..1")
+    strength: float = _f(10.0, "sign_flip and scale: the factor; gaussian: the noise's std", ">0")
 
 
 @dataclass(frozen=True)
@@ -170,6 +213,9 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
     hetero: HeteroConfig = field(default_factory=HeteroConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
 
@@ -254,9 +300,45 @@ def _check_whole(cfg: Config) -> Config:
     if cfg.server.aggregation != "sync" and cfg.server.selection != "uniform":
         raise ConfigError("server.selection", f"{cfg.server.selection} picks the clients of synchronous rounds; "
                                               f"{cfg.server.aggregation} sends work to available clients uniformly")
+    _check_aggregation(cfg)
     if not 0 < d.train_fraction < 1:
         raise ConfigError("data.train_fraction", f"must be strictly between 0 and 1, got {d.train_fraction}")
     return cfg
+
+
+def _check_aggregation(cfg: Config) -> None:
+    """The aggregation, privacy and attack settings that do not work together."""
+    a, p, s = cfg.aggregation, cfg.privacy, cfg.server
+    if a.weighting == "capped" and not a.max_weight > 0:
+        raise ConfigError("aggregation.max_weight", "capped weighting needs max_weight > 0")
+    if a.reducer in ("krum", "multi_krum"):
+        per = s.clients_per_round if s.aggregation == "sync" else (s.buffer_size or max(1, s.clients_per_round // 2))
+        if per <= 2 * a.byzantine + 2:
+            raise ConfigError("aggregation.byzantine", f"{a.reducer} against f={a.byzantine} needs more than "
+                                                       f"{2 * a.byzantine + 2} updates per aggregation; it gets {per}")
+    if (cfg.attack.kind == "") != (cfg.attack.fraction == 0):
+        raise ConfigError("attack.kind", "a simulated attack needs both a kind and a fraction > 0")
+    if s.selection == "poisson" and s.aggregation != "sync":
+        raise ConfigError("server.selection", "poisson sampling picks the clients of synchronous rounds")
+    if not p.noise_multiplier:
+        return
+    why = None
+    if a.reducer != "mean":
+        why = (f"DP noise is calibrated for the mean of clipped updates; aggregation.reducer = {a.reducer!r} has "
+               "another sensitivity", "aggregation.reducer")
+    elif a.weighting != "uniform":
+        why = ("DP-FedAvg weighs every update the same (a weight would be part of a client's sensitivity): set "
+               "aggregation.weighting = \"uniform\"", "aggregation.weighting")
+    elif a.centered_clip:
+        why = ("centered clipping moves updates out of the clip ball DP is calibrated to", "aggregation.centered_clip")
+    elif s.selection not in ("uniform", "poisson"):
+        why = (f"the accountant covers uniform and poisson sampling; {s.selection} chooses clients by what they "
+               "reported", "server.selection")
+    elif p.local and p.target_quantile:
+        why = ("adaptive clipping learns from norms the server cannot see under local noise: use a fixed clip",
+               "privacy.target_quantile")
+    if why:
+        raise ConfigError(why[1], why[0])
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -43,6 +43,8 @@ class TrainConfig:
 
     ``max_steps`` caps local SGD steps (None = no cap); ``mu`` is FedProx's proximal
     coefficient (0 = plain FedAvg). ``seed`` and ``round`` seed the client's local shuffle.
+    ``stage`` carries the values the aggregator's client halves need this round (e.g. the clip
+    bound), as ``("stage.key", value)`` pairs.
     """
 
     lr: float = 0.1
@@ -52,6 +54,7 @@ class TrainConfig:
     mu: float = 0.0
     seed: int = 0
     round: int = 1
+    stage: tuple[tuple[str, float], ...] = ()  # what the client halves of the aggregator's stages need
 
 
 @dataclass(frozen=True)

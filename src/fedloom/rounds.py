@@ -71,6 +71,7 @@ def round_metrics(result: RoundResult, state: ServerState, server: SyncServer, t
     row: dict[str, float] = {
         "round": state.round, "train_loss": result.train_loss, "clients": len(result.selected),
         "accepted": len(result.accepted), "rejected": len(result.rejected), "examples": result.examples,
+        **result.measurements,
     }
     if evaluate:
         central = work.evaluate_params(state.params, test[0], test[1], cfg.eval.batch_size)

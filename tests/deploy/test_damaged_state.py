@@ -128,7 +128,7 @@ def test_a_replaced_checkpoint_is_refused(finished, tmp_path, damage):
 
 def test_a_changed_model_is_refused(finished, tmp_path):
     done, _ = restart(finished, tmp_path, lambda state: None, 'model.name="mlp"')
-    refused(done, "was started with another model or optimizer (model.name was 'logreg', now 'mlp')",
+    refused(done, "was started with another model, optimizer or aggregation (model.name was 'logreg', now 'mlp')",
             "give the run a new run.name")
 
 

@@ -131,3 +131,34 @@ def test_three_hospitals_match_the_simulation_and_strangers_are_refused(deployme
     deployed = [a for n, a in zip(names, arrays) if not n.startswith("optimizer/")]
     for a, b in zip(deployed, sim.params):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("extra", [
+    '[aggregation]\nweighting = "uniform"\nreducer = "trimmed_mean"\ntrim = 0.34\nnorm_bound = 1.0\n',
+    '[aggregation]\nweighting = "uniform"\n[privacy]\nnoise_multiplier = 0.3\nclip = 0.5\nnoise_seed = 0\n',
+], ids=["robust", "private-fixed-test-seed"])
+def test_robust_and_private_runs_deploy_to_the_simulations_model(deployment, extra):
+    tmp, config, pki = deployment
+    config.write_text(config.read_text() + f'cert = "{pki / "server.pem"}"\nkey = "{pki / "server.key"}"\n' + extra)
+    state = tmp / "state"
+    server = fedloom("server", "--config", str(config))
+    procs = []
+    try:
+        wait_for(state / "tokens" / "c2.token")
+        procs = [fedloom(*client_args(config, pki, state, f"c{i}", i)) for i in range(3)]
+        out, err = server.communicate(timeout=180)
+        assert server.returncode == 0, err
+    finally:
+        for p in [server, *procs]:
+            if p.poll() is None:
+                p.kill()
+    with StateStore(state / "server.db") as store:
+        run_id = store.resume_run("hospitals")
+        done, names, arrays = store.load_checkpoint(run_id)
+        history = store.history(run_id)
+    sim = simulate(load_config(config), progress=False, write=False)
+    assert done == 3 and [h["metrics"]["accepted"] for h in history] == [3, 3, 3]
+    for a, b in zip([a for n, a in zip(names, arrays) if "/" not in n], sim.params):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    if "privacy" in extra:
+        assert history[-1]["metrics"]["dp_noise.epsilon"] == pytest.approx(sim.history[-1]["dp_noise.epsilon"])

@@ -8,6 +8,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 from test_e2e import BASE, free_port, wait_for
 
 from fedloom.config import load_config
@@ -21,15 +22,23 @@ def start(*args):
                             stderr=subprocess.DEVNULL, text=True, bufsize=1)
 
 
-def setup(tmp_path, rounds, heartbeat_s):
+def setup(tmp_path, rounds, heartbeat_s, extra=""):
     pki = tmp_path / "pki"
     make_dev_pki(pki)
     config = tmp_path / "run.toml"
     text = BASE.format(port=free_port(), state=tmp_path / "state", pki=pki).replace("rounds = 3", f"rounds = {rounds}")
     text = text.replace("heartbeat_s = 5.0", f"heartbeat_s = {heartbeat_s}")
     config.write_text(text.replace("mutual_tls = true", "mutual_tls = false")
-                      + f'cert = "{pki / "server.pem"}"\nkey = "{pki / "server.key"}"\n')
+                      + f'cert = "{pki / "server.pem"}"\nkey = "{pki / "server.key"}"\n' + extra)
     return config, tmp_path / "state"
+
+
+STATEFUL = """
+[aggregation]
+weighting = "uniform"
+centered_clip = 0.5
+norm_bound = 1.0
+"""
 
 
 def client(config, state, i):
@@ -51,9 +60,11 @@ def read_until(proc, prefix, timeout=120, contains=""):
     raise AssertionError(f"no line starting with {prefix!r} holding {contains!r} in {lines}")
 
 
-def test_server_killed_mid_round_resumes_and_clients_reconnect(tmp_path):
-    # a generous heartbeat: no client may be taken for lost on a busy machine, or the model would differ
-    config, state = setup(tmp_path, rounds=30, heartbeat_s=10.0)
+@pytest.mark.parametrize("extra", ["", STATEFUL], ids=["fedavg", "stateful-aggregator"])
+def test_server_killed_mid_round_resumes_and_clients_reconnect(tmp_path, extra):
+    # a generous heartbeat: no client may be taken for lost on a busy machine, or the model would differ.
+    # The stateful aggregator's state (centered clipping's centre) is checkpointed with the model.
+    config, state = setup(tmp_path, rounds=30, heartbeat_s=10.0, extra=extra)
     server = start("server", "--config", str(config))
     clients = []
     try:
@@ -81,8 +92,8 @@ def test_server_killed_mid_round_resumes_and_clients_reconnect(tmp_path):
         assert [h["round"] for h in store.history(run)] == list(range(1, 31))
         done, names, arrays = store.load_checkpoint(run)
     sim = simulate(load_config(config), progress=False, write=False)
-    assert done == 30
-    for a, b in zip([a for n, a in zip(names, arrays) if not n.startswith("optimizer/")], sim.params):
+    assert done == 30 and any(n.startswith("aggregation/") for n in names) == bool(extra)
+    for a, b in zip([a for n, a in zip(names, arrays) if "/" not in n], sim.params):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 

@@ -9,7 +9,7 @@ from fedloom.server import SyncServer
 def _drive(cfg, transport, rounds):
     """Train and federated-evaluate ``rounds`` rounds; returns the final params and each round's evaluation."""
     work, data = build_clients(cfg)
-    server = SyncServer(build_strategy(cfg), len(data))
+    server = SyncServer(build_strategy(cfg, len(data)), len(data))
     state = server.init(work.initial_params(cfg.run.seed))
     evaluations = []
     for _ in range(rounds):

@@ -20,7 +20,7 @@ from fedloom.transport import InProcessTransport
 
 def run_rounds(cfg, transport_cls, rounds, **kw):
     work, data = build_clients(cfg)
-    server = SyncServer(build_strategy(cfg), len(data))
+    server = SyncServer(build_strategy(cfg, len(data)), len(data))
     transport = transport_cls(work, data, **kw)
     state = server.init(work.initial_params(cfg.run.seed))
     results = []

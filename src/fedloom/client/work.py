@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from fedloom.client.pipeline import NO_STAGES, ClientPipeline
 from fedloom.data.dataset import ClientDataset
 from fedloom.errors import FedloomError
 from fedloom.messages import (
@@ -40,11 +41,13 @@ def _error(exc: BaseException) -> ErrorReply:
     return ErrorReply("client_failed", f"{type(exc).__name__}: {exc}")
 
 
-def handle(request: Request, work: ClientWork, data: ClientDataset) -> Reply:
-    """Run one request against a client's work and data; any failure becomes an error reply."""
+def handle(request: Request, work: ClientWork, data: ClientDataset, pipeline: ClientPipeline = NO_STAGES) -> Reply:
+    """Run one request against a client's work and data, then the client halves of ``pipeline`` on a train
+    update; any failure becomes an error reply."""
     if isinstance(request, TrainRequest):
         try:
-            return TrainReply(request.client_id, request.round, update=work.train(request.params, data, request.config))
+            update = pipeline.apply(request, work.train(request.params, data, request.config))
+            return TrainReply(request.client_id, request.round, update=update)
         except Exception as exc:  # noqa: BLE001 - a client failure must not stop the round
             return TrainReply(request.client_id, request.round, error=_error(exc))
     if isinstance(request, EvaluateRequest):

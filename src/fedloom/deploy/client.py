@@ -20,7 +20,8 @@ from pathlib import Path
 
 import grpc
 
-from fedloom.build import build_clients
+from fedloom.build import build_clients, client_pipeline
+from fedloom.client.pipeline import NO_STAGES, ClientPipeline
 from fedloom.client.work import ClientWork, handle
 from fedloom.config import Config
 from fedloom.data.dataset import ClientDataset
@@ -68,13 +69,15 @@ def _push(stub: pb_grpc.FederationStub, meta: tuple, task_id: str, reply: Reply)
 
 
 def serve_client(work: ClientWork, local: ClientDataset, cfg: Config, address: str, token: str,
-                 give_up_s: float | None = None, stop: threading.Event | None = None) -> int:
+                 give_up_s: float | None = None, stop: threading.Event | None = None,
+                 pipeline: ClientPipeline = NO_STAGES) -> int:
     """Take part in the server's run with ``work`` on ``local`` data until the server says it is finished.
 
     Returns the number of replies the server accepted. A reply whose push failed is pushed again
     after reconnecting (the server still awaits it unless its round gave up). The client gives up
     after ``give_up_s`` seconds without reaching the server (default ``deploy.reconnect_s``; 0 =
     never). ``stop`` (optional) ends the client between tasks; used by tests and the load benchmark.
+    ``pipeline``: the client halves of the run's aggregator, run on every update before it is sent.
     """
     give_up_s = cfg.deploy.reconnect_s if give_up_s is None else give_up_s
     stop = stop or threading.Event()
@@ -113,7 +116,7 @@ def serve_client(work: ClientWork, local: ClientDataset, cfg: Config, address: s
                         except WireError as exc:  # a task this client cannot read: say so, keep polling
                             log.warning("the server sent a task this client cannot read: %s", exc)
                             continue
-                        unsent = (env.task_id, handle(request, work, data))
+                        unsent = (env.task_id, handle(request, work, data, pipeline))
                         done += _push(stub, meta, *unsent)
                         unsent = None
                 finally:
@@ -137,4 +140,5 @@ def run_client(cfg: Config, address: str | None = None) -> int:
     work, dataset = build_clients(cfg)
     if not 0 <= cfg.deploy.client_index < len(dataset):
         raise ConfigError("deploy.client_index", f"the dataset has clients 0..{len(dataset) - 1}")
-    return serve_client(work, dataset[cfg.deploy.client_index], cfg, address or cfg.deploy.address, _token(cfg))
+    return serve_client(work, dataset[cfg.deploy.client_index], cfg, address or cfg.deploy.address, _token(cfg),
+                        pipeline=client_pipeline(cfg, len(dataset), deployed=True))

@@ -25,6 +25,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 from fedloom.build import build_clients, build_strategy
 from fedloom.config import Config, DeployConfig, to_toml
 from fedloom.deploy.certs import check_client_name
@@ -43,7 +45,7 @@ from fedloom.transport.dispatch import REPLY_SLACK_BYTES, DeployedTransport, Loo
 log = logging.getLogger("fedloom")
 
 # Settings a run's checkpoints depend on: changed between restarts, the saved state cannot be resumed.
-FIXED_SETTINGS = ("model", "server.optimizer")
+FIXED_SETTINGS = ("model", "server.optimizer", "aggregation", "privacy")
 
 
 def _check_config(cfg: Config) -> None:
@@ -95,19 +97,22 @@ def _check_same_run(stored: str, cfg: Config, db: Path) -> None:
     fixed = sorted(k for k in changed if k.split(".")[0] in FIXED_SETTINGS or k in FIXED_SETTINGS)
     if fixed:
         was = "; ".join(f"{k} was {changed[k][0]!r}, now {changed[k][1]!r}" for k in fixed)
-        raise StateError(f"run {cfg.run.name!r} in {db} was started with another model or optimizer ({was}): its "
-                         "checkpoints cannot be resumed. Put the settings back, or give the run a new run.name to "
-                         "start a new one", stage="state")
+        raise StateError(f"run {cfg.run.name!r} in {db} was started with another model, optimizer or aggregation "
+                         f"({was}): its checkpoints cannot be resumed. Put the settings back, or give the run a new "
+                         "run.name to start a new one", stage="state")
     for k in sorted(changed):
         log.info("resuming with a changed setting: %s was %r, now %r", k, *changed[k])
 
 
-def _opt_names(opt_state: dict[str, Params]) -> list[str]:
-    return [f"optimizer/{key}/{i}" for key in sorted(opt_state) for i in range(len(opt_state[key]))]
+def _state_names(state: ServerState) -> list[str]:
+    """Names of what a checkpoint holds beyond the model: the optimizer's and the aggregator's state."""
+    return ([f"optimizer/{key}/{i}" for key in sorted(state.opt_state) for i in range(len(state.opt_state[key]))]
+            + [f"aggregation/{i}/{key}" for i, stage in enumerate(state.aggregation) for key in sorted(stage)])
 
 
 def _checkpoint_arrays(state: ServerState) -> Params:
-    return state.params + [a for k in sorted(state.opt_state) for a in state.opt_state[k]]
+    return (state.params + [a for k in sorted(state.opt_state) for a in state.opt_state[k]]
+            + [np.asarray(stage[key]) for stage in state.aggregation for key in sorted(stage)])
 
 
 def _few(names: list[str]) -> str:
@@ -116,16 +121,17 @@ def _few(names: list[str]) -> str:
 
 
 def _resume(store: StateStore, run_id: int, fresh: ServerState, names: list[str]) -> ServerState:
-    """``fresh`` with the latest checkpoint's round, model and optimizer state, checked against ``fresh``'s."""
+    """``fresh`` with the latest checkpoint's round, model, optimizer and aggregator state, checked against
+    ``fresh``'s names, shapes and dtypes."""
     saved = store.load_checkpoint(run_id)
     if saved is None:
         return fresh
     done, saved_names, arrays = saved
     path = store.checkpoint_path(run_id, done)
-    expected_names, expected = names + _opt_names(fresh.opt_state), _checkpoint_arrays(fresh)
+    expected_names, expected = names + _state_names(fresh), _checkpoint_arrays(fresh)
     problem = None
     if saved_names != expected_names:
-        problem = f"it holds {_few(saved_names)}; the model and optimizer have {_few(expected_names)}"
+        problem = f"it holds {_few(saved_names)}; the model, optimizer and aggregator have {_few(expected_names)}"
     else:
         for n, a, b in zip(saved_names, arrays, expected):
             if a.shape != b.shape or a.dtype != b.dtype:
@@ -137,8 +143,9 @@ def _resume(store: StateStore, run_id: int, fresh: ServerState, names: list[str]
                          stage="checkpoint")
     rest = iter(arrays[len(names):])
     opt = {k: [next(rest) for _ in fresh.opt_state[k]] for k in sorted(fresh.opt_state)}
+    aggregation = tuple({key: next(rest) for key in sorted(stage)} for stage in fresh.aggregation)
     log.info("resuming after round %d from %s", done, path)
-    return replace(fresh, round=done, params=arrays[: len(names)], opt_state=opt)
+    return replace(fresh, round=done, params=arrays[: len(names)], opt_state=opt, aggregation=aggregation)
 
 
 def _check_budget(d: DeployConfig, params: Params) -> None:
@@ -197,7 +204,7 @@ def serve(cfg: Config, *, on_round: Callable[[dict[str, float]], None] | None = 
         work, dataset = build_clients(cfg)  # the model's shapes, and the held-out data for centralised evaluation
         names = [n for n, _ in work.model.named_parameters()]
         num_clients = len(store.clients())
-        server = SyncServer(build_strategy(cfg), num_clients)
+        server = SyncServer(build_strategy(cfg, num_clients, deployed=True), num_clients)
         state = _resume(store, run_id, server.init(work.initial_params(cfg.run.seed)), names)
         _check_budget(d, state.params)
         if state.round >= cfg.run.rounds:
@@ -229,11 +236,14 @@ def serve(cfg: Config, *, on_round: Callable[[dict[str, float]], None] | None = 
                 for cid, why in sorted(result.rejected.items(), key=str):
                     log.info("round %d: no update from client %s: %s", state.round, cid, why[:300])
                 row = round_metrics(result, state, server, transport, work, test, cfg, evaluate=True)
-                store.complete_round(run_id, state.round, _checkpoint_arrays(state),
-                                     names + _opt_names(state.opt_state), row)
+                store.complete_round(run_id, state.round, _checkpoint_arrays(state), names + _state_names(state), row)
                 if on_round is not None:
                     on_round(row)
-                return False
+                reason = server.strategy.aggregator.stop_reason(state.aggregation) \
+                    if state.round < cfg.run.rounds else None
+                if reason:
+                    log.warning("%s", reason)
+                return bool(reason)
 
             state = run_rounds(step, state, cfg.run.rounds, after)
             completed = True

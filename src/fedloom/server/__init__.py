@@ -2,12 +2,12 @@
 
 from fedloom.server.adaptive import OortSelector, PowerOfChoiceSelector
 from fedloom.server.optimizers import OPTIMIZERS, ServerOptimizer, adagrad, adam, momentum, sgd, yogi
-from fedloom.server.selection import ClientFeedback, ClientSelector, UniformSelector
+from fedloom.server.selection import ClientFeedback, ClientSelector, PoissonSelector, UniformSelector
 from fedloom.server.strategy import Strategy
 from fedloom.server.sync import FederatedEvaluation, RoundResult, ServerState, SyncServer
 
 __all__ = [
     "OPTIMIZERS", "ClientFeedback", "ClientSelector", "FederatedEvaluation", "OortSelector", "PowerOfChoiceSelector",
-    "RoundResult", "ServerOptimizer", "ServerState", "Strategy", "SyncServer", "UniformSelector",
+    "PoissonSelector", "RoundResult", "ServerOptimizer", "ServerState", "Strategy", "SyncServer", "UniformSelector",
     "adagrad", "adam", "momentum", "sgd", "yogi",
 ]

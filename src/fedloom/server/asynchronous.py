@@ -9,9 +9,11 @@ FedAsync (Xie et al. 2019, "Asynchronous Federated Optimization") is the case ``
 server SGD at the mixing rate alpha: ``x <- x + alpha * s(tau) * delta``, which is Xie et al.'s
 ``x <- (1 - alpha_t) x + alpha_t x_new`` with ``alpha_t = alpha * s(tau)``.
 
-It reuses the synchronous server's pieces: update validation, the strategy's reducer with the
-same weights as a synchronous round (each update's ``weight``, its example count), and its server
-optimizer.
+It reuses the synchronous server's pieces: update validation, the strategy's aggregator (its
+stages and reducer, the same weights as a synchronous round) and its server optimizer. The
+staleness factor is not multiplied into the delta before the aggregator: each buffered update
+carries it as its ``scale``, which the aggregator applies (``aggregation/aggregator.py``), so
+that clipping and robust reducers see the updates as the clients sent them.
 
 Deviation from FedBuff's Algorithm 1, which averages the ``K`` scaled deltas uniformly: the
 buffer is averaged with the clients' example counts as weights, as FedAvg averages a round
@@ -25,16 +27,18 @@ pull as a large one; on the keyboard example with the mobile population (20 clie
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from fedloom.aggregation.aggregator import AggState
 from fedloom.errors import ConfigError, FedloomError
 from fedloom.messages import TrainReply, TrainRequest
-from fedloom.params import Params
+from fedloom.params import Params, ParamSpec
 from fedloom.server.optimizers import OptState
 from fedloom.server.strategy import Strategy
 from fedloom.server.validation import check_reply, to_delta
+from fedloom.stages.base import Contribution
 
 Staleness = Callable[[int], float]
 
@@ -53,8 +57,8 @@ class AsyncState:
     version: int
     params: Params
     opt_state: OptState
-    buffer: tuple[Params, ...] = ()
-    weights: tuple[float, ...] = ()  # the buffered updates' weights
+    aggregation: AggState = ()
+    buffer: tuple[Contribution, ...] = ()
     losses: tuple[tuple[float, float], ...] = ()  # (loss, examples) of the buffered updates
 
 
@@ -68,6 +72,7 @@ class Arrival:
     reason: str = ""
     aggregated: bool = False
     train_loss: float = float("nan")
+    measurements: dict[str, float] = field(default_factory=dict)  # the aggregator's, when it aggregated
 
 
 class AsyncServer:
@@ -81,7 +86,8 @@ class AsyncServer:
         self.staleness = staleness or polynomial_staleness(0.5)
 
     def init(self, params: Params) -> AsyncState:
-        return AsyncState(0, [np.array(p, copy=True) for p in params], self.strategy.optimizer.init(params))
+        return AsyncState(0, [np.array(p, copy=True) for p in params], self.strategy.optimizer.init(params),
+                          self.strategy.aggregator.init(ParamSpec.of(params)))
 
     def request(self, state: AsyncState, client_id: int, dispatch: int) -> TrainRequest:
         """A task on the current model; ``dispatch`` (1, 2, ...) numbers tasks and seeds the client's shuffle."""
@@ -97,18 +103,21 @@ class AsyncServer:
             return Arrival(cid, tau, False, f"{exc.code}: {exc.message}"), state
         if reply.error is not None:
             return Arrival(cid, tau, False, f"{reply.error.code}: {reply.error.reason}"), state
-        delta = to_delta(reply.update, request.params)
-        s = self.staleness(tau)
-        scaled = [np.asarray(s, dtype=d.dtype) * d for d in delta]
-        examples = reply.update.metrics.get("examples", reply.update.weight)
-        buffer = (*state.buffer, scaled)
-        weights = (*state.weights, reply.update.weight)
-        losses = (*state.losses, (reply.update.metrics.get("loss", float("nan")), examples))
+        u = reply.update
+        c = Contribution(cid, to_delta(u, request.params), float(u.weight), float(u.weight), self.staleness(tau),
+                         u.metrics)
+        buffer = (*state.buffer, c)
+        losses = (*state.losses, (u.metrics.get("loss", float("nan")), u.metrics.get("examples", u.weight)))
         if len(buffer) < self.buffer_size:
-            return Arrival(cid, tau, True), replace(state, buffer=buffer, weights=weights, losses=losses)
-        mean = self.strategy.reducer(list(buffer), list(weights))
-        params, opt_state = self.strategy.optimizer.update(mean, state.params, state.opt_state)
+            return Arrival(cid, tau, True), replace(state, buffer=buffer, losses=losses)
+        agg = self.strategy.aggregator.aggregate(buffer, state.aggregation, state.version + 1, self.buffer_size)
         seen = sum(n for _, n in losses)
         loss = sum(value * n for value, n in losses) / seen if seen else float("nan")
-        return Arrival(cid, tau, True, aggregated=True, train_loss=loss), AsyncState(state.version + 1, params,
-                                                                                      opt_state)
+        reason = agg.problem or (f"{len(agg.rejected)} of the buffer refused: " + "; ".join(agg.rejected.values())
+                                 if agg.rejected else "")
+        if agg.delta is None:  # nothing to apply: the buffer is spent, the model stays
+            return (Arrival(cid, tau, True, reason, aggregated=True, train_loss=loss),
+                    AsyncState(state.version + 1, state.params, state.opt_state, state.aggregation))
+        params, opt_state = self.strategy.optimizer.update(agg.delta, state.params, state.opt_state)
+        return (Arrival(cid, tau, True, reason, aggregated=True, train_loss=loss, measurements=agg.measurements),
+                AsyncState(state.version + 1, params, opt_state, agg.state))

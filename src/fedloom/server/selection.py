@@ -68,3 +68,25 @@ class UniformSelector:
 
     def observe(self, state: None, feedback: Sequence[ClientFeedback]) -> None:
         return state
+
+
+@dataclass(frozen=True)
+class PoissonSelector:
+    """Each candidate independently with probability ``k / num_clients`` (the sampling of DP-FedAvg, McMahan
+    et al. 2018); the state is the size of the federation.
+
+    Round ``r`` draws ``np.random.RandomState([seed, r, 5]).random_sample(len(candidates))``; a round
+    may ask fewer or more than ``k`` clients, or none.
+    """
+
+    seed: int = 0
+
+    def init(self, num_clients: int) -> int:
+        return num_clients
+
+    def select(self, round: int, candidates: Sequence[int], k: int, state: int) -> tuple[list[int], int]:
+        draws = keyed_rng(self.seed, round, 5).random_sample(len(candidates))
+        return [int(c) for c, u in zip(candidates, draws) if u < k / max(1, state)], state
+
+    def observe(self, state: int, feedback: Sequence[ClientFeedback]) -> int:
+        return state

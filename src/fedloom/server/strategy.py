@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fedloom.aggregation.reducers import Reducer, weighted_mean
+from fedloom.aggregation.aggregator import Aggregator, chain
+from fedloom.aggregation.reducers import weighted_mean
 from fedloom.messages import EvaluateConfig, TrainConfig
 from fedloom.server.optimizers import ServerOptimizer, sgd
 from fedloom.server.selection import ClientSelector, UniformSelector
+from fedloom.stages.weighting import Weighting
 
 
 @dataclass(frozen=True)
 class Strategy:
     """Who to ask (``selector``, ``clients_per_round``), what they do (``train``), how their
-    updates are combined (``reducer``) and applied (``optimizer``).
+    updates are combined (``aggregator``: stages and one reducer) and applied (``optimizer``).
 
     FedAvg is the default: uniform selection, weighted mean, server SGD with lr 1. FedProx is
     ``train.mu > 0``; FedAvgM/FedAdam/FedYogi/FedAdagrad swap ``optimizer``.
@@ -24,7 +26,7 @@ class Strategy:
     clients_per_round: int
     train: TrainConfig = field(default_factory=TrainConfig)
     selector: ClientSelector = field(default_factory=UniformSelector)
-    reducer: Reducer = weighted_mean
+    aggregator: Aggregator = field(default_factory=lambda: chain(Weighting("examples"), weighted_mean))
     optimizer: ServerOptimizer = field(default_factory=sgd)
     min_updates: int = 1
     evaluate_clients: int = 0

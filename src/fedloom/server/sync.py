@@ -16,14 +16,16 @@ from typing import Any
 
 import numpy as np
 
+from fedloom.aggregation.aggregator import AggState
 from fedloom.errors import FedloomError, RoundError
 from fedloom.messages import EvaluateReply, EvaluateRequest, Evaluation, TrainReply, TrainRequest, Update
-from fedloom.params import Params
+from fedloom.params import Params, ParamSpec, is_finite
 from fedloom.seeding import keyed_rng
 from fedloom.server.optimizers import OptState
 from fedloom.server.selection import ClientFeedback
 from fedloom.server.strategy import Strategy
 from fedloom.server.validation import check_reply, to_delta
+from fedloom.stages.base import Contribution
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class ServerState:
     params: Params
     opt_state: OptState
     selection: Any = None
+    aggregation: AggState = ()
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,8 @@ class RoundResult:
     rejected: dict[int, str] = field(default_factory=dict)
     train_loss: float = float("nan")
     examples: float = 0.0
+    measurements: dict[str, float] = field(default_factory=dict)  # the aggregator's, e.g. clip bound, epsilon
+    problem: str = ""  # why the model was left unchanged, when it was
 
 
 @dataclass(frozen=True)
@@ -99,7 +104,8 @@ class SyncServer:
 
     def init(self, params: Params) -> ServerState:
         return ServerState(0, [np.array(p, copy=True) for p in params], self.strategy.optimizer.init(params),
-                           self.strategy.selector.init(self.num_clients))
+                           self.strategy.selector.init(self.num_clients),
+                           self.strategy.aggregator.init(ParamSpec.of(params)))
 
     def train_requests(self, state: ServerState, candidates: Sequence[int] | None = None,
                        k: int | None = None) -> tuple[list[TrainRequest], ServerState]:
@@ -113,7 +119,7 @@ class SyncServer:
         pool = range(self.num_clients) if candidates is None else candidates
         chosen, selection = self.strategy.selector.select(
             rnd, pool, self.strategy.clients_per_round if k is None else k, state.selection)
-        config = replace(self.strategy.train, round=rnd)
+        config = replace(self.strategy.train, round=rnd, stage=self.strategy.aggregator.broadcast(state.aggregation))
         return [TrainRequest(cid, rnd, state.params, config) for cid in chosen], replace(state, selection=selection)
 
     def apply(self, state: ServerState, requests: Sequence[TrainRequest], replies: Sequence[TrainReply],
@@ -147,18 +153,34 @@ class SyncServer:
                 updates[cid] = reply.update
         for cid in asked.keys() - updates.keys() - rejected.keys():
             rejected[cid] = "no reply"
-        seen = {cid: u.metrics.get("examples", u.weight) for cid, u in updates.items() if "loss" in u.metrics}
+        return self._aggregate(state, requests, updates, rejected, durations or {})
+
+    def _aggregate(self, state: ServerState, requests: Sequence[TrainRequest], updates: dict[int, Update],
+                   rejected: dict[int, str], durations: Mapping[int, float]) -> tuple[RoundResult, ServerState]:
+        """The aggregator over the checked updates, then the server optimizer (see :meth:`apply`)."""
+        rnd = state.round + 1
+        contributions = [Contribution(cid, to_delta(u, state.params), float(u.weight), float(u.weight),
+                                      metrics=u.metrics) for cid, u in updates.items()]
+        expected = min(len(requests), self.strategy.clients_per_round)
+        agg = self.strategy.aggregator.aggregate(contributions, state.aggregation, rnd, expected)
+        rejected = {**rejected, **agg.rejected}
+        kept = {cid: updates[cid] for cid in agg.kept}
+        seen = {cid: u.metrics.get("examples", u.weight) for cid, u in kept.items() if "loss" in u.metrics}
         examples = sum(seen.values())
-        loss = sum(updates[cid].metrics["loss"] * n for cid, n in seen.items()) / examples if examples else math.nan
-        accepted = list(updates)
-        result = RoundResult(rnd, [r.client_id for r in requests], accepted, rejected, loss, examples)
-        selection = self.strategy.selector.observe(state.selection, _feedback(rnd, requests, updates, durations or {}))
-        if len(accepted) < max(1, self.strategy.min_updates):
-            return result, ServerState(rnd, state.params, state.opt_state, selection)
-        deltas = [to_delta(u, state.params) for u in updates.values()]
-        delta = self.strategy.reducer(deltas, [u.weight for u in updates.values()])
-        params, opt_state = self.strategy.optimizer.update(delta, state.params, state.opt_state)
-        return result, ServerState(rnd, params, opt_state, selection)
+        loss = sum(kept[cid].metrics["loss"] * n for cid, n in seen.items()) / examples if examples else math.nan
+        selection = self.strategy.selector.observe(state.selection, _feedback(rnd, requests, kept, durations))
+        problem = agg.problem
+        if not problem and len(kept) < max(1, self.strategy.min_updates):
+            problem = f"{len(kept)} valid updates, fewer than server.min_updates={self.strategy.min_updates}"
+        params, opt_state = state.params, state.opt_state
+        if not problem:
+            params, opt_state = self.strategy.optimizer.update(agg.delta, state.params, state.opt_state)
+            if not is_finite(params):
+                problem, params, opt_state = "the server optimizer's step is not finite", state.params, state.opt_state
+        result = RoundResult(rnd, [r.client_id for r in requests], list(kept), rejected, loss, examples,
+                             agg.measurements, problem)
+        aggregation = agg.state if not problem else state.aggregation
+        return result, ServerState(rnd, params, opt_state, selection, aggregation)
 
     def evaluate_requests(self, state: ServerState, seed: int = 0) -> list[EvaluateRequest]:
         """Federated evaluation of the current model on ``strategy.evaluate_clients`` clients.

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from fedloom.client.pipeline import NO_STAGES, ClientPipeline
 from fedloom.client.work import ClientWork
 from fedloom.data.dataset import FederatedDataset
 from fedloom.messages import Request, TrainRequest
@@ -29,13 +30,17 @@ ClientSpec = Callable[[], tuple[ClientWork, FederatedDataset]]
 ENGINES = ("sequential", "vectorized", "process", "ray")
 
 
-def local_engine(work: ClientWork, data: FederatedDataset, vectorize: bool, group_size: int = 0) -> Transport:
-    """The in-process engine: vectorized when asked (it falls back to sequential by itself)."""
+def local_engine(work: ClientWork, data: FederatedDataset, vectorize: bool, group_size: int = 0,
+                 pipeline: ClientPipeline = NO_STAGES) -> Transport:
+    """The in-process engine: vectorized when asked (it falls back to sequential by itself).
+
+    ``pipeline`` holds the client halves of the aggregator's stages, run on every update.
+    """
     if vectorize:
         from fedloom.simulation.vectorized import VectorizedTransport
 
-        return VectorizedTransport(work, data, group_size=group_size)
-    return InProcessTransport(work, data)
+        return VectorizedTransport(work, data, group_size=group_size, pipeline=pipeline)
+    return InProcessTransport(work, data, pipeline)
 
 
 def request_cost(request: Request, train_sizes: Sequence[int], test_sizes: Sequence[int]) -> float:

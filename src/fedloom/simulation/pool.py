@@ -44,6 +44,7 @@ from collections.abc import Sequence
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from fedloom.client.pipeline import NO_STAGES, ClientPipeline
 from fedloom.errors import WorkerError
 from fedloom.messages import Reply, Request, error_reply
 from fedloom.simulation.engines import ClientSpec, local_engine, request_cost, split_balanced
@@ -61,7 +62,8 @@ def error_replies(requests: Sequence[Request], reason: str, code: str = "worker_
     return [error_reply(r, code, reason) for r in requests]
 
 
-def _serve(conn: Connection, spec: ClientSpec, vectorize: bool, group_size: int, single_thread: bool) -> None:
+def _serve(conn: Connection, spec: ClientSpec, vectorize: bool, group_size: int, single_thread: bool,
+           pipeline: ClientPipeline) -> None:
     """A worker's whole life: load the clients once, report their sizes, then answer rounds until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it then stops the workers
     if single_thread:
@@ -70,7 +72,7 @@ def _serve(conn: Connection, spec: ClientSpec, vectorize: bool, group_size: int,
         torch.set_num_threads(1)
     try:
         work, data = spec()
-        engine = local_engine(work, data, vectorize, group_size)
+        engine = local_engine(work, data, vectorize, group_size, pipeline)
         sizes = ([c.num_train for c in data.clients], [c.num_test for c in data.clients])
     except Exception:  # noqa: BLE001 - reported to the parent, which raises WorkerError
         conn.send(("failed", traceback.format_exc()))
@@ -167,13 +169,13 @@ class ProcessPoolTransport:
     """
 
     def __init__(self, spec: ClientSpec, workers: int = 0, vectorize: bool = True, group_size: int = 0,
-                 *, timeout: float | None = None):
+                 *, timeout: float | None = None, pipeline: ClientPipeline = NO_STAGES):
         if workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
         self.num_workers = workers or os.cpu_count() or 1
         self.timeout = timeout
         self._ctx = mp.get_context("spawn")
-        self._args = (spec, vectorize, group_size, self.num_workers >= 2)
+        self._args = (spec, vectorize, group_size, self.num_workers >= 2, pipeline)
         self._workers: list[_Worker] = []
         self._closed = False
         self._atexit = functools.partial(_close_if_alive, weakref.ref(self))

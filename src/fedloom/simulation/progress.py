@@ -30,4 +30,7 @@ class RoundProgress:
         if not math.isnan(row.get("test_accuracy", math.nan)):
             self.accuracy = row["test_accuracy"]
         status = f"loss {row['train_loss']:.3f}  acc {self.accuracy:.3f}"
+        epsilon = next((v for k, v in row.items() if k.endswith(".epsilon")), None)
+        if epsilon is not None:
+            status += f"  ε {epsilon:.2f}"
         self.progress.update(self.task, advance=1, status=status)

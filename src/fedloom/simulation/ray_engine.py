@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from fedloom.client.pipeline import NO_STAGES, ClientPipeline
 from fedloom.errors import WorkerError
 from fedloom.messages import Reply, Request, TrainReply
 from fedloom.params import Params
@@ -66,13 +67,14 @@ def writable_replies(replies: list[Reply]) -> list[Reply]:
 class ClientActor:
     """One Ray actor: the clients loaded once from the spec, and a local engine that serves rounds."""
 
-    def __init__(self, spec: ClientSpec, vectorize: bool, group_size: int, single_thread: bool):
+    def __init__(self, spec: ClientSpec, vectorize: bool, group_size: int, single_thread: bool,
+                 pipeline: ClientPipeline = NO_STAGES):
         if single_thread:
             import torch
 
             torch.set_num_threads(1)  # Ray gives each actor one CPU; more torch threads would oversubscribe it
         work, data = spec()
-        self.engine = local_engine(work, data, vectorize, group_size)
+        self.engine = local_engine(work, data, vectorize, group_size, pipeline)
         self.sizes = ([c.num_train for c in data.clients], [c.num_test for c in data.clients])
 
     def client_sizes(self) -> tuple[list[int], list[int]]:
@@ -95,7 +97,7 @@ class RayTransport:
     """
 
     def __init__(self, spec: ClientSpec, address: str = "", workers: int = 0, vectorize: bool = True,
-                 group_size: int = 0):
+                 group_size: int = 0, pipeline: ClientPipeline = NO_STAGES):
         if workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
         self._ray = ray = _import_ray()
@@ -108,7 +110,7 @@ class RayTransport:
         self.num_workers = workers or max(1, int(cpus))
         self._actor_cls = ray.remote(ClientActor).options(num_cpus=min(1.0, cpus / self.num_workers),
                                                           max_restarts=0, max_task_retries=0)
-        self._args = (spec, vectorize, group_size, self.num_workers >= 2)
+        self._args = (spec, vectorize, group_size, self.num_workers >= 2, pipeline)
         self._actors: list[Any] = []
         try:
             self._actors = [self._actor_cls.remote(*self._args) for _ in range(self.num_workers)]

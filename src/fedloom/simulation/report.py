@@ -14,12 +14,18 @@ METRIC_COLUMNS = ("round", "train_loss", "test_loss", "test_accuracy", "fed_loss
 
 
 def write_metrics(path: Path, rows: list[dict[str, float]]) -> None:
-    """Write one CSV row per round; a metric not measured in a round is left empty."""
+    """Write one CSV row per round; a metric not measured in a round is left empty.
+
+    The standard columns come first, then the aggregator's measurements (``clip.clip_bound``,
+    ``dp_noise.epsilon``, ...) in the order they first appear.
+    """
+    extra = [k for k in dict.fromkeys(k for row in rows for k in row) if k not in METRIC_COLUMNS]
+    columns = [*METRIC_COLUMNS, *extra]
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: "" if row.get(k) is None else row[k] for k in METRIC_COLUMNS})
+            writer.writerow({k: "" if row.get(k) is None else row[k] for k in columns})
 
 
 def read_metrics(path: Path) -> list[dict[str, float]]:

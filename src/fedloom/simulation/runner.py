@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from fedloom.build import async_server, build_clients, build_strategy
+from fedloom.build import async_server, build_clients, build_strategy, client_pipeline
 from fedloom.client.torch_work import TorchClientWork
 from fedloom.config import Config, to_toml
 from fedloom.data.dataset import FederatedDataset
@@ -29,25 +30,32 @@ from fedloom.simulation.timeline import AsyncRun, SimulatedClock
 from fedloom.transport.base import Transport
 from fedloom.transport.inprocess import InProcessTransport
 
+log = logging.getLogger("fedloom")
+
 
 def build_engine(cfg: Config, work: TorchClientWork, dataset: FederatedDataset) -> Transport:
-    """The engine ``[engine] executor`` selects; process and Ray workers rebuild the clients from ``cfg``."""
+    """The engine ``[engine] executor`` selects; process and Ray workers rebuild the clients from ``cfg``.
+
+    Every engine runs the client halves of the aggregator (and of a simulated attack) on each update.
+    """
     e = cfg.engine
+    pipeline = client_pipeline(cfg, len(dataset))
     if e.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("engine.device", "CUDA is not available on this machine")
     if e.executor == "sequential":
-        return InProcessTransport(work, dataset)
+        return InProcessTransport(work, dataset, pipeline)
     if e.executor == "vectorized":
-        return local_engine(work, dataset, vectorize=True, group_size=e.group_size)
+        return local_engine(work, dataset, vectorize=True, group_size=e.group_size, pipeline=pipeline)
     spec = partial(build_clients, cfg)
     if e.executor == "process":
         from fedloom.simulation.pool import ProcessPoolTransport
 
-        return ProcessPoolTransport(spec, workers=e.workers, vectorize=e.vectorize, group_size=e.group_size)
+        return ProcessPoolTransport(spec, workers=e.workers, vectorize=e.vectorize, group_size=e.group_size,
+                                    pipeline=pipeline)
     from fedloom.simulation.ray_engine import RayTransport
 
     return RayTransport(spec, address=e.ray_address, workers=e.workers, vectorize=e.vectorize,
-                        group_size=e.group_size)
+                        group_size=e.group_size, pipeline=pipeline)
 
 
 @dataclass
@@ -61,6 +69,7 @@ class RunResult:
     train_s: float = 0.0  # the training rounds alone: selection, client work, aggregation (no evaluation)
     setup_s: float = 0.0  # data loading and model construction
     param_names: list[str] = field(default_factory=list)
+    stopped: str = ""  # why training ended before run.rounds (a privacy budget), if it did
 
     @property
     def final_accuracy(self) -> float:
@@ -86,7 +95,7 @@ def simulate(cfg: Config, *, progress: bool = True, write: bool = True) -> RunRe
     work, dataset = build_clients(cfg)
     params = work.initial_params(cfg.run.seed)
     names = [n for n, _ in work.model.named_parameters()]
-    strategy = build_strategy(cfg)
+    strategy = build_strategy(cfg, len(dataset))
     if strategy.clients_per_round > len(dataset):
         raise ConfigError("server.clients_per_round",
                           f"asks for {strategy.clients_per_round} clients but {dataset.name} has {len(dataset)}")
@@ -95,6 +104,9 @@ def simulate(cfg: Config, *, progress: bool = True, write: bool = True) -> RunRe
     if cfg.eval.max_examples:
         x_test, y_test = x_test[: cfg.eval.max_examples], y_test[: cfg.eval.max_examples]
     state = server.init(params)
+    first = strategy.aggregator.stop_reason(state.aggregation)
+    if first:
+        raise ConfigError("privacy.epsilon_budget", f"not even one round fits: {first}")
     transport = build_engine(cfg, work, dataset)
     clock = SimulatedClock.create(cfg, dataset, work) if cfg.hetero.population else None
     stream = None
@@ -103,6 +115,7 @@ def simulate(cfg: Config, *, progress: bool = True, write: bool = True) -> RunRe
     setup_s = time.perf_counter() - start
     history: list[dict[str, float]] = []
     timer = {"train_s": 0.0, "t0": 0.0}
+    stopped: list[str] = []  # why the run ended before its last round (a privacy budget)
 
     def step(state: ServerState) -> tuple[RoundResult, ServerState]:
         timer["t0"] = time.perf_counter()
@@ -111,7 +124,12 @@ def simulate(cfg: Config, *, progress: bool = True, write: bool = True) -> RunRe
         return out
 
     def after(result: RoundResult, state: ServerState) -> bool:
-        spent = clock is not None and 0 < cfg.hetero.trip_budget <= clock.trips
+        if result.problem:
+            log.warning("round %d: the model was left unchanged: %s", state.round, result.problem)
+        reason = strategy.aggregator.stop_reason(state.aggregation) if state.round < cfg.run.rounds else None
+        if reason:
+            stopped.append(reason)
+        spent = (clock is not None and 0 < cfg.hetero.trip_budget <= clock.trips) or bool(reason)
         evaluate = state.round % cfg.eval.every == 0 or state.round == cfg.run.rounds or spent
         row = round_metrics(result, state, server, transport, work, (x_test, y_test), cfg, evaluate)
         if clock is not None:
@@ -125,8 +143,10 @@ def simulate(cfg: Config, *, progress: bool = True, write: bool = True) -> RunRe
     with closing(transport), RoundProgress(cfg.run.rounds, cfg.run.name, enabled=progress) as bar:
         state = run_rounds(step, state, cfg.run.rounds, after)
     train_s = timer["train_s"]
+    if stopped:
+        log.warning("%s", stopped[0])
     result = RunResult(cfg, history, state.params, train_s=train_s, setup_s=setup_s,
-                       param_names=names)
+                       param_names=names, stopped=stopped[0] if stopped else "")
     if write:
         result.run_dir = _run_dir(cfg)
         (result.run_dir / "config.toml").write_text(to_toml(cfg))

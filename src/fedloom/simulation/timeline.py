@@ -164,7 +164,9 @@ class AsyncRun:
                 break
         accepted = [a.client_id for a, _ in arrivals if a.accepted]
         examples = sum(r.update.metrics.get("examples", r.update.weight) for a, r in arrivals if a.accepted)
+        last = arrivals[-1][0]
         result = RoundResult(self.state.version, [a.client_id for a, _ in arrivals], accepted,
                              {a.client_id: a.reason for a, _ in arrivals if not a.accepted},
-                             arrivals[-1][0].train_loss, float(examples))
-        return result, ServerState(self.state.version, self.state.params, self.state.opt_state)
+                             last.train_loss, float(examples), last.measurements, last.reason)
+        return result, ServerState(self.state.version, self.state.params, self.state.opt_state,
+                                   aggregation=self.state.aggregation)

@@ -30,10 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
+from fedloom.client.pipeline import NO_STAGES, ClientPipeline
 from fedloom.client.torch_work import TorchClientWork, cross_entropy
 from fedloom.client.work import ClientWork, handle
 from fedloom.data.dataset import ClientDataset, FederatedDataset
-from fedloom.messages import Reply, Request, TrainConfig, TrainReply, TrainRequest, Update
+from fedloom.messages import Reply, Request, TrainConfig, TrainReply, TrainRequest, Update, error_reply
 from fedloom.models import CNN, MLP, CharLSTM, LogisticRegression
 from fedloom.seeding import keyed_rng
 from fedloom.transport.inprocess import InProcessTransport
@@ -285,11 +286,13 @@ class VectorizedTransport:
     error replies for the clients concerned.
     """
 
-    def __init__(self, work: ClientWork, data: FederatedDataset, group_size: int = 0):
+    def __init__(self, work: ClientWork, data: FederatedDataset, group_size: int = 0,
+                 pipeline: ClientPipeline = NO_STAGES):
         self.work = work
         self.data = data
         self.group_size = group_size
-        self.sequential = InProcessTransport(work, data)
+        self.pipeline = pipeline
+        self.sequential = InProcessTransport(work, data, pipeline)
         self.forward: StackedForward | None = None
         reason = "client work is not a TorchClientWork"
         if isinstance(work, TorchClientWork):
@@ -323,8 +326,15 @@ class VectorizedTransport:
             updates = train_group(self.work, self.forward, requests, clients)  # type: ignore[arg-type]
         except Exception as exc:  # noqa: BLE001 - fall back; the sequential path reports per client
             log.warning("fedloom: vectorized group failed (%s: %s); retrying sequentially", type(exc).__name__, exc)
-            return [handle(r, self.work, c) for r, c in zip(requests, clients)]
-        return [TrainReply(r.client_id, r.round, update=u) for r, u in zip(requests, updates)]
+            return [handle(r, self.work, c, self.pipeline) for r, c in zip(requests, clients)]
+        return [self._finish(r, u) for r, u in zip(requests, updates)]
+
+    def _finish(self, request: TrainRequest, update: Update) -> Reply:
+        """The client halves of the pipeline on one client's update, as ``handle`` runs them."""
+        try:
+            return TrainReply(request.client_id, request.round, update=self.pipeline.apply(request, update))
+        except Exception as exc:  # noqa: BLE001 - one client's failure, as handle reports it
+            return error_reply(request, "client_failed", f"{type(exc).__name__}: {exc}")
 
     def close(self) -> None:
         """Nothing to release."""

@@ -296,7 +296,7 @@ def _train_config_msg(c: TrainConfig) -> pb.TrainConfigMsg:
     _require(c.max_steps is None or c.max_steps >= 1,
              f"max_steps must be None or >= 1, got {c.max_steps} (0 means no cap on the wire)")
     return pb.TrainConfigMsg(lr=c.lr, batch_size=c.batch_size, local_epochs=c.local_epochs,
-                             max_steps=c.max_steps or 0, mu=c.mu, seed=c.seed, round=c.round)
+                             max_steps=c.max_steps or 0, mu=c.mu, seed=c.seed, round=c.round, stage=dict(c.stage))
 
 
 def _train_config(m: pb.TrainConfigMsg) -> TrainConfig:
@@ -304,8 +304,10 @@ def _train_config(m: pb.TrainConfigMsg) -> TrainConfig:
     _require(m.local_epochs >= 0, f"train config local_epochs must be >= 0, got {m.local_epochs}")
     _require(m.max_steps >= 0, f"train config max_steps must be >= 0, got {m.max_steps}")
     _require(math.isfinite(m.lr) and math.isfinite(m.mu), f"train config lr={m.lr}, mu={m.mu} must be finite")
+    _require(all(math.isfinite(v) for v in m.stage.values()), "train config stage values must be finite")
     return TrainConfig(lr=m.lr, batch_size=m.batch_size, local_epochs=m.local_epochs,
-                       max_steps=m.max_steps or None, mu=m.mu, seed=m.seed, round=m.round)
+                       max_steps=m.max_steps or None, mu=m.mu, seed=m.seed, round=m.round,
+                       stage=tuple(sorted(m.stage.items())))
 
 
 def _encode_train_request(m: TrainRequest) -> bytes:

@@ -18,7 +18,14 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class TrainConfigMsg(_message.Message):
-    __slots__ = ("lr", "batch_size", "local_epochs", "max_steps", "mu", "seed", "round")
+    __slots__ = ("lr", "batch_size", "local_epochs", "max_steps", "mu", "seed", "round", "stage")
+    class StageEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     LR_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +33,7 @@ class TrainConfigMsg(_message.Message):
     MU_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
     lr: float
     batch_size: int
     local_epochs: int
@@ -33,7 +41,8 @@ class TrainConfigMsg(_message.Message):
     mu: float
     seed: int
     round: int
-    def __init__(self, lr: _Optional[float] = ..., batch_size: _Optional[int] = ..., local_epochs: _Optional[int] = ..., max_steps: _Optional[int] = ..., mu: _Optional[float] = ..., seed: _Optional[int] = ..., round: _Optional[int] = ...) -> None: ...
+    stage: _containers.ScalarMap[str, float]
+    def __init__(self, lr: _Optional[float] = ..., batch_size: _Optional[int] = ..., local_epochs: _Optional[int] = ..., max_steps: _Optional[int] = ..., mu: _Optional[float] = ..., seed: _Optional[int] = ..., round: _Optional[int] = ..., stage: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class TrainRequestBody(_message.Message):
     __slots__ = ("params", "config")
