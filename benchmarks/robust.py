@@ -9,9 +9,15 @@ without attackers), ``aggregator`` (``"fedavg"`` for the plain examples-weighted
 ``final_accuracy``. 20% of the clients attack (drawn from the seed). The tasks:
 
 - ``synthetic``: FedProx Synthetic(1, 1), 1,000 clients (W-A's data), logistic regression,
-  50 clients per round, 30 rounds;
+  50 clients per round, 60 rounds;
 - ``digits``: the digits data, Dirichlet(0.5) over 100 clients, an MLP, 20 clients per round,
   40 rounds.
+
+The thresholds of the norm-based defences are each task's median honest update norm in its first
+rounds (0.6 and 0.2), and the weight cap its median client size (90 and 14), as an operator
+would set them from what honest clients send. Attack strengths: ``scale`` multiplies by the number
+of clients per round (model replacement, Bagdasaryan et al. 2020); ``sign_flip`` sends the update
+negated; ``gaussian`` sends noise of std 1 (several times an honest update's norm).
 
 ``aggregation-cost`` prints one line per reducer: ``reducer``, ``seconds_100x1m`` (100 updates of
 1M float32 values, the fastest of 3), ``wa_round_s`` (a W-A round with that reducer, vectorized,
@@ -29,15 +35,17 @@ import numpy as np
 from fedloom.config import config_from_dict
 
 ATTACK_KINDS = ("none", "scale", "weight", "sign_flip", "gaussian", "label_flip")
+STRENGTH = {"sign_flip": 1.0, "gaussian": 1.0}  # scale: the number of clients per round (model replacement)
 TASKS: dict[str, dict[str, Any]] = {
     "synthetic": {
-        "run": {"name": "robust-synthetic", "seed": 0, "rounds": 30},
+        "run": {"name": "robust-synthetic", "seed": 0, "rounds": 60},
         "data": {"dataset": "synthetic", "num_clients": 1000},
         "model": {"name": "logreg"},
         "client": {"lr": 0.05, "batch_size": 10, "max_steps": 20},
         "server": {"clients_per_round": 50},
-        "eval": {"every": 30},
+        "eval": {"every": 60},
         "engine": {"executor": "vectorized"},
+        "norm": 0.6, "size": 90,
     },
     "digits": {
         "run": {"name": "robust-digits", "seed": 0, "rounds": 40},
@@ -47,24 +55,32 @@ TASKS: dict[str, dict[str, Any]] = {
         "server": {"clients_per_round": 20},
         "eval": {"every": 40},
         "engine": {"executor": "vectorized"},
+        "norm": 0.2, "size": 14,
     },
 }
-# Each aggregator as [aggregation] settings; thresholds sized to the tasks' honest update norms (about 0.3 to 1).
-AGGREGATORS: dict[str, dict[str, Any]] = {
-    "fedavg": {},
-    "median": {"reducer": "median", "weighting": "uniform"},
-    "trimmed_mean": {"reducer": "trimmed_mean", "trim": 0.25, "weighting": "uniform"},
-    "multi_krum": {"reducer": "multi_krum", "byzantine": 4, "weighting": "uniform"},
-    "norm_bound": {"norm_bound": 1.0, "weighting": "capped", "max_weight": 50},
-    "centered_clip": {"centered_clip": 1.0, "weighting": "capped", "max_weight": 50},
-}
+AGGREGATORS = ("fedavg", "median", "trimmed_mean", "multi_krum", "norm_bound", "centered_clip", "capped",
+               "centered_clip+capped")
 
 
-def task_config(task: str, attack: str, aggregator: str, strength: float = 10.0):
-    raw = {k: dict(v) for k, v in TASKS[task].items()}
-    raw["aggregation"] = dict(AGGREGATORS[aggregator])
+def aggregation(name: str, norm: float, size: float, per_round: int) -> dict[str, Any]:
+    """An aggregator's ``[aggregation]`` settings for a task (its honest norm and size, clients per round)."""
+    capped = {"weighting": "capped", "max_weight": size}
+    return {"fedavg": {},
+            "median": {"reducer": "median", "weighting": "uniform"},
+            "trimmed_mean": {"reducer": "trimmed_mean", "trim": 0.25, "weighting": "uniform"},
+            "multi_krum": {"reducer": "multi_krum", "byzantine": per_round // 4, "weighting": "uniform"},
+            "norm_bound": {"norm_bound": norm},
+            "centered_clip": {"centered_clip": norm},
+            "capped": capped,
+            "centered_clip+capped": {"centered_clip": norm, **capped}}[name]
+
+
+def task_config(task: str, attack: str, aggregator: str):
+    raw = {k: dict(v) for k, v in TASKS[task].items() if isinstance(v, dict)}
+    per_round = raw["server"]["clients_per_round"]
+    raw["aggregation"] = aggregation(aggregator, TASKS[task]["norm"], TASKS[task]["size"], per_round)
     if attack != "none":
-        raw["attack"] = {"kind": attack, "fraction": 0.2, "strength": strength}
+        raw["attack"] = {"kind": attack, "fraction": 0.2, "strength": STRENGTH.get(attack, float(per_round))}
     return config_from_dict(raw)
 
 
@@ -127,11 +143,8 @@ def run_cost(repeat: int = 3) -> list[dict[str, Any]]:
     updates = [Contribution(i, [rng.standard_normal(1_000_000, dtype=np.float32)], 1.0, 1.0) for i in range(100)]
     wa = WORKLOADS["wa"].with_engine("fedloom-vectorized")
     records, base = [], None
-    for name in ("fedavg", "median", "trimmed_mean", "multi_krum", "norm_bound", "centered_clip"):
-        settings = {k: v for k, v in AGGREGATORS[name].items() if k != "byzantine"}
-        if name == "multi_krum":
-            settings["byzantine"] = 20
-        cfg = replace(wa, aggregation=replace(wa.aggregation, **settings))
+    for name in AGGREGATORS:
+        cfg = replace(wa, aggregation=replace(wa.aggregation, **aggregation(name, 0.6, 90, 100)))
         aggregator = build_aggregator(cfg, 1000)
         state = aggregator.init(ParamSpec.of(updates[0].delta))
         times = []

@@ -53,3 +53,28 @@ def test_the_attacks_benchmark_prints_the_named_fields_per_mix():
     assert record["attack"] == "tiny-chunks" and record["lost_updates"] == 0
     assert record["baseline_rounds_per_min"] > 0 and record["honest_rounds_per_min"] > 0
     assert 0 < record["server_peak_rss_mb"] < 1024
+
+
+def test_the_robust_benchmark_prints_the_named_fields(capsys):
+    import json
+
+    from benchmarks.robust import run_robust
+
+    records = run_robust(["digits"], ["none", "weight"], ["fedavg", "capped"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines == records and [list(r) for r in records] == [["task", "attack", "aggregator", "final_accuracy"]] * 4
+    acc = {(r["attack"], r["aggregator"]): r["final_accuracy"] for r in records}
+    assert acc[("weight", "fedavg")] < acc[("none", "fedavg")] - 0.1  # a claim of 10^12 examples hurts FedAvg
+    assert acc[("weight", "capped")] > acc[("weight", "fedavg")] + 0.1  # and the cap takes it away
+
+
+def test_the_privacy_benchmark_reaches_its_targets(capsys, monkeypatch):
+    import json
+
+    import benchmarks.privacy as privacy
+
+    monkeypatch.setattr(privacy, "TARGETS", (None, 4.0))
+    records = privacy.run_privacy(["synthetic"])
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == records
+    assert [list(r) for r in records] == [["task", "epsilon", "delta", "final_accuracy", "target"]] * 2
+    assert records[0]["epsilon"] is None and 3.9 < records[1]["epsilon"] <= 4.0

@@ -111,10 +111,16 @@ class Krum:
         return _unstack(_stack(values)[self.select(values)].mean(axis=0, dtype=np.float64), values[0])
 
     def select(self, values: Sequence[Params]) -> list[int]:
-        """The indices of the ``m`` updates with the lowest Krum scores, best first."""
-        x = _stack(values).astype(np.float64)
-        sq = np.einsum("ij,ij->i", x, x)
-        dist = np.maximum(sq[:, None] + sq[None, :] - 2.0 * (x @ x.T), 0.0)
+        """The indices of the ``m`` updates with the lowest Krum scores, best first.
+
+        The pairwise distances are computed with torch, whose thread pool the training shares:
+        numpy's BLAS would leave its own threads spinning on the cores the next round trains on.
+        """
+        import torch
+
+        x = torch.from_numpy(_stack(values)).double()
+        sq = (x * x).sum(dim=1)
+        dist = torch.clamp(sq[:, None] + sq[None, :] - 2.0 * (x @ x.T), min=0.0).numpy()
         np.fill_diagonal(dist, np.inf)
         closest = len(values) - self.f - 2
         scores = np.sort(dist, axis=1)[:, :closest].sum(axis=1)
