@@ -17,7 +17,7 @@ def run(*overrides):
     return simulate(load_config(None, [*BASE, *overrides]), progress=False, write=False)
 
 
-@pytest.mark.parametrize("engine", ["vectorized", "process"])
+@pytest.mark.parametrize("engine", ["vectorized", "process", "ray"])
 def test_client_halves_give_the_same_model_on_every_engine(engine):
     settings = [*PRIVATE, "attack.kind=\"scale\"", "attack.fraction=0.2", "attack.strength=3.0"]
     reference = run(*settings, "engine.executor=\"sequential\"")
