@@ -60,12 +60,13 @@ def test_the_robust_benchmark_prints_the_named_fields(capsys):
 
     from benchmarks.robust import run_robust
 
-    records = run_robust(["digits"], ["none", "weight"], ["fedavg", "capped"])
+    records = run_robust(["digits"], ["none", "weight"], ["fedavg", "capped"], seeds=(0,))
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert lines == records and [list(r) for r in records] == [["task", "attack", "aggregator", "final_accuracy"]] * 4
-    acc = {(r["attack"], r["aggregator"]): r["final_accuracy"] for r in records}
-    assert acc[("weight", "fedavg")] < acc[("none", "fedavg")] - 0.1  # a claim of 10^12 examples hurts FedAvg
-    assert acc[("weight", "capped")] > acc[("weight", "fedavg")] + 0.1  # and the cap takes it away
+    fields = ["task", "attack", "aggregator", "final_accuracy", "honest_accuracy", "seeds"]
+    assert lines == records and [list(r) for r in records] == [fields] * 4
+    acc = {(r["attack"], r["aggregator"]): r["honest_accuracy"] for r in records}
+    assert acc[("weight", "fedavg")] < acc[("none", "fedavg")] - 0.5  # a poisoned model claiming 10^12 examples wins
+    assert acc[("weight", "capped")] > acc[("none", "fedavg")] - 0.03  # and the cap takes the win away
 
 
 def test_the_privacy_benchmark_reaches_its_targets(capsys, monkeypatch):

@@ -35,7 +35,7 @@ from fedloom.server import (
 )
 from fedloom.server.asynchronous import AsyncServer, polynomial_staleness
 from fedloom.server.optimizers import ServerOptimizer
-from fedloom.stages.attacks import Attack, attackers
+from fedloom.stages.attacks import POISONED, Attack, attackers
 from fedloom.stages.base import Noise, SecureNoise, SeededNoise, Stage
 from fedloom.stages.clipping import CenteredClip, Clip, MaxNorm, NormBound
 from fedloom.stages.privacy import Accountant, GaussianNoise, LocalNoise, update_multiplier
@@ -73,10 +73,11 @@ def model_factory(cfg: Config, dataset: FederatedDataset) -> Callable[[], nn.Mod
 def build_clients(cfg: Config) -> tuple[TorchClientWork, FederatedDataset]:
     """The client work and data a config describes; a picklable ``ClientSpec`` as ``partial(build_clients, cfg)``.
 
-    With ``attack.kind = "label_flip"`` the attackers' training labels are ``C - 1 - y``.
+    With a poisoned ``attack.kind`` (``label_flip``, and the model replacements ``scale`` and
+    ``weight``) the attackers' training labels are ``C - 1 - y``.
     """
     dataset = load_dataset(cfg)
-    if cfg.attack.kind == "label_flip":
+    if cfg.attack.kind in POISONED:
         bad = attackers(cfg.attack.fraction, len(dataset), cfg.run.seed)
         dataset = replace(dataset, clients=[
             replace(c, y_train=(dataset.num_classes - 1 - c.y_train).astype(c.y_train.dtype)) if i in bad else c
@@ -144,7 +145,7 @@ def build_aggregator(cfg: Config, num_clients: int, deployed: bool = False) -> A
         else:
             after.append(GaussianNoise(update_multiplier(p.noise_multiplier, count_std), acct, p.epsilon_budget))
     reducer = {"mean": weighted_mean, "median": coordinate_median, "trimmed_mean": trimmed_mean(a.trim),
-               "krum": krum(a.byzantine, 1), "multi_krum": krum(a.byzantine, a.krum_m or 10**9)}[a.reducer]
+               "krum": krum(a.byzantine, 1), "multi_krum": krum(a.byzantine, a.krum_m)}[a.reducer]
     return chain(*before, reducer, *after, noise=noise_source(cfg, deployed))
 
 

@@ -151,8 +151,8 @@ class PrivacyConfig:
 
 @dataclass(frozen=True)
 class AttackConfig:
-    kind: str = _f("", "simulated attackers: empty = none | sign_flip | scale | gaussian | weight (claims 10^12 "
-                       "examples) | label_flip", ATTACKS)
+    kind: str = _f("", "simulated attackers: empty = none | sign_flip | scale (a poisoned model, boosted) | "
+                       "weight (a poisoned model claiming 10^12 examples) | gaussian | label_flip", ATTACKS)
     fraction: float = _f(0.0, "fraction of the clients that attack (drawn from run.seed)", "0..1")
     strength: float = _f(10.0, "sign_flip and scale: the factor; gaussian: the noise's std", ">0")
 

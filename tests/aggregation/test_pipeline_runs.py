@@ -4,8 +4,10 @@ defend against the simulated attacks, FedBuff goes through the same aggregator, 
 import numpy as np
 import pytest
 
+from fedloom.build import build_clients
 from fedloom.config import load_config
 from fedloom.simulation.runner import simulate
+from fedloom.stages.attacks import attackers
 
 BASE = ["data.dataset=\"synthetic\"", "data.num_clients=40", "model.name=\"logreg\"", "client.lr=0.05",
         "client.max_steps=5", "server.clients_per_round=10", "run.rounds=4", "eval.every=2"]
@@ -35,17 +37,31 @@ def test_local_noise_and_clipping_are_applied_on_the_client():
     assert eps == sorted(eps) and eps[0] > 0
 
 
+def honest_accuracy(result):
+    """Accuracy on the test data of the clients that attack with fraction 0.2 (no defence serves the attackers)."""
+    work, dataset = build_clients(result.config)
+    bad = attackers(0.2, len(dataset), result.config.run.seed)
+    honest = [c for c in dataset.clients if c.client_id not in bad]
+    x, y = np.concatenate([c.x_test for c in honest]), np.concatenate([c.y_test for c in honest])
+    return work.evaluate_params(result.params, x, y).accuracy
+
+
+DIGITS = ["data.dataset=\"digits\"", "data.partition=\"dirichlet\"", "data.alpha=0.5", "data.num_clients=100",
+          "model.name=\"mlp\"", "model.hidden=[64]", "client.lr=0.1", "client.batch_size=10", "client.local_epochs=2",
+          "server.clients_per_round=20", "run.rounds=30", "eval.every=30", "engine.executor=\"vectorized\""]
+
+
 @pytest.mark.parametrize("attack, defence", [
-    ("scale", "aggregation.centered_clip=0.5"),
-    ("weight", "aggregation.weighting=\"capped\""),
-    ("sign_flip", "aggregation.norm_bound=0.5"),
+    ("scale", "aggregation.centered_clip=0.4"),
+    ("weight", "aggregation.weighting=\"capped\" aggregation.max_weight=14"),
+    ("sign_flip", "aggregation.centered_clip=0.4"),
+    ("gaussian", "aggregation.reducer=\"multi_krum\" aggregation.byzantine=5 aggregation.norm_bound=0.4"),
 ])
 def test_a_robust_option_resists_an_attack_that_ruins_fedavg(attack, defence):
-    settings = ["run.rounds=15", "attack.fraction=0.2", f"attack.kind=\"{attack}\"", "attack.strength=20.0",
-                "engine.executor=\"vectorized\"", "eval.every=15", "aggregation.max_weight=100"]
-    clean = run("run.rounds=15", "engine.executor=\"vectorized\"", "eval.every=15").final_accuracy
-    fedavg = run(*settings).final_accuracy
-    robust = run(*settings, defence).final_accuracy
+    clean = honest_accuracy(simulate(load_config(None, DIGITS), progress=False, write=False))
+    attacked = [*DIGITS, "attack.fraction=0.2", f"attack.kind=\"{attack}\"", "attack.strength=20.0"]
+    fedavg = honest_accuracy(simulate(load_config(None, attacked), progress=False, write=False))
+    robust = honest_accuracy(simulate(load_config(None, [*attacked, *defence.split()]), progress=False, write=False))
     assert fedavg < clean - 0.15 and robust > clean - 0.1, (clean, fedavg, robust)
 
 

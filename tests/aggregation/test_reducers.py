@@ -54,6 +54,7 @@ def test_krum_picks_the_update_closest_to_its_neighbours():
     assert krum(1, 1).select(values) == [0]  # ties resolved by order: the first corner
     np.testing.assert_array_equal(krum(1, 1)(values, [1] * 5)[0], [0, 0])
     np.testing.assert_allclose(krum(1, 4)(values, [1] * 5)[0], [0.5, 0.5])  # Multi-Krum: the four corners
+    np.testing.assert_allclose(krum(1, 0)(values, [1] * 5)[0], [0.5, 0.5])  # m = 0: n - f = 4, the outlier out
     with pytest.raises(RoundError, match="needs more than 4 updates, got 4"):
         krum(1)(values[:4], [1] * 4)
 

@@ -12,6 +12,7 @@ from fedloom.errors import ConfigError
 from fedloom.messages import TrainConfig, TrainRequest, Update
 from fedloom.params import ParamSpec
 from fedloom.seeding import keyed_rng
+from fedloom.server.selection import UniformSelector
 from fedloom.stages.attacks import HUGE_CLAIM, Attack, attackers
 from fedloom.stages.base import ClientContext, Context, Contribution, SecureNoise, SeededNoise
 from fedloom.stages.clipping import CenteredClip, Clip, MaxNorm, NormBound
@@ -181,6 +182,14 @@ def test_the_weight_and_gaussian_attacks_and_who_attacks():
     np.testing.assert_allclose(noisy, keyed_rng(0, 1, 1, 13, 0).normal(0, 2.0, (2,)), rtol=1e-6)
     chosen = attackers(0.2, 50, seed=0)
     assert len(chosen) == 10 and chosen == attackers(0.2, 50, seed=0) != attackers(0.2, 50, seed=1)
+
+
+def test_no_round_selects_the_attackers_as_a_block():
+    # The attackers once came from the same random stream as round 4's selection: that round was all attackers.
+    bad = attackers(0.2, 100, seed=0)
+    selector = UniformSelector(0)
+    most = max(len(bad & set(selector.select(r, range(100), 20)[0])) for r in range(1, 2001))
+    assert most <= 12  # hypergeometric: 20 of 100 with 20 bad; P(>= 13) is about 1e-6 per round
 
 
 def test_secure_noise_is_gaussian_of_the_asked_std():

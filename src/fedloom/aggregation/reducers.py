@@ -94,7 +94,7 @@ def trimmed_mean(beta: float = 0.1) -> TrimmedMean:
 
 @dataclass(frozen=True)
 class Krum:
-    """Krum (``m = 1``) or Multi-Krum (the mean of the ``m`` best) against ``f`` Byzantine updates.
+    """Krum (``m = 1``) or Multi-Krum (the mean of the ``m`` best; ``m = 0``: ``n - f``) against ``f`` attackers.
 
     Each update is scored by the sum of its squared distances to its ``n - f - 2`` nearest other
     updates; the lowest scores win. Needs ``n > 2f + 2`` updates (Blanchard et al. 2017).
@@ -124,7 +124,8 @@ class Krum:
         np.fill_diagonal(dist, np.inf)
         closest = len(values) - self.f - 2
         scores = np.sort(dist, axis=1)[:, :closest].sum(axis=1)
-        return [int(i) for i in np.argsort(scores, kind="stable")[: min(self.m, len(values))]]
+        m = self.m or len(values) - self.f
+        return [int(i) for i in np.argsort(scores, kind="stable")[: min(m, len(values))]]
 
 
 def krum(f: int = 1, m: int = 1) -> Krum:

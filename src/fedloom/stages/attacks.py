@@ -2,15 +2,20 @@
 
 The attack is the last client half of every attacker (after any honest client stage, which an
 attacker would skip anyway). Attackers are drawn once per run from the seed: ``RandomState([seed,
-4]).choice(num_clients, round(fraction * num_clients))``. Kinds:
+ATTACKER_STREAM]).choice(num_clients, round(fraction * num_clients))``. Kinds:
 
 * ``sign_flip``: the update, negated and multiplied by ``strength``;
-* ``scale``: the update multiplied by ``strength`` (model replacement, Bagdasaryan et al. 2020,
-  "How To Backdoor Federated Learning");
+* ``scale``: model replacement through the values (Bagdasaryan et al. 2020, "How To Backdoor
+  Federated Learning"): the attacker trains on flipped labels (its poisoned model; the paper's
+  backdoor) and multiplies its update by ``strength`` (the paper's boost ``n / eta``), so that
+  the mean becomes its model;
+* ``weight``: model replacement through the weight: the same poisoned training, sent unscaled with
+  a claim of ``10^12`` examples, so that an examples-weighted mean becomes its model;
 * ``gaussian``: Gaussian noise of std ``strength`` instead of the update;
-* ``weight``: the honest update, with a claim of ``10^12`` examples;
-* ``label_flip``: honest training on labels ``C - 1 - y`` (applied to the attackers' data by
-  ``build.py``; no change to the update).
+* ``label_flip``: honest training on labels ``C - 1 - y``, no change to the update.
+
+The attackers of the poisoned kinds (:data:`POISONED`) train on labels ``C - 1 - y``
+(``build.py`` flips their training data).
 """
 
 from __future__ import annotations
@@ -26,13 +31,17 @@ from fedloom.seeding import keyed_rng
 from fedloom.stages.base import ClientContext, Stage, scaled
 
 ATTACKS = ("sign_flip", "scale", "gaussian", "weight", "label_flip")
+POISONED = ("label_flip", "scale", "weight")  # the attackers train on flipped labels
+# The attackers' own random stream. Round r's uniform selection draws from (seed, r): a small tag here
+# would make that round select exactly the attackers.
+ATTACKER_STREAM = 0x41545441
 HUGE_CLAIM = 1e12
 
 
 def attackers(fraction: float, num_clients: int, seed: int) -> frozenset[int]:
     """The attacking clients of a run."""
     count = int(round(fraction * num_clients))
-    return frozenset(int(c) for c in keyed_rng(seed, 4).choice(num_clients, count, replace=False))
+    return frozenset(int(c) for c in keyed_rng(seed, ATTACKER_STREAM).choice(num_clients, count, replace=False))
 
 
 @dataclass(frozen=True, repr=False)
