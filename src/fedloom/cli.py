@@ -19,15 +19,22 @@ def _simulate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set or [])
     if args.rounds is not None:
         cfg = with_rounds(cfg, args.rounds)
-    result = simulate(cfg, progress=not args.quiet)
+    try:
+        result = simulate(cfg, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print("fedloom: interrupted", file=sys.stderr)
+        return 130
     accs = [(r["test_accuracy"], int(r["round"])) for r in result.history if not math.isnan(r.get("test_accuracy",
                                                                                                  math.nan))]
     best, best_round = max(accs)
     print(
-        f"{cfg.run.name}: {cfg.run.rounds} rounds, final test accuracy {result.final_accuracy:.4f} "
+        f"{cfg.run.name}: {len(result.history)} rounds, final test accuracy {result.final_accuracy:.4f} "
         f"(best {best:.4f} at round {best_round}), training {result.train_s:.1f} s -> {result.run_dir} "
         f"(metrics.csv, model.npz, accuracy.png)"
     )
+    if result.failed:
+        print(f"fedloom: error: the run failed: {result.failed}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -316,6 +316,10 @@ def _check_aggregation(cfg: Config) -> None:
         if per <= 2 * a.byzantine + 2:
             raise ConfigError("aggregation.byzantine", f"{a.reducer} against f={a.byzantine} needs more than "
                                                        f"{2 * a.byzantine + 2} updates per aggregation; it gets {per}")
+    if s.aggregation == "sync" and s.selection != "poisson" and s.min_updates > s.clients_per_round:
+        raise ConfigError("server.min_updates", f"a round needs {s.min_updates} valid updates but asks only "
+                                                f"{s.clients_per_round} clients (server.clients_per_round): no round "
+                                                "could ever be applied")
     if (cfg.attack.kind == "") != (cfg.attack.fraction == 0):
         raise ConfigError("attack.kind", "a simulated attack needs both a kind and a fraction > 0")
     if s.selection == "poisson" and s.aggregation != "sync":

@@ -10,6 +10,7 @@ deployed server's connected clients (``deploy/server.py``).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -64,6 +65,60 @@ def run_rounds(step: Step, state: ServerState, rounds: int,
     return state
 
 
+def reason_code(reason: str) -> str:
+    """The code a refusal's reason starts with (``client_failed: ValueError: ...``), or ``other``."""
+    head = reason.split(":", 1)[0]
+    return head if head.isidentifier() and head.islower() else "other"
+
+
+class Failures:
+    """What went wrong in a run, said so a user sees it: each new kind of refusal once (with the client
+    and round it first came from), every refusal counted by code, and a verdict when the last
+    ``stale`` rounds applied no update (or every round did not, in a shorter run)."""
+
+    def __init__(self, stale: int = 3, said_per_code: int = 5):
+        self.stale = stale
+        self.said_per_code = said_per_code
+        self.counts: dict[str, int] = {}
+        self.said: dict[str, set[str]] = {}
+        self.unchanged: list[str] = []  # the problems of the latest rounds that applied nothing, oldest first
+        self.rounds_unchanged = 0
+
+    def observe(self, result: RoundResult) -> list[str]:
+        """Count a round's refusals; return the lines worth saying now (new reasons, once each)."""
+        lines = []
+        for cid, reason in result.rejected.items():
+            code = reason_code(reason)
+            self.counts[code] = self.counts.get(code, 0) + 1
+            said = self.said.setdefault(code, set())
+            key = re.sub(r"\d+(\.\d+)?(e[+-]?\d+)?", "#", reason)
+            if key not in said and len(said) < self.said_per_code:
+                said.add(key)
+                lines.append(f"round {result.round}: client {cid}: {reason} (said once; every refusal is "
+                             f"counted in metrics.csv as rejected.{code})")
+        if result.problem:
+            self.rounds_unchanged += 1
+            key = "problem: " + re.sub(r"\d+(\.\d+)?(e[+-]?\d+)?", "#", result.problem)
+            if key not in self.said.setdefault("", set()):
+                self.said[""].add(key)
+                lines.append(f"round {result.round}: the model was left unchanged: {result.problem} (said once; "
+                             "such rounds have unchanged = 1 in metrics.csv)")
+        self.unchanged = [*self.unchanged, result.problem] if result.problem else []
+        return lines
+
+    def summary(self) -> str:
+        """One line of the run's refusals by code, or empty."""
+        return ", ".join(f"{code} {n}" for code, n in sorted(self.counts.items(), key=lambda kv: -kv[1]))
+
+    def verdict(self, rounds_done: int) -> str:
+        """Why the run failed (its last rounds applied no update), or empty."""
+        need = min(self.stale, rounds_done)
+        if need and len(self.unchanged) >= need:
+            return (f"no update was applied in the last {need} round{'s' * (need > 1)}: {self.unchanged[-1]}"
+                    + (f" (refused updates: {self.summary()})" if self.counts else ""))
+        return ""
+
+
 def round_metrics(result: RoundResult, state: ServerState, server: SyncServer, transport: Transport,
                   work: TorchClientWork, test: tuple[np.ndarray, np.ndarray], cfg: Config,
                   evaluate: bool) -> dict[str, float]:
@@ -73,6 +128,11 @@ def round_metrics(result: RoundResult, state: ServerState, server: SyncServer, t
         "accepted": len(result.accepted), "rejected": len(result.rejected), "examples": result.examples,
         **result.measurements,
     }
+    for reason in result.rejected.values():
+        key = f"rejected.{reason_code(reason)}"
+        row[key] = row.get(key, 0) + 1
+    if result.problem:
+        row["unchanged"] = 1
     if evaluate:
         central = work.evaluate_params(state.params, test[0], test[1], cfg.eval.batch_size)
         row.update(test_loss=central.loss, test_accuracy=central.accuracy)

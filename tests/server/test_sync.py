@@ -119,7 +119,7 @@ def test_replies_from_clients_not_asked_are_ignored():
     replies = [TrainReply(stranger, 1, update=Update([np.ones(1, np.float32)], 1.0))]
     result, new = server.apply(state, reqs, replies)
     assert stranger in result.rejected and reqs[0].client_id in result.rejected
-    assert result.rejected[reqs[0].client_id] == "no reply"
+    assert result.rejected[reqs[0].client_id] == "no_reply: no reply"
     np.testing.assert_array_equal(new.params[0], [0.0])
 
 
@@ -207,6 +207,6 @@ def test_a_client_that_never_replied_teaches_only_its_waiting_time():
     reqs, state = server.train_requests(state)
     replies = InProcessTransport(work, data).exchange(reqs)
     result, state = server.apply(state, reqs, replies[:2], durations={reqs[2].client_id: 7.0})
-    assert result.rejected == {reqs[2].client_id: "no reply"}
+    assert result.rejected == {reqs[2].client_id: "no_reply: no reply"}
     assert state.selection.loss_sq_mean[reqs[2].client_id] != state.selection.loss_sq_mean[reqs[2].client_id]  # nan
     assert all(state.selection.num_examples[r.client_id] == 8 for r in reqs[:2])

@@ -100,7 +100,8 @@ class Aggregator:
             kept.append(c)
         ids = [c.client_id for c in kept]
         if not kept:
-            return Aggregation(None, ids, rejected, {}, state, "no update passed the stages")
+            why = "no valid update arrived" if not contributions else "no update passed the stages"
+            return Aggregation(None, ids, rejected, {}, state, why)
         weights = [c.weight * c.scale for c in kept]
         try:
             value = self.reducer([c.delta for c in kept], weights)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import traceback
+from pathlib import Path
 from typing import Protocol
 
 from fedloom.client.pipeline import NO_STAGES, ClientPipeline
@@ -35,10 +37,20 @@ class ClientWork(Protocol):
     def evaluate(self, params: Params, data: ClientDataset, config: EvaluateConfig) -> Evaluation: ...
 
 
+def failure(exc: BaseException, frames: int = 3) -> str:
+    """``Type: message (at file.py:12 in fn <- ...)``: an exception and the last ``frames`` frames it came from,
+    outside torch and numpy where there are such frames (the user's code, not the library's)."""
+    stack = traceback.extract_tb(exc.__traceback__)
+    own = [f for f in stack if not any(lib in Path(f.filename).parts for lib in ("torch", "numpy"))]
+    where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} in {f.name}" for f in reversed((own or stack)[-frames:]))
+    text = f"{type(exc).__name__}: {exc}"
+    return (text[:400] + (f" (at {where})" if where else ""))[:800]
+
+
 def _error(exc: BaseException) -> ErrorReply:
     if isinstance(exc, FedloomError):
         return ErrorReply(exc.code, str(exc))
-    return ErrorReply("client_failed", f"{type(exc).__name__}: {exc}")
+    return ErrorReply("client_failed", failure(exc))
 
 
 def handle(request: Request, work: ClientWork, data: ClientDataset, pipeline: ClientPipeline = NO_STAGES) -> Reply:

@@ -140,7 +140,8 @@ class SyncServer:
             cid = getattr(reply, "client_id", None)
             request = asked.get(cid)  # type: ignore[arg-type]
             if request is None or cid in updates or cid in rejected:
-                rejected.setdefault(cid, f"not asked in round {rnd}" if request is None else "a second reply")
+                rejected.setdefault(cid, f"not_asked: not asked in round {rnd}" if request is None
+                                    else "duplicate: a second reply")
                 continue
             try:
                 check_reply(request, reply)
@@ -152,7 +153,7 @@ class SyncServer:
             else:
                 updates[cid] = reply.update
         for cid in asked.keys() - updates.keys() - rejected.keys():
-            rejected[cid] = "no reply"
+            rejected[cid] = "no_reply: no reply"
         return self._aggregate(state, requests, updates, rejected, durations or {})
 
     def _aggregate(self, state: ServerState, requests: Sequence[TrainRequest], updates: dict[int, Update],

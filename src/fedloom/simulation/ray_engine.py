@@ -36,7 +36,7 @@ from fedloom.simulation.pool import error_replies
 log = logging.getLogger("fedloom")
 
 
-def _import_ray() -> Any:
+def import_ray() -> Any:
     try:
         import ray
     except ImportError as exc:
@@ -100,7 +100,7 @@ class RayTransport:
                  group_size: int = 0, pipeline: ClientPipeline = NO_STAGES):
         if workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
-        self._ray = ray = _import_ray()
+        self._ray = ray = import_ray()
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
             options = {"address": address} if address else {"num_cpus": workers or None}

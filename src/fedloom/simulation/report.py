@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
+from typing import IO
 
 from fedloom.errors import DataError
 
@@ -13,19 +14,47 @@ METRIC_COLUMNS = ("round", "train_loss", "test_loss", "test_accuracy", "fed_loss
                   "bytes_up")
 
 
+def _columns(rows: list[dict[str, float]]) -> list[str]:
+    extra = [k for k in dict.fromkeys(k for row in rows for k in row) if k not in METRIC_COLUMNS]
+    return [*METRIC_COLUMNS, *extra]
+
+
+def _write_rows(f: IO[str], columns: list[str], rows: list[dict[str, float]]) -> None:
+    writer = csv.DictWriter(f, fieldnames=columns)
+    for row in rows:
+        writer.writerow({k: "" if row.get(k) is None else row[k] for k in columns})
+
+
 def write_metrics(path: Path, rows: list[dict[str, float]]) -> None:
     """Write one CSV row per round; a metric not measured in a round is left empty.
 
     The standard columns come first, then the aggregator's measurements (``clip.clip_bound``,
-    ``dp_noise.epsilon``, ...) in the order they first appear.
+    ``dp_noise.epsilon``, ...) and the refusals by code (``rejected.client_failed``) in the order
+    they first appear.
     """
-    extra = [k for k in dict.fromkeys(k for row in rows for k in row) if k not in METRIC_COLUMNS]
-    columns = [*METRIC_COLUMNS, *extra]
+    columns = _columns(rows)
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: "" if row.get(k) is None else row[k] for k in columns})
+        csv.writer(f).writerow(columns)
+        _write_rows(f, columns, rows)
+
+
+class MetricsFile:
+    """``metrics.csv`` written as rounds complete: each row is appended and flushed; a round that brings
+    a new column rewrites the file (rare: the first rounds that evaluate or measure something)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows: list[dict[str, float]] = []
+        self.columns: list[str] = []
+
+    def append(self, row: dict[str, float]) -> None:
+        self.rows.append(row)
+        if any(k not in self.columns for k in row) or not self.columns:
+            self.columns = _columns(self.rows)
+            write_metrics(self.path, self.rows)
+            return
+        with open(self.path, "a", newline="") as f:
+            _write_rows(f, self.columns, [row])
 
 
 def read_metrics(path: Path) -> list[dict[str, float]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -10,22 +11,24 @@ from datetime import datetime
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fedloom.build import async_server, build_clients, build_strategy, client_pipeline
 from fedloom.client.torch_work import TorchClientWork
+from fedloom.client.work import failure
 from fedloom.config import Config, to_toml
 from fedloom.data.dataset import FederatedDataset
 from fedloom.errors import ConfigError
 from fedloom.paramfiles import save_params
 from fedloom.params import Params
-from fedloom.rounds import round_metrics, run_rounds, train_round
+from fedloom.rounds import Failures, round_metrics, run_rounds, train_round
 from fedloom.server import (
     SyncServer,
 )
 from fedloom.server.sync import RoundResult, ServerState
 from fedloom.simulation.engines import local_engine
-from fedloom.simulation.report import plot_run, write_metrics
+from fedloom.simulation.report import MetricsFile, plot_run
 from fedloom.simulation.timeline import AsyncRun, SimulatedClock
 from fedloom.transport.base import Transport
 from fedloom.transport.inprocess import InProcessTransport
@@ -52,8 +55,12 @@ def build_engine(cfg: Config, work: TorchClientWork, dataset: FederatedDataset) 
 
         return ProcessPoolTransport(spec, workers=e.workers, vectorize=e.vectorize, group_size=e.group_size,
                                     pipeline=pipeline)
-    from fedloom.simulation.ray_engine import RayTransport
+    from fedloom.simulation.ray_engine import RayTransport, import_ray
 
+    try:
+        import_ray()
+    except ImportError as exc:
+        raise ConfigError("engine.executor", str(exc)) from None
     return RayTransport(spec, address=e.ray_address, workers=e.workers, vectorize=e.vectorize,
                         group_size=e.group_size, pipeline=pipeline)
 
@@ -70,6 +77,7 @@ class RunResult:
     setup_s: float = 0.0  # data loading and model construction
     param_names: list[str] = field(default_factory=list)
     stopped: str = ""  # why training ended before run.rounds (a privacy budget), if it did
+    failed: str = ""  # why the run failed: its last rounds applied no update (the CLI exits 1)
 
     @property
     def final_accuracy(self) -> float:
@@ -83,15 +91,52 @@ def _run_dir(cfg: Config) -> Path:
     while path.exists():
         n += 1
         path = root / f"{cfg.run.name}-{stamp}-{n}"
-    path.mkdir(parents=True)
+    try:
+        path.mkdir(parents=True)
+    except OSError as exc:
+        raise ConfigError("run.out_dir", f"cannot create the run folder {path}: {exc.strerror or exc}") from None
     return path
 
 
+def check_fit(work: TorchClientWork, params: Params, dataset: FederatedDataset,
+              test: tuple[np.ndarray, np.ndarray]) -> None:
+    """A forward pass on two training and two test examples, so that a model that does not fit the data
+    (shapes, dtypes, classes) is found before training, with the reason."""
+    client = next((c for c in dataset.clients if c.num_train), None)
+    samples = [("test", test[0][:2], test[1][:2])]
+    if client is not None:
+        samples.insert(0, (f"client {client.client_id}'s training", client.x_train[:2], client.y_train[:2]))
+    for what, x, y in samples:
+        try:
+            work.evaluate_params(params, x, y)
+        except Exception as exc:  # noqa: BLE001 - any failure of user code is reported the same way
+            raise ConfigError("model", f"the model does not fit {what} data (x {x.dtype} {x.shape[1:]}, "
+                                       f"y {y.dtype}): {failure(exc)}") from None
+
+
 def simulate(cfg: Config, *, progress: bool = True, write: bool = True) -> RunResult:
-    """Run the whole simulation the config describes; write its run folder unless ``write`` is False."""
+    """Run the whole simulation the config describes, writing its run folder as it goes unless ``write`` is False.
+
+    Everything that can be found before training is: the run folder is created (and the config
+    written) first, and the model is tried on the data. ``metrics.csv`` grows a row per round; at
+    Ctrl-C the folder keeps the rounds done and the model they reached. Each new kind of refused
+    update is logged once; ``RunResult.failed`` says why when the last rounds applied nothing.
+    """
+    start = time.perf_counter()
+    run_dir = _run_dir(cfg) if write else None
+    try:
+        if run_dir is not None:
+            (run_dir / "config.toml").write_text(to_toml(cfg))
+        return _run(cfg, run_dir, start, progress)
+    except BaseException:
+        if run_dir is not None and not (run_dir / "metrics.csv").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing ran: leave no empty folder behind
+        raise
+
+
+def _run(cfg: Config, run_dir: Path | None, start: float, progress: bool) -> RunResult:
     from fedloom.simulation.progress import RoundProgress
 
-    start = time.perf_counter()
     work, dataset = build_clients(cfg)
     params = work.initial_params(cfg.run.seed)
     names = [n for n, _ in work.model.named_parameters()]
@@ -103,6 +148,7 @@ def simulate(cfg: Config, *, progress: bool = True, write: bool = True) -> RunRe
     x_test, y_test = dataset.test_union()
     if cfg.eval.max_examples:
         x_test, y_test = x_test[: cfg.eval.max_examples], y_test[: cfg.eval.max_examples]
+    check_fit(work, params, dataset, (x_test, y_test))
     state = server.init(params)
     first = strategy.aggregator.stop_reason(state.aggregation)
     if first:
@@ -113,9 +159,12 @@ def simulate(cfg: Config, *, progress: bool = True, write: bool = True) -> RunRe
     if cfg.server.aggregation != "sync":
         stream = AsyncRun(cfg, clock, async_server(cfg, strategy), transport, params)  # type: ignore[arg-type]
     setup_s = time.perf_counter() - start
+    metrics = MetricsFile(run_dir / "metrics.csv") if run_dir is not None else None
     history: list[dict[str, float]] = []
+    failures = Failures()
     timer = {"train_s": 0.0, "t0": 0.0}
     stopped: list[str] = []  # why the run ended before its last round (a privacy budget)
+    latest = [state]
 
     def step(state: ServerState) -> tuple[RoundResult, ServerState]:
         timer["t0"] = time.perf_counter()
@@ -124,8 +173,9 @@ def simulate(cfg: Config, *, progress: bool = True, write: bool = True) -> RunRe
         return out
 
     def after(result: RoundResult, state: ServerState) -> bool:
-        if result.problem:
-            log.warning("round %d: the model was left unchanged: %s", state.round, result.problem)
+        latest[0] = state
+        for line in failures.observe(result):
+            log.warning("%s", line)
         reason = strategy.aggregator.stop_reason(state.aggregation) if state.round < cfg.run.rounds else None
         if reason:
             stopped.append(reason)
@@ -137,20 +187,35 @@ def simulate(cfg: Config, *, progress: bool = True, write: bool = True) -> RunRe
         row["round_s"] = time.perf_counter() - timer["t0"]
         row["elapsed_s"] = time.perf_counter() - start
         history.append(row)
+        if metrics is not None:
+            metrics.append(row)
         bar.advance(row)
         return spent
 
-    with closing(transport), RoundProgress(cfg.run.rounds, cfg.run.name, enabled=progress) as bar:
-        state = run_rounds(step, state, cfg.run.rounds, after)
+    try:
+        with closing(transport), RoundProgress(cfg.run.rounds, cfg.run.name, enabled=progress) as bar:
+            state = run_rounds(step, state, cfg.run.rounds, after)
+    except KeyboardInterrupt:
+        if run_dir is not None and history:
+            _finish_folder(run_dir, latest[0].params, names)
+            log.warning("interrupted after round %d; %s has its metrics and that round's model",
+                        latest[0].round, run_dir)
+        raise
     train_s = timer["train_s"]
     if stopped:
         log.warning("%s", stopped[0])
+    if failures.counts:
+        log.warning("refused updates in this run, by code: %s", failures.summary())
+    if failures.rounds_unchanged:
+        log.warning("%d of %d rounds left the model unchanged", failures.rounds_unchanged, len(history))
     result = RunResult(cfg, history, state.params, train_s=train_s, setup_s=setup_s,
-                       param_names=names, stopped=stopped[0] if stopped else "")
-    if write:
-        result.run_dir = _run_dir(cfg)
-        (result.run_dir / "config.toml").write_text(to_toml(cfg))
-        write_metrics(result.run_dir / "metrics.csv", history)
-        save_params(result.run_dir / "model.npz", state.params, names)
-        plot_run(result.run_dir)
+                       param_names=names, stopped=stopped[0] if stopped else "", failed=failures.verdict(len(history)))
+    if run_dir is not None:
+        result.run_dir = run_dir
+        _finish_folder(run_dir, state.params, names)
     return result
+
+
+def _finish_folder(run_dir: Path, params: Params, names: list[str]) -> None:
+    save_params(run_dir / "model.npz", params, names)
+    plot_run(run_dir)

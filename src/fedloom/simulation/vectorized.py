@@ -32,7 +32,7 @@ from torch.func import functional_call, vmap
 
 from fedloom.client.pipeline import NO_STAGES, ClientPipeline
 from fedloom.client.torch_work import TorchClientWork, cross_entropy
-from fedloom.client.work import ClientWork, handle
+from fedloom.client.work import ClientWork, failure, handle
 from fedloom.data.dataset import ClientDataset, FederatedDataset
 from fedloom.messages import Reply, Request, TrainConfig, TrainReply, TrainRequest, Update, error_reply
 from fedloom.models import CNN, MLP, CharLSTM, LogisticRegression
@@ -266,7 +266,8 @@ def train_group(work: TorchClientWork, forward: StackedForward, requests: Sequen
     seen = counts.sum(1)
     loss_sums = (batch_loss.T * counts).sum(1)
     per_sample = losses.view(*losses.shape[:2], -1, positions).mean(-1).cpu().numpy()  # (S, G, B)
-    sq_sums = (per_sample.transpose(1, 0, 2) ** 2 * sched.mask[order]).sum((1, 2))
+    with np.errstate(over="ignore", invalid="ignore"):  # a diverged client's inf is refused with its reason
+        sq_sums = (per_sample.transpose(1, 0, 2) ** 2 * sched.mask[order]).sum((1, 2))
     deltas = [(p - q.to(device)).cpu().numpy() for p, q in zip(stacked, sent)]
     updates: list[Update | None] = [None] * len(clients)
     for pos, i in enumerate(order):
@@ -292,6 +293,7 @@ class VectorizedTransport:
         self.data = data
         self.group_size = group_size
         self.pipeline = pipeline
+        self._fallbacks: set[str] = set()  # why a group fell back to sequential training, said once each
         self.sequential = InProcessTransport(work, data, pipeline)
         self.forward: StackedForward | None = None
         reason = "client work is not a TorchClientWork"
@@ -325,7 +327,10 @@ class VectorizedTransport:
         try:
             updates = train_group(self.work, self.forward, requests, clients)  # type: ignore[arg-type]
         except Exception as exc:  # noqa: BLE001 - fall back; the sequential path reports per client
-            log.warning("fedloom: vectorized group failed (%s: %s); retrying sequentially", type(exc).__name__, exc)
+            why = f"{type(exc).__name__}: {exc}"
+            if why not in self._fallbacks:
+                self._fallbacks.add(why)
+                log.warning("fedloom: vectorized group failed (%s); training it sequentially (said once)", why)
             return [handle(r, self.work, c, self.pipeline) for r, c in zip(requests, clients)]
         return [self._finish(r, u) for r, u in zip(requests, updates)]
 
@@ -334,7 +339,7 @@ class VectorizedTransport:
         try:
             return TrainReply(request.client_id, request.round, update=self.pipeline.apply(request, update))
         except Exception as exc:  # noqa: BLE001 - one client's failure, as handle reports it
-            return error_reply(request, "client_failed", f"{type(exc).__name__}: {exc}")
+            return error_reply(request, "client_failed", failure(exc))
 
     def close(self) -> None:
         """Nothing to release."""
