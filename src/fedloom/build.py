@@ -17,9 +17,10 @@ from fedloom.client.pipeline import ClientPipeline
 from fedloom.client.torch_work import TorchClientWork
 from fedloom.config import Config
 from fedloom.data.dataset import FederatedDataset
-from fedloom.errors import DataError
+from fedloom.errors import ConfigError, DataError
 from fedloom.messages import EvaluateConfig, TrainConfig
 from fedloom.models import build_model
+from fedloom.plugins import user_data, user_model
 from fedloom.server import (
     ClientSelector,
     OortSelector,
@@ -47,6 +48,8 @@ def load_dataset(cfg: Config) -> FederatedDataset:
     from fedloom import data as fd
 
     d, seed = cfg.data, cfg.run.seed
+    if d.loader:
+        return user_data(d.loader, d.train_fraction)
     if d.dataset == "shakespeare":
         return fd.load_shakespeare(seq_len=d.seq_len, train_fraction=d.train_fraction,
                                    max_clients=d.num_clients or None)
@@ -60,29 +63,41 @@ def load_dataset(cfg: Config) -> FederatedDataset:
 
 
 def model_factory(cfg: Config, dataset: FederatedDataset) -> Callable[[], nn.Module]:
-    """A zero-argument function building the config's model for this dataset's inputs."""
+    """A zero-argument function building the config's model (``model.factory``'s, or a built-in one fitted to
+    this dataset's inputs)."""
     sample = next((c.x_train for c in dataset.clients if c.num_train), None)
     if sample is None:
         raise DataError(f"dataset {dataset.name!r} has no training samples")
     m = cfg.model
+    if m.factory:
+        return user_model(m.factory, dataset)
+    if (dataset.vocab is not None) != (m.name == "char_lstm"):
+        raise ConfigError("model.name", f"{m.name!r} does not fit the {dataset.name!r} data, which is "
+                                        f"{'character' if dataset.vocab is not None else 'feature'} data; "
+                                        "char_lstm is for character data, the others for feature data")
     input_shape = tuple(sample.shape[1:])
     return lambda: build_model(m.name, input_shape, dataset.num_classes, hidden=tuple(m.hidden), channels=m.channels,
                                embed_dim=m.embed_dim, hidden_size=m.hidden_size, num_layers=m.num_layers)
 
 
-def build_clients(cfg: Config) -> tuple[TorchClientWork, FederatedDataset]:
+def build_clients(cfg: Config, model_fn: Callable[[], nn.Module] | None = None,
+                  dataset: FederatedDataset | None = None,
+                  work: TorchClientWork | None = None) -> tuple[TorchClientWork, FederatedDataset]:
     """The client work and data a config describes; a picklable ``ClientSpec`` as ``partial(build_clients, cfg)``.
 
-    With a poisoned ``attack.kind`` (``label_flip``, and the model replacements ``scale`` and
-    ``weight``) the attackers' training labels are ``C - 1 - y``.
+    A Python caller's own ``model_fn`` (a zero-argument model builder), ``dataset`` or ``work``
+    replace what the config would build. With a poisoned ``attack.kind`` (``label_flip``, and the
+    model replacements ``scale`` and ``weight``) the attackers' training labels are ``C - 1 - y``.
     """
-    dataset = load_dataset(cfg)
+    dataset = dataset if dataset is not None else load_dataset(cfg)
     if cfg.attack.kind in POISONED:
         bad = attackers(cfg.attack.fraction, len(dataset), cfg.run.seed)
         dataset = replace(dataset, clients=[
             replace(c, y_train=(dataset.num_classes - 1 - c.y_train).astype(c.y_train.dtype)) if i in bad else c
             for i, c in enumerate(dataset.clients)])
-    return TorchClientWork(model_factory(cfg, dataset), device=cfg.engine.device), dataset
+    if work is None:
+        work = TorchClientWork(model_fn or model_factory(cfg, dataset), device=cfg.engine.device)
+    return work, dataset
 
 
 def server_optimizer(cfg: Config) -> ServerOptimizer:

@@ -55,6 +55,8 @@ class DataConfig:
     test_path: str = _f("", "leaf: test JSON file or folder; empty = split each user's samples")
     train_fraction: float = _f(0.8, "share of each client's samples for training; the rest is its test split", "0..1")
     seq_len: int = _f(80, "characters per input window for shakespeare", ">=1")
+    loader: str = _f("", "your data: 'package.module:function' returning a FederatedDataset or (x, y, client_ids) "
+                         "arrays; empty = data.dataset")
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,8 @@ class ModelConfig:
     num_layers: int = _f(1, "char_lstm: stacked LSTM layers", ">=1")
     hidden: list[int] = _f([64], "mlp: hidden layer widths")
     channels: int = _f(16, "cnn: channels of the first convolution", ">=1")
+    factory: str = _f("", "your model: 'package.module:function' returning an nn.Module (given the FederatedDataset "
+                          "if it takes an argument); empty = model.name")
 
 
 @dataclass(frozen=True)
@@ -281,17 +285,8 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
 def _check_whole(cfg: Config) -> Config:
     """Checks that involve more than one field."""
     d = cfg.data
-    if d.dataset in ("shakespeare", "synthetic", "leaf") and d.partition != "natural":
-        raise ConfigError("data.partition", f"{d.dataset} is split by its natural key; use partition = \"natural\"")
-    if d.dataset in ("digits", "breast_cancer") and d.partition == "natural":
-        raise ConfigError("data.partition", f"{d.dataset} has no natural clients; use iid, dirichlet or shards")
-    if d.dataset in ("digits", "breast_cancer") and d.num_clients < 1:
-        raise ConfigError("data.num_clients", f"{d.dataset} needs num_clients >= 1")
-    if d.dataset == "leaf" and not d.path:
-        raise ConfigError("data.path", "leaf needs the path of its JSON file or folder")
-    if (d.dataset == "shakespeare") != (cfg.model.name == "char_lstm"):
-        raise ConfigError("model.name", f"{cfg.model.name!r} does not fit dataset {d.dataset!r}; "
-                                        "char_lstm is for character data, the others for feature data")
+    if not d.loader:
+        _check_dataset(cfg)
     if cfg.server.aggregation != "sync" and not cfg.hetero.population:
         raise ConfigError("hetero.population", f"{cfg.server.aggregation} runs on the simulated clock: name a device "
                                                "population (mobile, silo or a trace)")
@@ -304,6 +299,23 @@ def _check_whole(cfg: Config) -> Config:
     if not 0 < d.train_fraction < 1:
         raise ConfigError("data.train_fraction", f"must be strictly between 0 and 1, got {d.train_fraction}")
     return cfg
+
+
+def _check_dataset(cfg: Config) -> None:
+    """The built-in datasets' own settings, and the built-in models they fit."""
+    d = cfg.data
+    if d.dataset in ("shakespeare", "synthetic", "leaf") and d.partition != "natural":
+        raise ConfigError("data.partition", f"{d.dataset} is split by its natural key; use partition = \"natural\"")
+    if d.dataset in ("digits", "breast_cancer") and d.partition == "natural":
+        raise ConfigError("data.partition", f"{d.dataset} has no natural clients; use iid, dirichlet or shards")
+    if d.dataset in ("digits", "breast_cancer") and d.num_clients < 1:
+        raise ConfigError("data.num_clients", f"{d.dataset} needs num_clients >= 1")
+    if d.dataset == "leaf" and not d.path:
+        raise ConfigError("data.path", "leaf needs the path of its JSON file or folder")
+    text = {"shakespeare": True, "leaf": None}.get(d.dataset, False)  # LEAF holds either: checked when loaded
+    if not cfg.model.factory and text is not None and text != (cfg.model.name == "char_lstm"):
+        raise ConfigError("model.name", f"{cfg.model.name!r} does not fit dataset {d.dataset!r}; "
+                                        "char_lstm is for character data, the others for feature data")
 
 
 def _check_aggregation(cfg: Config) -> None:

@@ -133,19 +133,34 @@ def test_three_hospitals_match_the_simulation_and_strangers_are_refused(deployme
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+OWN_MODEL = """
+from torch import nn
+
+
+def make(dataset):
+    return nn.Sequential(nn.Linear(dataset.clients[0].x_train.shape[1], 8), nn.Tanh(), nn.Linear(8, 2))
+"""
+
+
 @pytest.mark.parametrize("extra", [
     '[aggregation]\nweighting = "uniform"\nreducer = "trimmed_mean"\ntrim = 0.34\nnorm_bound = 1.0\n',
     '[aggregation]\nweighting = "uniform"\n[privacy]\nnoise_multiplier = 0.3\nclip = 0.5\nnoise_seed = 0\n',
-], ids=["robust", "private-fixed-test-seed"])
-def test_robust_and_private_runs_deploy_to_the_simulations_model(deployment, extra):
+    "own model",
+], ids=["robust", "private-fixed-test-seed", "own-model-factory"])
+def test_robust_private_and_own_model_runs_deploy_to_the_simulations_model(deployment, extra, monkeypatch):
     tmp, config, pki = deployment
-    config.write_text(config.read_text() + f'cert = "{pki / "server.pem"}"\nkey = "{pki / "server.key"}"\n' + extra)
+    text = config.read_text() + f'cert = "{pki / "server.pem"}"\nkey = "{pki / "server.key"}"\n'
+    if extra == "own model":  # model.factory resolved in each process's working directory
+        (tmp / "sitemodel.py").write_text(OWN_MODEL)
+        text = text.replace('name = "mlp"\nhidden = [16]', 'factory = "sitemodel:make"')
+        monkeypatch.chdir(tmp)
+    config.write_text(text if extra == "own model" else text + extra)
     state = tmp / "state"
-    server = fedloom("server", "--config", str(config))
+    server = fedloom("server", "--config", str(config), cwd=tmp)
     procs = []
     try:
         wait_for(state / "tokens" / "c2.token")
-        procs = [fedloom(*client_args(config, pki, state, f"c{i}", i)) for i in range(3)]
+        procs = [fedloom(*client_args(config, pki, state, f"c{i}", i), cwd=tmp) for i in range(3)]
         out, err = server.communicate(timeout=180)
         assert server.returncode == 0, err
     finally:
@@ -158,7 +173,9 @@ def test_robust_and_private_runs_deploy_to_the_simulations_model(deployment, ext
         history = store.history(run_id)
     sim = simulate(load_config(config), progress=False, write=False)
     assert done == 3 and [h["metrics"]["accepted"] for h in history] == [3, 3, 3]
-    for a, b in zip([a for n, a in zip(names, arrays) if "/" not in n], sim.params):
+    deployed = [a for n, a in zip(names, arrays) if "/" not in n]
+    assert [a.shape for a in deployed] == [a.shape for a in sim.params]
+    for a, b in zip(deployed, sim.params):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     if "privacy" in extra:
         assert history[-1]["metrics"]["dp_noise.epsilon"] == pytest.approx(sim.history[-1]["dp_noise.epsilon"])

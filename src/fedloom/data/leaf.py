@@ -66,6 +66,8 @@ def _read_split(path: str | Path) -> Samples:
 
 
 def _text_arrays(x: list, y: list, vocab: str, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Each window and, as the target, the next character at every position: the window shifted by one
+    with LEAF's next character appended (the form of the built-in Shakespeare data and ``char_lstm``)."""
     lengths = {len(s) for s in x}
     if len(lengths) > 1:
         raise DataError(f"{where}: input strings have different lengths {sorted(lengths)}")
@@ -76,7 +78,7 @@ def _text_arrays(x: list, y: list, vocab: str, where: str) -> tuple[np.ndarray, 
         ys = encode("".join(y), vocab)
     except DataError as e:
         raise DataError(f"{where}: {e.message}") from e
-    return xs, ys
+    return xs, np.concatenate([xs[:, 1:], ys[:, None]], axis=1)
 
 
 def _numeric_arrays(x: list, y: list, where: str) -> tuple[np.ndarray, np.ndarray]:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import pickle
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from fedloom.build import async_server, build_clients, build_strategy, client_pipeline
 from fedloom.client.torch_work import TorchClientWork
@@ -36,8 +39,10 @@ from fedloom.transport.inprocess import InProcessTransport
 log = logging.getLogger("fedloom")
 
 
-def build_engine(cfg: Config, work: TorchClientWork, dataset: FederatedDataset) -> Transport:
-    """The engine ``[engine] executor`` selects; process and Ray workers rebuild the clients from ``cfg``.
+def build_engine(cfg: Config, work: TorchClientWork, dataset: FederatedDataset,
+                 spec: Callable[[], tuple[TorchClientWork, FederatedDataset]] | None = None) -> Transport:
+    """The engine ``[engine] executor`` selects; process and Ray workers rebuild the clients with ``spec``
+    (default ``partial(build_clients, cfg)``), which must pickle.
 
     Every engine runs the client halves of the aggregator (and of a simulated attack) on each update.
     """
@@ -49,7 +54,13 @@ def build_engine(cfg: Config, work: TorchClientWork, dataset: FederatedDataset) 
         return InProcessTransport(work, dataset, pipeline)
     if e.executor == "vectorized":
         return local_engine(work, dataset, vectorize=True, group_size=e.group_size, pipeline=pipeline)
-    spec = partial(build_clients, cfg)
+    spec = spec or partial(build_clients, cfg)
+    try:
+        pickle.dumps(spec)
+    except Exception as exc:  # noqa: BLE001 - whatever fails to pickle, the user needs the same advice
+        raise ConfigError("engine.executor", f"{e.executor} workers rebuild the clients from what they are sent, and "
+                                             f"it does not pickle ({type(exc).__name__}: {exc}): pass a module-level "
+                                             "model function, or use the vectorized or sequential engine") from None
     if e.executor == "process":
         from fedloom.simulation.pool import ProcessPoolTransport
 
@@ -114,30 +125,37 @@ def check_fit(work: TorchClientWork, params: Params, dataset: FederatedDataset,
                                        f"y {y.dtype}): {failure(exc)}") from None
 
 
-def simulate(cfg: Config, *, progress: bool = True, write: bool = True) -> RunResult:
+def simulate(cfg: Config, *, progress: bool = True, write: bool = True,
+             model_fn: Callable[[], nn.Module] | None = None, dataset: FederatedDataset | None = None,
+             work: TorchClientWork | None = None) -> RunResult:
     """Run the whole simulation the config describes, writing its run folder as it goes unless ``write`` is False.
 
     Everything that can be found before training is: the run folder is created (and the config
     written) first, and the model is tried on the data. ``metrics.csv`` grows a row per round; at
     Ctrl-C the folder keeps the rounds done and the model they reached. Each new kind of refused
     update is logged once; ``RunResult.failed`` says why when the last rounds applied nothing.
+
+    From Python, ``model_fn`` (a zero-argument ``nn.Module`` builder), ``dataset`` (a
+    :class:`FederatedDataset`) or ``work`` (a :class:`TorchClientWork`) replace what the config
+    would build; process and Ray workers receive them pickled.
     """
+    own = (model_fn, dataset, work)
     start = time.perf_counter()
     run_dir = _run_dir(cfg) if write else None
     try:
         if run_dir is not None:
             (run_dir / "config.toml").write_text(to_toml(cfg))
-        return _run(cfg, run_dir, start, progress)
+        return _run(cfg, run_dir, start, progress, own)
     except BaseException:
         if run_dir is not None and not (run_dir / "metrics.csv").exists():
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing ran: leave no empty folder behind
         raise
 
 
-def _run(cfg: Config, run_dir: Path | None, start: float, progress: bool) -> RunResult:
+def _run(cfg: Config, run_dir: Path | None, start: float, progress: bool, own: tuple) -> RunResult:
     from fedloom.simulation.progress import RoundProgress
 
-    work, dataset = build_clients(cfg)
+    work, dataset = build_clients(cfg, *own)
     params = work.initial_params(cfg.run.seed)
     names = [n for n, _ in work.model.named_parameters()]
     strategy = build_strategy(cfg, len(dataset))
@@ -153,7 +171,8 @@ def _run(cfg: Config, run_dir: Path | None, start: float, progress: bool) -> Run
     first = strategy.aggregator.stop_reason(state.aggregation)
     if first:
         raise ConfigError("privacy.epsilon_budget", f"not even one round fits: {first}")
-    transport = build_engine(cfg, work, dataset)
+    transport = build_engine(cfg, work, dataset, partial(build_clients, cfg, *own) if any(
+        o is not None for o in own) else None)
     clock = SimulatedClock.create(cfg, dataset, work) if cfg.hetero.population else None
     stream = None
     if cfg.server.aggregation != "sync":
