@@ -151,9 +151,28 @@ def _revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _init(args: argparse.Namespace) -> int:
+    from fedloom.starter import write_defaults, write_project
+
+    if args.project:
+        folder = write_project(args.path)
+        print(f"wrote {folder}/model.py, data.py and config.toml; run it with: cd {folder} && fedloom simulate "
+              "config.toml")
+    else:
+        print(f"wrote {write_defaults(args.path)}: every setting at its default, with its comment")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    from fedloom import __version__
+
     parser = argparse.ArgumentParser(prog="fedloom", description="Federated learning: simulate, report, deploy.")
+    parser.add_argument("--version", action="version", version=f"fedloom {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("init", help="write a config with every default, or (--project) a small project to start from")
+    p.add_argument("path", help="the config file to write, or with --project the folder")
+    p.add_argument("--project", action="store_true", help="write model.py, data.py and config.toml into PATH")
+    p.set_defaults(func=_init)
     p = sub.add_parser("simulate", help="run an in-process simulation from a TOML config")
     p.add_argument("config", help="TOML config file (see examples/)")
     p.add_argument("--rounds", type=int, help="override run.rounds")
