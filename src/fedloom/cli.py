@@ -14,13 +14,17 @@ from fedloom.errors import FedloomError
 
 def _simulate(args: argparse.Namespace) -> int:
     from fedloom.config import load_config, with_rounds
+    from fedloom.errors import ConfigError
     from fedloom.simulation.runner import simulate
 
-    cfg = load_config(args.config, args.set or [])
+    if (args.config is None) == (args.resume is None):
+        raise ConfigError("simulate", "give a config file, or --resume RUN_DIR (whose config.toml is used)")
+    config = args.config if args.resume is None else str(Path(args.resume) / "config.toml")
+    cfg = load_config(config, args.set or [])
     if args.rounds is not None:
         cfg = with_rounds(cfg, args.rounds)
     try:
-        result = simulate(cfg, progress=not args.quiet)
+        result = simulate(cfg, progress=not args.quiet, resume=args.resume)
     except KeyboardInterrupt:
         print("fedloom: interrupted", file=sys.stderr)
         return 130
@@ -174,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--project", action="store_true", help="write model.py, data.py and config.toml into PATH")
     p.set_defaults(func=_init)
     p = sub.add_parser("simulate", help="run an in-process simulation from a TOML config")
-    p.add_argument("config", help="TOML config file (see examples/)")
+    p.add_argument("config", nargs="?", help="TOML config file (see examples/)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run folder from its checkpoint.npz "
+                                                       "(with --rounds: to that many rounds)")
     p.add_argument("--rounds", type=int, help="override run.rounds")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. client.lr=0.5")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

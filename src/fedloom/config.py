@@ -40,6 +40,8 @@ class RunConfig:
     seed: int = _f(0, "seeds model init, client selection and every local shuffle", ">=0")
     rounds: int = _f(20, "number of training rounds", ">=1")
     out_dir: str = _f("runs", "folder that receives run folders")
+    checkpoint_every: int = _f(10, "write checkpoint.npz every N rounds (and at the end and at Ctrl-C) for "
+                                   "`fedloom simulate --resume`; 0 = only at the end and at Ctrl-C", ">=0")
 
 
 @dataclass(frozen=True)

@@ -22,12 +22,10 @@ import os
 import time
 import tomllib
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
 from fedloom.build import build_clients, build_strategy
+from fedloom.checkpoint import restore_state, state_arrays, state_names
 from fedloom.config import Config, DeployConfig, to_toml
 from fedloom.deploy.certs import check_client_name
 from fedloom.deploy.security import server_credentials
@@ -104,15 +102,8 @@ def _check_same_run(stored: str, cfg: Config, db: Path) -> None:
         log.info("resuming with a changed setting: %s was %r, now %r", k, *changed[k])
 
 
-def _state_names(state: ServerState) -> list[str]:
-    """Names of what a checkpoint holds beyond the model: the optimizer's and the aggregator's state."""
-    return ([f"optimizer/{key}/{i}" for key in sorted(state.opt_state) for i in range(len(state.opt_state[key]))]
-            + [f"aggregation/{i}/{key}" for i, stage in enumerate(state.aggregation) for key in sorted(stage)])
-
-
 def _checkpoint_arrays(state: ServerState) -> Params:
-    return (state.params + [a for k in sorted(state.opt_state) for a in state.opt_state[k]]
-            + [np.asarray(stage[key]) for stage in state.aggregation for key in sorted(stage)])
+    return state.params + state_arrays(state)
 
 
 def _few(names: list[str]) -> str:
@@ -128,7 +119,7 @@ def _resume(store: StateStore, run_id: int, fresh: ServerState, names: list[str]
         return fresh
     done, saved_names, arrays = saved
     path = store.checkpoint_path(run_id, done)
-    expected_names, expected = names + _state_names(fresh), _checkpoint_arrays(fresh)
+    expected_names, expected = names + state_names(fresh), _checkpoint_arrays(fresh)
     problem = None
     if saved_names != expected_names:
         problem = f"it holds {_few(saved_names)}; the model, optimizer and aggregator have {_few(expected_names)}"
@@ -141,11 +132,8 @@ def _resume(store: StateStore, run_id: int, fresh: ServerState, names: list[str]
         raise StateError(f"checkpoint {path} does not fit the configured model: {problem}. Was [model] changed "
                          "since the run started? Put it back, or give the run a new run.name to start a new one",
                          stage="checkpoint")
-    rest = iter(arrays[len(names):])
-    opt = {k: [next(rest) for _ in fresh.opt_state[k]] for k in sorted(fresh.opt_state)}
-    aggregation = tuple({key: next(rest) for key in sorted(stage)} for stage in fresh.aggregation)
     log.info("resuming after round %d from %s", done, path)
-    return replace(fresh, round=done, params=arrays[: len(names)], opt_state=opt, aggregation=aggregation)
+    return restore_state(fresh, done, arrays[: len(names)], arrays[len(names):])
 
 
 def _check_budget(d: DeployConfig, params: Params) -> None:
@@ -236,7 +224,7 @@ def serve(cfg: Config, *, on_round: Callable[[dict[str, float]], None] | None = 
                 for cid, why in sorted(result.rejected.items(), key=str):
                     log.info("round %d: no update from client %s: %s", state.round, cid, why[:300])
                 row = round_metrics(result, state, server, transport, work, test, cfg, evaluate=True)
-                store.complete_round(run_id, state.round, _checkpoint_arrays(state), names + _state_names(state), row)
+                store.complete_round(run_id, state.round, _checkpoint_arrays(state), names + state_names(state), row)
                 if on_round is not None:
                     on_round(row)
                 reason = server.strategy.aggregator.stop_reason(state.aggregation) \

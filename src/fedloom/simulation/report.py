@@ -42,10 +42,14 @@ class MetricsFile:
     """``metrics.csv`` written as rounds complete: each row is appended and flushed; a round that brings
     a new column rewrites the file (rare: the first rounds that evaluate or measure something)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, rows: list[dict[str, float]] | None = None):
+        """``rows`` (a list this file appends to) are the rows already done, e.g. of a resumed run."""
         self.path = path
-        self.rows: list[dict[str, float]] = []
+        self.rows = rows if rows is not None else []
         self.columns: list[str] = []
+        if self.rows:
+            self.columns = _columns(self.rows)
+            write_metrics(self.path, self.rows)
 
     def append(self, row: dict[str, float]) -> None:
         self.rows.append(row)

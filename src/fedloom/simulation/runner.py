@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import os
 import pickle
 import shutil
 import time
@@ -18,12 +20,13 @@ import torch
 from torch import nn
 
 from fedloom.build import async_server, build_clients, build_strategy, client_pipeline
+from fedloom.checkpoint import restore_state, state_arrays, state_names
 from fedloom.client.torch_work import TorchClientWork
 from fedloom.client.work import failure
 from fedloom.config import Config, to_toml
 from fedloom.data.dataset import FederatedDataset
 from fedloom.errors import ConfigError
-from fedloom.paramfiles import save_params
+from fedloom.paramfiles import load_params, save_params
 from fedloom.params import Params
 from fedloom.rounds import Failures, round_metrics, run_rounds, train_round
 from fedloom.server import (
@@ -31,7 +34,7 @@ from fedloom.server import (
 )
 from fedloom.server.sync import RoundResult, ServerState
 from fedloom.simulation.engines import local_engine
-from fedloom.simulation.report import MetricsFile, plot_run
+from fedloom.simulation.report import MetricsFile, plot_run, read_metrics
 from fedloom.simulation.timeline import AsyncRun, SimulatedClock
 from fedloom.transport.base import Transport
 from fedloom.transport.inprocess import InProcessTransport
@@ -127,7 +130,7 @@ def check_fit(work: TorchClientWork, params: Params, dataset: FederatedDataset,
 
 def simulate(cfg: Config, *, progress: bool = True, write: bool = True,
              model_fn: Callable[[], nn.Module] | None = None, dataset: FederatedDataset | None = None,
-             work: TorchClientWork | None = None) -> RunResult:
+             work: TorchClientWork | None = None, resume: str | Path | None = None) -> RunResult:
     """Run the whole simulation the config describes, writing its run folder as it goes unless ``write`` is False.
 
     Everything that can be found before training is: the run folder is created (and the config
@@ -138,9 +141,22 @@ def simulate(cfg: Config, *, progress: bool = True, write: bool = True,
     From Python, ``model_fn`` (a zero-argument ``nn.Module`` builder), ``dataset`` (a
     :class:`FederatedDataset`) or ``work`` (a :class:`TorchClientWork`) replace what the config
     would build; process and Ray workers receive them pickled.
+
+    ``resume`` names a run folder to continue from its ``checkpoint.npz`` (written every
+    ``run.checkpoint_every`` rounds, at the end and at Ctrl-C): the run goes on in that folder to
+    ``run.rounds`` and ends with the model an uninterrupted run reaches, bit for bit.
     """
     own = (model_fn, dataset, work)
     start = time.perf_counter()
+    if resume is not None:
+        if cfg.hetero.population or cfg.server.aggregation != "sync":
+            raise ConfigError("hetero.population", "runs on the simulated clock (device populations, FedBuff, "
+                                                   "FedAsync) cannot be resumed: their clock is not checkpointed")
+        run_dir: Path | None = Path(resume)
+        if not (run_dir / CHECKPOINT).exists():
+            raise ConfigError("resume", f"{run_dir} has no {CHECKPOINT} to resume from")
+        (run_dir / "config.toml").write_text(to_toml(cfg))
+        return _run(cfg, run_dir, start, progress, own, resume=True)
     run_dir = _run_dir(cfg) if write else None
     try:
         if run_dir is not None:
@@ -152,7 +168,8 @@ def simulate(cfg: Config, *, progress: bool = True, write: bool = True,
         raise
 
 
-def _run(cfg: Config, run_dir: Path | None, start: float, progress: bool, own: tuple) -> RunResult:
+def _run(cfg: Config, run_dir: Path | None, start: float, progress: bool, own: tuple,
+         resume: bool = False) -> RunResult:
     from fedloom.simulation.progress import RoundProgress
 
     work, dataset = build_clients(cfg, *own)
@@ -168,6 +185,12 @@ def _run(cfg: Config, run_dir: Path | None, start: float, progress: bool, own: t
         x_test, y_test = x_test[: cfg.eval.max_examples], y_test[: cfg.eval.max_examples]
     check_fit(work, params, dataset, (x_test, y_test))
     state = server.init(params)
+    history: list[dict[str, float]] = []
+    if resume and run_dir is not None:
+        state = read_checkpoint(run_dir / CHECKPOINT, state, names)
+        history = [{k: int(v) if v.is_integer() else v for k, v in row.items() if not math.isnan(v)}
+                   for row in read_metrics(run_dir / "metrics.csv") if row["round"] <= state.round]
+        log.warning("resuming %s after round %d", run_dir, state.round)
     first = strategy.aggregator.stop_reason(state.aggregation)
     if first:
         raise ConfigError("privacy.epsilon_budget", f"not even one round fits: {first}")
@@ -178,8 +201,7 @@ def _run(cfg: Config, run_dir: Path | None, start: float, progress: bool, own: t
     if cfg.server.aggregation != "sync":
         stream = AsyncRun(cfg, clock, async_server(cfg, strategy), transport, params)  # type: ignore[arg-type]
     setup_s = time.perf_counter() - start
-    metrics = MetricsFile(run_dir / "metrics.csv") if run_dir is not None else None
-    history: list[dict[str, float]] = []
+    metrics = MetricsFile(run_dir / "metrics.csv", history) if run_dir is not None else None
     failures = Failures()
     timer = {"train_s": 0.0, "t0": 0.0}
     stopped: list[str] = []  # why the run ended before its last round (a privacy budget)
@@ -205,9 +227,13 @@ def _run(cfg: Config, run_dir: Path | None, start: float, progress: bool, own: t
             row.update(sim_time_s=clock.now, trips=clock.trips, bytes_down=clock.bytes_down, bytes_up=clock.bytes_up)
         row["round_s"] = time.perf_counter() - timer["t0"]
         row["elapsed_s"] = time.perf_counter() - start
-        history.append(row)
         if metrics is not None:
             metrics.append(row)
+        else:
+            history.append(row)
+        every = cfg.run.checkpoint_every
+        if run_dir is not None and every and state.round % every == 0:
+            write_checkpoint(run_dir / CHECKPOINT, state, names)
         bar.advance(row)
         return spent
 
@@ -216,6 +242,7 @@ def _run(cfg: Config, run_dir: Path | None, start: float, progress: bool, own: t
             state = run_rounds(step, state, cfg.run.rounds, after)
     except KeyboardInterrupt:
         if run_dir is not None and history:
+            write_checkpoint(run_dir / CHECKPOINT, latest[0], names)
             _finish_folder(run_dir, latest[0].params, names)
             log.warning("interrupted after round %d; %s has its metrics and that round's model",
                         latest[0].round, run_dir)
@@ -231,8 +258,38 @@ def _run(cfg: Config, run_dir: Path | None, start: float, progress: bool, own: t
                        param_names=names, stopped=stopped[0] if stopped else "", failed=failures.verdict(len(history)))
     if run_dir is not None:
         result.run_dir = run_dir
+        write_checkpoint(run_dir / CHECKPOINT, state, names)
         _finish_folder(run_dir, state.params, names)
     return result
+
+
+CHECKPOINT = "checkpoint.npz"
+
+
+def write_checkpoint(path: Path, state: ServerState, names: list[str]) -> None:
+    """The round, model, optimizer, aggregator and selector state, written whole or not at all."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        save_params(f, [np.asarray(state.round), *state.params, *state_arrays(state, selection=True)],
+                    ["round", *names, *state_names(state, selection=True)])
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path: Path, fresh: ServerState, names: list[str]) -> ServerState:
+    """``fresh`` as the checkpoint left it; a checkpoint of another model or aggregation is refused."""
+    saved_names, arrays = load_params(path)
+    expected = ["round", *names, *state_names(fresh, selection=True)]
+    like = [np.asarray(0), *fresh.params, *state_arrays(fresh, selection=True)]
+    problem = "" if saved_names == expected else f"it holds {saved_names[:6]}..., this run needs {expected[:6]}..."
+    for n, a, b in zip(saved_names, arrays, like):
+        grows = n.startswith("selection/") and b.ndim == 1 and not isinstance(getattr(fresh.selection, n[10:], None),
+                                                                           np.ndarray)  # a history or a set
+        if not problem and n != "round" and (a.dtype != b.dtype or (a.ndim != b.ndim if grows else a.shape != b.shape)):
+            problem = f"{n} is {a.dtype}{list(a.shape)} in it, {b.dtype}{list(b.shape)} in this run"
+    if problem:
+        raise ConfigError("resume", f"{path} does not fit this run's model and settings: {problem}")
+    k = 1 + len(names)
+    return restore_state(fresh, int(arrays[0]), arrays[1:k], arrays[k:], selection=True)
 
 
 def _finish_folder(run_dir: Path, params: Params, names: list[str]) -> None:
