@@ -49,7 +49,7 @@ def load_dataset(cfg: Config) -> FederatedDataset:
 
     d, seed = cfg.data, cfg.run.seed
     if d.loader:
-        return user_data(d.loader, d.train_fraction)
+        return user_data(d.loader, d, seed)
     if d.dataset == "shakespeare":
         return fd.load_shakespeare(seq_len=d.seq_len, train_fraction=d.train_fraction,
                                    max_clients=d.num_clients or None)
@@ -59,7 +59,8 @@ def load_dataset(cfg: Config) -> FederatedDataset:
     if d.dataset == "leaf":
         return fd.load_leaf(d.path, d.test_path or None, train_fraction=d.train_fraction)
     return fd.tabular(d.dataset, d.num_clients, partition=d.partition, alpha=d.alpha,
-                      shards_per_client=d.shards_per_client, seed=seed, train_fraction=d.train_fraction)
+                      shards_per_client=d.shards_per_client, seed=seed, train_fraction=d.train_fraction,
+                      classes_per_client=d.classes_per_client, size_skew=d.size_skew)
 
 
 def model_factory(cfg: Config, dataset: FederatedDataset) -> Callable[[], nn.Module]:

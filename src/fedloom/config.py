@@ -15,7 +15,7 @@ from typing import Any
 from fedloom.errors import ConfigError
 
 DATASETS = ("shakespeare", "synthetic", "digits", "breast_cancer", "leaf")
-PARTITIONS = ("natural", "iid", "dirichlet", "shards")
+PARTITIONS = ("natural", "iid", "dirichlet", "dirichlet_balanced", "shards", "classes", "lognormal", "power_law")
 MODELS = ("logreg", "mlp", "cnn", "char_lstm")
 OPTIMIZERS = ("sgd", "momentum", "adagrad", "adam", "yogi")
 ENGINES = ("sequential", "vectorized", "process", "ray")
@@ -47,10 +47,15 @@ class RunConfig:
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str = _f("shakespeare", "shakespeare | synthetic | digits | breast_cancer | leaf", DATASETS)
-    partition: str = _f("natural", "natural (one client per role/user) | iid | dirichlet | shards", PARTITIONS)
+    partition: str = _f("natural", "natural (one client per role/user) | iid | dirichlet | dirichlet_balanced (equal "
+                                   "sizes) | shards | classes (classes_per_client each) | lognormal | power_law "
+                                   "(quantity skew: size_skew)", PARTITIONS)
     num_clients: int = _f(0, "clients; 0 = the dataset's natural number (all roles, 1000 synthetic users)", ">=0")
     alpha: float = _f(0.5, "Dirichlet concentration for partition = dirichlet (smaller = more skew)", ">0")
     shards_per_client: int = _f(2, "label shards per client for partition = shards", ">=1")
+    classes_per_client: int = _f(2, "classes each client holds for partition = classes", ">=1")
+    size_skew: float = _f(1.0, "lognormal: sigma of the client sizes; power_law: the Pareto shape (smaller = "
+                               "heavier tail)", ">0")
     synthetic_alpha: float = _f(1.0, "Synthetic(alpha, beta): spread of the clients' models", ">=0")
     synthetic_beta: float = _f(1.0, "Synthetic(alpha, beta): spread of the clients' features", ">=0")
     path: str = _f("", "leaf: training JSON file or folder")
@@ -309,7 +314,8 @@ def _check_dataset(cfg: Config) -> None:
     if d.dataset in ("shakespeare", "synthetic", "leaf") and d.partition != "natural":
         raise ConfigError("data.partition", f"{d.dataset} is split by its natural key; use partition = \"natural\"")
     if d.dataset in ("digits", "breast_cancer") and d.partition == "natural":
-        raise ConfigError("data.partition", f"{d.dataset} has no natural clients; use iid, dirichlet or shards")
+        raise ConfigError("data.partition", f"{d.dataset} has no natural clients; use iid, dirichlet, "
+                                            "dirichlet_balanced, shards, classes, lognormal or power_law")
     if d.dataset in ("digits", "breast_cancer") and d.num_clients < 1:
         raise ConfigError("data.num_clients", f"{d.dataset} needs num_clients >= 1")
     if d.dataset == "leaf" and not d.path:

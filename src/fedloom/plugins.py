@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from fedloom.config import DataConfig
 from fedloom.data.dataset import FederatedDataset
-from fedloom.data.partition import to_federated
+from fedloom.data.partition import split, to_federated
 from fedloom.errors import ConfigError, DataError
 
 log = logging.getLogger("fedloom")
@@ -103,12 +104,21 @@ def from_arrays(x: np.ndarray, y: np.ndarray, client_ids: np.ndarray, train_frac
     return to_federated(name, x, y, parts, int(y.max()) + 1, train_fraction, names=[str(k) for k in keys])
 
 
-def user_data(spec: str, train_fraction: float) -> FederatedDataset:
-    """The federation ``data.loader`` returns: a :class:`FederatedDataset` or ``(x, y, client_ids)`` arrays."""
+def user_data(spec: str, d: DataConfig, seed: int = 0) -> FederatedDataset:
+    """The federation ``data.loader`` returns: a :class:`FederatedDataset`, ``(x, y, client_ids)`` arrays, or
+    ``(x, y)`` arrays that ``data.partition`` splits among ``data.num_clients``."""
     out = load_object(spec, "data.loader")()
     if isinstance(out, FederatedDataset):
         return out
     if isinstance(out, tuple) and len(out) == 3:
-        return from_arrays(*out, train_fraction=train_fraction, name=spec)
-    raise ConfigError("data.loader", f"{spec} returned a {type(out).__name__}; return a FederatedDataset or a tuple "
-                                     "(x, y, client_ids)")
+        return from_arrays(*out, train_fraction=d.train_fraction, name=spec)
+    if isinstance(out, tuple) and len(out) == 2:
+        if d.partition == "natural" or d.num_clients < 1:
+            raise ConfigError("data.partition", f"{spec} returned (x, y) without client ids: name a partition "
+                                                "(iid, dirichlet, ...) and data.num_clients")
+        x, y = as_features(out[0], spec), as_labels(out[1], spec)
+        parts = split(d.partition, y, d.num_clients, seed, alpha=d.alpha, shards_per_client=d.shards_per_client,
+                      classes_per_client=d.classes_per_client, size_skew=d.size_skew)
+        return to_federated(spec, x, y, parts, int(y.max()) + 1, d.train_fraction)
+    raise ConfigError("data.loader", f"{spec} returned a {type(out).__name__}; return a FederatedDataset, "
+                                     "(x, y, client_ids) or (x, y)")

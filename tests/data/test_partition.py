@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from fedloom.data import dirichlet, iid, natural, shards, split_client, to_federated
+from fedloom.data.partition import classes, dirichlet_balanced, quantity, split
 from fedloom.errors import DataError
 
 
@@ -148,3 +149,51 @@ def test_to_federated_rejects_bad_parts(parts, kw):
 def test_split_client_uses_int_of_fraction():
     c = split_client(3, np.zeros((9, 1)), np.arange(9), 0.8, name="n")
     assert (c.client_id, c.num_train, c.num_test, c.name) == (3, 7, 2, "n")
+
+
+def _every_index_once(parts, n):
+    assert sorted(np.concatenate(parts).tolist()) == list(range(n))
+
+
+@pytest.mark.parametrize("sizes", ["lognormal", "power_law"])
+def test_quantity_skew_keeps_labels_iid_and_makes_sizes_unequal(sizes):
+    parts = quantity(10_000, 100, seed=0, sizes=sizes, skew=1.0)
+    _every_index_once(parts, 10_000)
+    counts = np.array([len(p) for p in parts])
+    assert counts.min() >= 1 and counts.max() > 4 * np.median(counts)  # a heavy tail
+    assert [len(p) for p in quantity(10_000, 100, seed=0, sizes=sizes)] == counts.tolist()  # same seed, same split
+    mild = np.array([len(p) for p in quantity(10_000, 100, seed=0, sizes="lognormal", skew=0.1)])
+    assert mild.max() < 1.5 * np.median(mild)
+    with pytest.raises(DataError, match="unknown size law"):
+        quantity(10, 2, seed=0, sizes="zipf")
+
+
+def test_classes_gives_each_client_exactly_k_classes():
+    labels = np.repeat(np.arange(10), 50)
+    parts = classes(labels, 20, classes_per_client=2, seed=0)
+    _every_index_once(parts, 500)
+    assert all(len(np.unique(labels[p])) == 2 for p in parts)
+    with pytest.raises(DataError, match="cannot hold all 10 classes"):
+        classes(labels, 4, classes_per_client=2, seed=0)
+    with pytest.raises(DataError, match="between 1 and the 10 classes"):
+        classes(labels, 4, classes_per_client=11, seed=0)
+
+
+def test_dirichlet_balanced_has_equal_sizes_and_skewed_labels():
+    labels = np.repeat(np.arange(10), 100)
+
+    def top_share(alpha):
+        parts = dirichlet_balanced(labels, 20, alpha, seed=0)
+        _every_index_once(parts, 1000)
+        assert {len(p) for p in parts} == {50}
+        return np.mean([np.bincount(labels[p]).max() / len(p) for p in parts])
+
+    assert top_share(0.1) > 0.5 and top_share(100.0) < 0.35
+
+
+def test_split_names_every_partition():
+    labels = np.repeat(np.arange(4), 25)
+    for name in ["iid", "dirichlet", "dirichlet_balanced", "shards", "classes", "lognormal", "power_law"]:
+        _every_index_once(split(name, labels, 5, seed=1), 100)
+    with pytest.raises(DataError, match="unknown partition"):
+        split("natural", labels, 5, seed=1)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from torch import nn
 
+from fedloom.build import build_clients
 from fedloom.config import load_config
 from fedloom.data.dataset import FederatedDataset
 from fedloom.errors import ConfigError, DataError
@@ -145,3 +146,27 @@ def test_leaf_text_trains_the_character_model(tmp_path):
     with pytest.raises(ConfigError, match="model.name: 'mlp' does not fit the 'leaf' data, which is character data"):
         simulate(load_config(None, ["data.dataset=\"leaf\"", f"data.path=\"{tmp_path / 'train.json'}\"",
                                     "model.name=\"mlp\"", "run.rounds=1"]), progress=False, write=False)
+
+
+def test_a_loader_without_client_ids_is_split_by_the_configured_partition(tmp_path, monkeypatch):
+    (tmp_path / "plaindata.py").write_text("import numpy as np\n\ndef load():\n    rng = np.random.default_rng(0)\n"
+                                           "    return rng.normal(size=(600, 4)), np.arange(600) % 3\n")
+    monkeypatch.chdir(tmp_path)
+    base = ["data.loader=\"plaindata:load\"", "model.name=\"mlp\"", "data.num_clients=6"]
+    _, data = build_clients(load_config(None, [*base, "data.partition=\"dirichlet_balanced\"", "data.alpha=0.1"]))
+    assert len(data) == 6 and {c.num_train + c.num_test for c in data.clients} == {100}
+    _, data = build_clients(load_config(None, [*base, "data.partition=\"classes\"", "data.classes_per_client=1"]))
+    assert all(len(np.unique(c.y_train)) == 1 for c in data.clients)
+    with pytest.raises(ConfigError, match="without client ids: name a partition"):
+        build_clients(load_config(None, [*base[:2]]))
+
+
+@pytest.mark.parametrize("partition", ["classes", "lognormal", "power_law", "dirichlet_balanced"])
+def test_the_new_partitions_run_from_the_cli(partition, tmp_path):
+    (tmp_path / "run.toml").write_text("[run]\nname = \"p\"\n")
+    settings = ["data.dataset=\"digits\"", f"data.partition=\"{partition}\"", "data.num_clients=30",
+                "model.name=\"mlp\"", "server.clients_per_round=10", "client.lr=0.1", f"run.out_dir=\"{tmp_path}\""]
+    out = subprocess.run([sys.executable, "-m", "fedloom.cli", "simulate", str(tmp_path / "run.toml"), "--quiet",
+                          "--rounds", "3", *[a for s in settings for a in ("--set", s)]],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr

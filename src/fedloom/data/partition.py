@@ -96,6 +96,110 @@ def shards(labels: np.ndarray | Sequence[int], num_clients: int, shards_per_clie
     return [rng.permutation(np.concatenate([cut[s] for s in row])) for row in assignment]
 
 
+def quantity(num_samples: int, num_clients: int, seed: int, sizes: str = "lognormal",
+             skew: float = 1.0) -> list[np.ndarray]:
+    """Quantity skew: IID samples, client sizes drawn from a heavy-tailed law (every client gets at least one).
+
+    ``sizes = "lognormal"``: shares proportional to LogNormal(0, ``skew``) (the unbalanced splits of
+    FedLab and of Li et al. 2022, "Federated Learning on Non-IID Data Silos: An Experimental Study");
+    ``"power_law"``: shares proportional to Pareto(``skew``) + 1, a power law with exponent
+    ``skew + 1`` (LEAF's and FedProx's user sizes). Larger ``skew`` means a heavier tail for
+    log-normal and a lighter one for the power law.
+    """
+    _check_clients(num_samples, num_clients)
+    if not skew > 0:
+        raise DataError(f"the size skew must be > 0, got {skew}")
+    rng = np.random.RandomState(seed)
+    if sizes == "lognormal":
+        shares = rng.lognormal(0.0, skew, num_clients)
+    elif sizes == "power_law":
+        shares = rng.pareto(skew, num_clients) + 1.0
+    else:
+        raise DataError(f"unknown size law {sizes!r}; choose lognormal or power_law")
+    counts = 1 + np.floor(shares / shares.sum() * (num_samples - num_clients)).astype(np.int64)
+    counts[np.argsort(-shares, kind="stable")[: num_samples - int(counts.sum())]] += 1  # the remainder, largest first
+    order = rng.permutation(num_samples).astype(np.int64)
+    return list(np.split(order, np.cumsum(counts)[:-1]))
+
+
+def classes(labels: np.ndarray | Sequence[int], num_clients: int, classes_per_client: int,
+            seed: int) -> list[np.ndarray]:
+    """Pathological label skew: each client holds exactly ``classes_per_client`` classes.
+
+    Client ``i`` gets classes ``perm[(i * k + j) % C]`` for ``j < k`` (``perm`` a random order of the
+    ``C`` classes), so every class has a holder; each class's shuffled samples are cut evenly among
+    its holders (the "pathological" partition of McMahan et al. 2017, by classes instead of shards).
+    """
+    y = _labels(labels)
+    _check_clients(len(y), num_clients)
+    values = np.unique(y)
+    k = classes_per_client
+    if not 1 <= k <= len(values):
+        raise DataError(f"classes_per_client must be between 1 and the {len(values)} classes, got {k}")
+    if num_clients * k < len(values):
+        raise DataError(f"{num_clients} clients with {k} classes each cannot hold all {len(values)} classes")
+    rng = np.random.RandomState(seed)
+    perm = rng.permutation(len(values))
+    held = [[int(perm[(i * k + j) % len(values)]) for j in range(k)] for i in range(num_clients)]
+    pieces: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    for c, value in enumerate(values):
+        holders = [i for i in range(num_clients) if c in held[i]]
+        for i, part in zip(holders, np.array_split(rng.permutation(np.flatnonzero(y == value)), len(holders))):
+            pieces[i].append(part)
+    parts = [rng.permutation(np.concatenate(p)).astype(np.int64) for p in pieces]
+    if min(len(p) for p in parts) == 0:
+        raise DataError(f"some of the {num_clients} clients got no sample: use fewer clients or more classes each")
+    return parts
+
+
+def dirichlet_balanced(labels: np.ndarray | Sequence[int], num_clients: int, alpha: float,
+                       seed: int) -> list[np.ndarray]:
+    """Label skew with equal client sizes: each client's class mix is drawn from Dir(``alpha``) and its
+    near-equal share of the samples is filled from that mix (a class that runs out is left out of the
+    mix for the rest; Flower's inner-Dirichlet partition with balanced sizes)."""
+    y = _labels(labels)
+    _check_clients(len(y), num_clients)
+    if not alpha > 0:
+        raise DataError(f"Dirichlet alpha must be > 0, got {alpha}")
+    rng = np.random.RandomState(seed)
+    values = np.unique(y)
+    pools = [list(rng.permutation(np.flatnonzero(y == v))) for v in values]
+    sizes = [len(p) for p in np.array_split(np.arange(len(y)), num_clients)]
+    parts = []
+    for size in sizes:
+        mix = rng.dirichlet(np.full(len(values), float(alpha)))
+        taken: list[int] = []
+        while len(taken) < size:
+            left = np.array([len(p) for p in pools], dtype=np.float64)
+            weights = np.where(left > 0, np.nan_to_num(mix), 0.0)
+            weights = weights if weights.sum() > 0 else left  # the mix's classes are gone: take what is left
+            for c, n in enumerate(rng.multinomial(size - len(taken), weights / weights.sum())):
+                n = min(int(n), len(pools[c]))
+                taken += pools[c][:n]
+                del pools[c][:n]
+        parts.append(rng.permutation(np.array(taken, dtype=np.int64)))
+    return parts
+
+
+def split(partition: str, labels: np.ndarray, num_clients: int, seed: int, alpha: float = 0.5,
+          shards_per_client: int = 2, classes_per_client: int = 2, size_skew: float = 1.0) -> list[np.ndarray]:
+    """The split ``partition`` names (``iid``, ``dirichlet``, ``dirichlet_balanced``, ``shards``, ``classes``,
+    ``lognormal``, ``power_law``) of samples with ``labels``."""
+    if partition == "iid":
+        return iid(len(labels), num_clients, seed)
+    if partition == "dirichlet":
+        return dirichlet(labels, num_clients, alpha, seed)
+    if partition == "dirichlet_balanced":
+        return dirichlet_balanced(labels, num_clients, alpha, seed)
+    if partition == "shards":
+        return shards(labels, num_clients, shards_per_client, seed)
+    if partition == "classes":
+        return classes(labels, num_clients, classes_per_client, seed)
+    if partition in ("lognormal", "power_law"):
+        return quantity(len(labels), num_clients, seed, partition, size_skew)
+    raise DataError(f"unknown partition {partition!r}")
+
+
 def natural(keys: np.ndarray | Sequence[object]) -> tuple[list[object], list[np.ndarray]]:
     """Group samples by a natural key (a speaking role, a user id).
 

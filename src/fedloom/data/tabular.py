@@ -13,11 +13,10 @@ from importlib import resources
 import numpy as np
 
 from fedloom.data.dataset import FederatedDataset
-from fedloom.data.partition import dirichlet, iid, shards, to_federated
+from fedloom.data.partition import split, to_federated
 from fedloom.errors import DataError
 
 TABULAR = ("digits", "breast_cancer")
-PARTITIONS = ("iid", "dirichlet", "shards")
 
 
 def _read(name: str) -> bytes:
@@ -72,26 +71,25 @@ def load_breast_cancer() -> tuple[np.ndarray, np.ndarray]:
 
 
 def tabular(name: str, num_clients: int, partition: str = "iid", alpha: float = 0.5, shards_per_client: int = 2,
-            seed: int = 0, train_fraction: float = 0.8) -> FederatedDataset:
-    """``digits`` or ``breast_cancer`` split among ``num_clients`` by ``iid``, ``dirichlet`` (``alpha``) or ``shards``.
+            seed: int = 0, train_fraction: float = 0.8, classes_per_client: int = 2,
+            size_skew: float = 1.0) -> FederatedDataset:
+    """``digits`` or ``breast_cancer`` split among ``num_clients`` by a partition of :func:`partition.split`.
 
     See :mod:`fedloom.data.partition`; each client's first ``int(train_fraction * n)`` samples train.
     """
     if name not in TABULAR:
         raise DataError(f"unknown tabular dataset {name!r}; choose one of {', '.join(TABULAR)}")
     x, y = load_digits() if name == "digits" else load_breast_cancer()
-    if partition == "iid":
-        parts = iid(len(y), num_clients, seed)
-    elif partition == "dirichlet":
-        parts = dirichlet(y, num_clients, alpha, seed)
-    elif partition == "shards":
-        parts = shards(y, num_clients, shards_per_client, seed)
-    else:
-        raise DataError(f"unknown partition {partition!r}; choose one of {', '.join(PARTITIONS)}")
+    parts = split(partition, y, num_clients, seed, alpha=alpha, shards_per_client=shards_per_client,
+                  classes_per_client=classes_per_client, size_skew=size_skew)
     dataset = to_federated(name, x, y, parts, 10 if name == "digits" else 2, train_fraction=train_fraction)
     dataset.info.update({"partition": partition, "seed": seed})
-    if partition == "dirichlet":
+    if partition.startswith("dirichlet"):
         dataset.info["alpha"] = alpha
     if partition == "shards":
         dataset.info["shards_per_client"] = shards_per_client
+    if partition == "classes":
+        dataset.info["classes_per_client"] = classes_per_client
+    if partition in ("lognormal", "power_law"):
+        dataset.info["size_skew"] = size_skew
     return dataset
