@@ -14,7 +14,7 @@ from typing import Any
 
 from fedloom.errors import ConfigError
 
-DATASETS = ("shakespeare", "synthetic", "digits", "breast_cancer", "leaf")
+DATASETS = ("shakespeare", "synthetic", "digits", "breast_cancer", "leaf", "files")
 PARTITIONS = ("natural", "iid", "dirichlet", "dirichlet_balanced", "shards", "classes", "lognormal", "power_law")
 MODELS = ("logreg", "mlp", "cnn", "char_lstm")
 OPTIMIZERS = ("sgd", "momentum", "adagrad", "adam", "yogi")
@@ -46,7 +46,8 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = _f("shakespeare", "shakespeare | synthetic | digits | breast_cancer | leaf", DATASETS)
+    dataset: str = _f("shakespeare", "shakespeare | synthetic | digits | breast_cancer | leaf | files (your CSV or "
+                                     ".npz: data.path)", DATASETS)
     partition: str = _f("natural", "natural (one client per role/user) | iid | dirichlet | dirichlet_balanced (equal "
                                    "sizes) | shards | classes (classes_per_client each) | lognormal | power_law "
                                    "(quantity skew: size_skew)", PARTITIONS)
@@ -58,7 +59,9 @@ class DataConfig:
                                "heavier tail)", ">0")
     synthetic_alpha: float = _f(1.0, "Synthetic(alpha, beta): spread of the clients' models", ">=0")
     synthetic_beta: float = _f(1.0, "Synthetic(alpha, beta): spread of the clients' features", ">=0")
-    path: str = _f("", "leaf: training JSON file or folder")
+    path: str = _f("", "leaf: training JSON file or folder; files: a CSV or .npz file, or a folder of one per client")
+    label_column: str = _f("label", "files: the label column of a CSV")
+    client_column: str = _f("client", "files: the client-id column of a CSV or array of an .npz (partition = natural)")
     test_path: str = _f("", "leaf: test JSON file or folder; empty = split each user's samples")
     train_fraction: float = _f(0.8, "share of each client's samples for training; the rest is its test split", "0..1")
     seq_len: int = _f(80, "characters per input window for shakespeare", ">=1")
@@ -318,8 +321,8 @@ def _check_dataset(cfg: Config) -> None:
                                             "dirichlet_balanced, shards, classes, lognormal or power_law")
     if d.dataset in ("digits", "breast_cancer") and d.num_clients < 1:
         raise ConfigError("data.num_clients", f"{d.dataset} needs num_clients >= 1")
-    if d.dataset == "leaf" and not d.path:
-        raise ConfigError("data.path", "leaf needs the path of its JSON file or folder")
+    if d.dataset in ("leaf", "files") and not d.path:
+        raise ConfigError("data.path", f"{d.dataset} needs the path of its file or folder")
     text = {"shakespeare": True, "leaf": None}.get(d.dataset, False)  # LEAF holds either: checked when loaded
     if not cfg.model.factory and text is not None and text != (cfg.model.name == "char_lstm"):
         raise ConfigError("model.name", f"{cfg.model.name!r} does not fit dataset {d.dataset!r}; "

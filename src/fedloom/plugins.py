@@ -110,15 +110,21 @@ def user_data(spec: str, d: DataConfig, seed: int = 0) -> FederatedDataset:
     out = load_object(spec, "data.loader")()
     if isinstance(out, FederatedDataset):
         return out
-    if isinstance(out, tuple) and len(out) == 3:
-        return from_arrays(*out, train_fraction=d.train_fraction, name=spec)
-    if isinstance(out, tuple) and len(out) == 2:
-        if d.partition == "natural" or d.num_clients < 1:
-            raise ConfigError("data.partition", f"{spec} returned (x, y) without client ids: name a partition "
-                                                "(iid, dirichlet, ...) and data.num_clients")
-        x, y = as_features(out[0], spec), as_labels(out[1], spec)
-        parts = split(d.partition, y, d.num_clients, seed, alpha=d.alpha, shards_per_client=d.shards_per_client,
-                      classes_per_client=d.classes_per_client, size_skew=d.size_skew)
-        return to_federated(spec, x, y, parts, int(y.max()) + 1, d.train_fraction)
+    if isinstance(out, tuple) and len(out) in (2, 3):
+        return federate(out[0], out[1], out[2] if len(out) == 3 else None, d, seed, spec)
     raise ConfigError("data.loader", f"{spec} returned a {type(out).__name__}; return a FederatedDataset, "
                                      "(x, y, client_ids) or (x, y)")
+
+
+def federate(x: np.ndarray, y: np.ndarray, client_ids: np.ndarray | None, d: DataConfig, seed: int,
+             name: str) -> FederatedDataset:
+    """Arrays as a federation: one client per id, or without ids the split ``data.partition`` names."""
+    if client_ids is not None:
+        return from_arrays(x, y, client_ids, d.train_fraction, name)
+    if d.partition == "natural" or d.num_clients < 1:
+        raise ConfigError("data.partition", f"{name} has no client ids: name a partition (iid, dirichlet, ...) "
+                                            "and data.num_clients")
+    x, y = as_features(x, name), as_labels(y, name)
+    parts = split(d.partition, y, d.num_clients, seed, alpha=d.alpha, shards_per_client=d.shards_per_client,
+                  classes_per_client=d.classes_per_client, size_skew=d.size_skew)
+    return to_federated(name, x, y, parts, int(y.max()) + 1, d.train_fraction)

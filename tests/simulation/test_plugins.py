@@ -157,7 +157,7 @@ def test_a_loader_without_client_ids_is_split_by_the_configured_partition(tmp_pa
     assert len(data) == 6 and {c.num_train + c.num_test for c in data.clients} == {100}
     _, data = build_clients(load_config(None, [*base, "data.partition=\"classes\"", "data.classes_per_client=1"]))
     assert all(len(np.unique(c.y_train)) == 1 for c in data.clients)
-    with pytest.raises(ConfigError, match="without client ids: name a partition"):
+    with pytest.raises(ConfigError, match="has no client ids: name a partition"):
         build_clients(load_config(None, [*base[:2]]))
 
 

@@ -1,0 +1,84 @@
+"""The files users have: one table with a client-id column, or a folder of one file per client.
+
+CSV (a header row; every column but the label and the client id is a numeric feature) and
+``.npz`` (arrays ``x`` and ``y``, and ``client`` when one file holds every client; read without
+unpickling). A folder holds one such file per client, named for the client.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from fedloom.errors import DataError
+
+Table = tuple[np.ndarray, np.ndarray, np.ndarray | None]
+SUFFIXES = (".csv", ".npz")
+
+
+def read_csv(path: Path, label: str, client: str) -> Table:
+    """``(x, y, client_ids or None)`` from a CSV file with a header row."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from None
+    if not rows or label not in rows[0]:
+        raise DataError(f"{path}: the header has no label column {label!r} (columns: {rows[0] if rows else []})")
+    header, body = rows[0], rows[1:]
+    if any(len(r) != len(header) for r in body):
+        bad = next(i for i, r in enumerate(body) if len(r) != len(header))
+        raise DataError(f"{path}: row {bad + 2} has {len(body[bad])} fields, the header {len(header)}")
+    columns = list(zip(*body)) if body else [() for _ in header]
+    features = [i for i, name in enumerate(header) if name not in (label, client)]
+    try:
+        x = np.array([[float(columns[i][r]) for i in features] for r in range(len(body))], dtype=np.float32)
+    except ValueError as exc:
+        raise DataError(f"{path}: feature columns must be numbers ({exc})") from None
+    y = np.asarray(columns[header.index(label)])
+    try:
+        y = y.astype(np.float64)
+    except ValueError:
+        raise DataError(f"{path}: label column {label!r} must hold class numbers") from None
+    ids = np.asarray(columns[header.index(client)]) if client in header else None
+    return x.reshape(len(body), len(features)), y, ids
+
+
+def read_npz(path: Path, client: str) -> Table:
+    """``(x, y, client_ids or None)`` from arrays ``x``, ``y`` (and ``client``) in an ``.npz`` file."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if "x" not in f.files or "y" not in f.files:
+                raise DataError(f"{path}: needs arrays 'x' and 'y'; it has {f.files}")
+            return f["x"], f["y"], (f[client] if client in f.files else None)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read {path} as .npz without unpickling: {exc}") from None
+
+
+def read_table(path: Path, label: str, client: str) -> Table:
+    if path.suffix == ".csv":
+        return read_csv(path, label, client)
+    if path.suffix == ".npz":
+        return read_npz(path, client)
+    raise DataError(f"{path}: unknown file type; fedloom reads {', '.join(SUFFIXES)}")
+
+
+def read_files(path: str | Path, label: str = "label", client: str = "client") -> Table:
+    """One table with an optional client-id column, or a folder of one file per client (the file's name
+    without its suffix is the client id)."""
+    path = Path(path)
+    if path.is_file():
+        return read_table(path, label, client)
+    if not path.is_dir():
+        raise DataError(f"no file or folder at {path}")
+    files = sorted(p for p in path.iterdir() if p.suffix in SUFFIXES)
+    if not files:
+        raise DataError(f"{path} holds no {' or '.join(SUFFIXES)} files")
+    tables = [read_table(p, label, client) for p in files]
+    ids = np.concatenate([np.full(len(t[1]), p.stem) for p, t in zip(files, tables)])
+    widths = {t[0].shape[1:] for t in tables}
+    if len(widths) > 1:
+        raise DataError(f"{path}: the clients' files have different feature shapes {sorted(widths)}")
+    return np.concatenate([t[0] for t in tables]), np.concatenate([t[1] for t in tables]), ids
