@@ -34,7 +34,7 @@ from fedloom.server import (
 )
 from fedloom.server.sync import RoundResult, ServerState
 from fedloom.simulation.engines import local_engine
-from fedloom.simulation.report import MetricsFile, plot_run, read_metrics
+from fedloom.simulation.report import MetricsFile, plot_run, read_metrics, write_metrics
 from fedloom.simulation.timeline import AsyncRun, SimulatedClock
 from fedloom.transport.base import Transport
 from fedloom.transport.inprocess import InProcessTransport
@@ -214,7 +214,6 @@ def _run(cfg: Config, run_dir: Path | None, start: float, progress: bool, own: t
         return out
 
     def after(result: RoundResult, state: ServerState) -> bool:
-        latest[0] = state
         for line in failures.observe(result):
             log.warning("%s", line)
         reason = strategy.aggregator.stop_reason(state.aggregation) if state.round < cfg.run.rounds else None
@@ -234,6 +233,7 @@ def _run(cfg: Config, run_dir: Path | None, start: float, progress: bool, own: t
         every = cfg.run.checkpoint_every
         if run_dir is not None and every and state.round % every == 0:
             write_checkpoint(run_dir / CHECKPOINT, state, names)
+        latest[0] = state  # the last round whose row is written: what Ctrl-C keeps
         bar.advance(row)
         return spent
 
@@ -242,6 +242,7 @@ def _run(cfg: Config, run_dir: Path | None, start: float, progress: bool, own: t
             state = run_rounds(step, state, cfg.run.rounds, after)
     except KeyboardInterrupt:
         if run_dir is not None and history:
+            write_metrics(run_dir / "metrics.csv", [r for r in history if r["round"] <= latest[0].round])
             write_checkpoint(run_dir / CHECKPOINT, latest[0], names)
             _finish_folder(run_dir, latest[0].params, names)
             log.warning("interrupted after round %d; %s has its metrics and that round's model",
