@@ -34,7 +34,7 @@ def _simulate(args: argparse.Namespace) -> int:
     print(
         f"{cfg.run.name}: {len(result.history)} rounds, final test accuracy {result.final_accuracy:.4f} "
         f"(best {best:.4f} at round {best_round}), training {result.train_s:.1f} s -> {result.run_dir} "
-        f"(metrics.csv, model.npz, accuracy.png)"
+        f"(metrics.csv, model.npz, model.pt, accuracy.png)"
     )
     if result.failed:
         print(f"fedloom: error: the run failed: {result.failed}", file=sys.stderr)

@@ -48,16 +48,31 @@ def mean_and_squares(losses: torch.Tensor, batch: int) -> tuple[torch.Tensor, to
     return mean, mean.detach() ** 2 * batch
 
 
+def _state(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The parameters, then the floating-point buffers (BatchNorm's running statistics): what fedloom moves."""
+    return [*model.named_parameters(), *((n, b) for n, b in model.named_buffers() if b.is_floating_point())]
+
+
+def param_names(model: nn.Module) -> list[str]:
+    """The names of :func:`get_params`'s arrays (the model's ``state_dict`` keys)."""
+    return [n for n, _ in _state(model)]
+
+
 def get_params(model: nn.Module) -> Params:
-    """The model's parameters as new float arrays, in ``model.parameters()`` order."""
-    return [p.detach().cpu().numpy().copy() for p in model.parameters()]
+    """The model's parameters, then its floating-point buffers, as new arrays.
+
+    Buffers such as BatchNorm's running statistics travel and are aggregated with the parameters,
+    so the global model carries the federation's statistics (not those of whichever client trained
+    last in this process). Integer buffers (``num_batches_tracked``) stay local.
+    """
+    return [t.detach().cpu().numpy().copy() for _, t in _state(model)]
 
 
 def set_params(model: nn.Module, params: Params) -> None:
-    """Copy ``params`` into the model in place (shapes must match)."""
+    """Copy ``params`` (parameters, then floating-point buffers) into the model in place (shapes must match)."""
     with torch.no_grad():
-        for p, a in zip(model.parameters(), params, strict=True):
-            p.copy_(torch.from_numpy(np.asarray(a)))
+        for (_, t), a in zip(_state(model), params, strict=True):
+            t.copy_(torch.from_numpy(np.asarray(a)))
 
 
 @torch.no_grad()

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from fedloom.build import build_clients, build_strategy
 from fedloom.checkpoint import restore_state, state_arrays, state_names
+from fedloom.client.torch_work import param_names
 from fedloom.config import Config, DeployConfig, to_toml
 from fedloom.deploy.certs import check_client_name
 from fedloom.deploy.security import server_credentials
@@ -190,7 +191,7 @@ def serve(cfg: Config, *, on_round: Callable[[dict[str, float]], None] | None = 
         else:
             _check_same_run(store.run_config(run_id), cfg, store.path)
         work, dataset = build_clients(cfg)  # the model's shapes, and the held-out data for centralised evaluation
-        names = [n for n, _ in work.model.named_parameters()]
+        names = param_names(work.model)
         num_clients = len(store.clients())
         server = SyncServer(build_strategy(cfg, num_clients, deployed=True), num_clients)
         state = _resume(store, run_id, server.init(work.initial_params(cfg.run.seed)), names)

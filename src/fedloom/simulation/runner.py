@@ -21,7 +21,7 @@ from torch import nn
 
 from fedloom.build import async_server, build_clients, build_strategy, client_pipeline
 from fedloom.checkpoint import restore_state, state_arrays, state_names
-from fedloom.client.torch_work import TorchClientWork
+from fedloom.client.torch_work import TorchClientWork, param_names, set_params
 from fedloom.client.work import failure
 from fedloom.config import Config, to_toml
 from fedloom.data.dataset import FederatedDataset
@@ -174,7 +174,7 @@ def _run(cfg: Config, run_dir: Path | None, start: float, progress: bool, own: t
 
     work, dataset = build_clients(cfg, *own)
     params = work.initial_params(cfg.run.seed)
-    names = [n for n, _ in work.model.named_parameters()]
+    names = param_names(work.model)
     strategy = build_strategy(cfg, len(dataset))
     if strategy.clients_per_round > len(dataset):
         raise ConfigError("server.clients_per_round",
@@ -244,7 +244,7 @@ def _run(cfg: Config, run_dir: Path | None, start: float, progress: bool, own: t
         if run_dir is not None and history:
             write_metrics(run_dir / "metrics.csv", [r for r in history if r["round"] <= latest[0].round])
             write_checkpoint(run_dir / CHECKPOINT, latest[0], names)
-            _finish_folder(run_dir, latest[0].params, names)
+            _finish_folder(run_dir, work, latest[0].params, names)
             log.warning("interrupted after round %d; %s has its metrics and that round's model",
                         latest[0].round, run_dir)
         raise
@@ -260,7 +260,7 @@ def _run(cfg: Config, run_dir: Path | None, start: float, progress: bool, own: t
     if run_dir is not None:
         result.run_dir = run_dir
         write_checkpoint(run_dir / CHECKPOINT, state, names)
-        _finish_folder(run_dir, state.params, names)
+        _finish_folder(run_dir, work, state.params, names)
     return result
 
 
@@ -293,6 +293,9 @@ def read_checkpoint(path: Path, fresh: ServerState, names: list[str]) -> ServerS
     return restore_state(fresh, int(arrays[0]), arrays[1:k], arrays[k:], selection=True)
 
 
-def _finish_folder(run_dir: Path, params: Params, names: list[str]) -> None:
+def _finish_folder(run_dir: Path, work: TorchClientWork, params: Params, names: list[str]) -> None:
+    """``model.npz`` (arrays by name), ``model.pt`` (the model's ``state_dict`` for ``torch.load``) and the plot."""
     save_params(run_dir / "model.npz", params, names)
+    set_params(work.model, params)
+    torch.save(work.model.state_dict(), run_dir / "model.pt")
     plot_run(run_dir)
