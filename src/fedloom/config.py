@@ -40,6 +40,8 @@ class RunConfig:
     seed: int = _f(0, "seeds model init, client selection and every local shuffle", ">=0")
     rounds: int = _f(20, "number of training rounds", ">=1")
     out_dir: str = _f("runs", "folder that receives run folders")
+    client_metrics: bool = _f(False, "also write clients.csv: a row per asked client and round (accepted or the "
+                                     "refusal's code, and what the client reported)")
     checkpoint_every: int = _f(10, "write checkpoint.npz every N rounds (and at the end and at Ctrl-C) for "
                                    "`fedloom simulate --resume`; 0 = only at the end and at Ctrl-C", ">=0")
 

@@ -149,3 +149,21 @@ def test_metrics_grow_as_rounds_complete_and_ctrl_c_keeps_the_rounds_done(tmp_pa
     assert f"interrupted after round {len(done)}" in err
     with np.load(run_dir / "model.npz") as saved:
         assert len(saved.files) == 2 and (run_dir / "accuracy.png").exists()
+
+
+def test_per_client_rows_on_request(tmp_path):
+    out = fedloom(*simulate_args(tmp_path, "run.rounds=3", "run.client_metrics=true", "server.clients_per_round=4",
+                                 "hetero.population=\"mobile\"", "hetero.over_select=1.5"))
+    assert out.returncode == 0, out.stderr
+    run_dir = next((tmp_path / "runs").iterdir())
+    with open(run_dir / "clients.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == ["round", "client", "status", "loss", "loss_sq", "examples", "steps"]
+    assert {r["round"] for r in table} == {"1", "2", "3"} and len(table) == 3 * 6  # 1.5 x 4 asked a round
+    accepted = [r for r in table if r["status"] == "accepted"]
+    assert len(accepted) == 3 * 4 and all(float(r["loss"]) > 0 and float(r["examples"]) > 0 for r in accepted)
+    assert {r["status"] for r in table} - {"accepted"} == {"not_kept"} and all(
+        r["loss"] == "" for r in table if r["status"] != "accepted")
+    metrics = rows(run_dir)
+    assert [int(r["accepted"]) for r in metrics] == [sum(r["round"] == str(k) and r["status"] == "accepted"
+                                                          for r in table) for k in (1, 2, 3)]

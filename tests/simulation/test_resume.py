@@ -14,7 +14,8 @@ import pytest
 # Adam on the server, centered clipping and Oort: optimizer, aggregator and selector state all cross the checkpoint.
 SETTINGS = ["data.dataset=\"digits\"", "data.partition=\"dirichlet\"", "data.num_clients=20", "model.name=\"mlp\"",
             "client.lr=0.05", "server.clients_per_round=5", "server.optimizer=\"adam\"", "server.lr=0.01",
-            "server.selection=\"oort\"", "aggregation.centered_clip=0.5", "run.checkpoint_every=2", "eval.every=2"]
+            "server.selection=\"oort\"", "aggregation.centered_clip=0.5", "run.checkpoint_every=2", "eval.every=2",
+            "run.client_metrics=true"]
 
 
 def fedloom(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
@@ -56,6 +57,8 @@ def test_a_resumed_run_ends_with_the_uninterrupted_model_bit_for_bit(tmp_path, e
     for k, a in model(whole).items():
         np.testing.assert_array_equal(a, model(half)[k])
     assert losses(whole) == losses(half) and len(losses(half)) == 6
+    clients = [(run / "clients.csv").read_text().splitlines() for run in (whole, half)]
+    assert clients[0] == clients[1] and len(clients[0]) == 1 + 6 * 5  # each round's rows once, as uninterrupted
 
 
 def test_ctrl_c_leaves_a_checkpoint_to_resume_from(tmp_path):

@@ -51,6 +51,7 @@ class RoundResult:
     examples: float = 0.0
     measurements: dict[str, float] = field(default_factory=dict)  # the aggregator's, e.g. clip bound, epsilon
     problem: str = ""  # why the model was left unchanged, when it was
+    client_metrics: dict[int, dict[str, float]] = field(default_factory=dict)  # each accepted client's report
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,7 @@ class SyncServer:
             if not is_finite(params):
                 problem, params, opt_state = "the server optimizer's step is not finite", state.params, state.opt_state
         result = RoundResult(rnd, [r.client_id for r in requests], list(kept), rejected, loss, examples,
-                             agg.measurements, problem)
+                             agg.measurements, problem, {cid: dict(u.metrics) for cid, u in kept.items()})
         aggregation = agg.state if not problem else state.aggregation
         return result, ServerState(rnd, params, opt_state, selection, aggregation)
 

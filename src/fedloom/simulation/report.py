@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import IO
 
 from fedloom.errors import DataError
+from fedloom.rounds import reason_code
 
 METRIC_COLUMNS = ("round", "train_loss", "test_loss", "test_accuracy", "fed_loss", "fed_accuracy", "clients",
                   "accepted", "rejected", "examples", "round_s", "elapsed_s", "sim_time_s", "trips", "bytes_down",
@@ -111,3 +112,30 @@ def plot_run(run_dir: str | Path) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+CLIENT_COLUMNS = ("round", "client", "status", "loss", "loss_sq", "examples", "steps")
+
+
+def append_client_rows(path: Path, round: int, selected: list[int], accepted: list[int],
+                       rejected: dict[int, str], reports: dict[int, dict[str, float]]) -> None:
+    """``clients.csv``: a row per client asked in ``round``: ``accepted`` or the refusal's code, and its report."""
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(CLIENT_COLUMNS)
+        for cid in dict.fromkeys([*selected, *accepted, *rejected]):
+            status = "accepted" if cid in accepted else reason_code(rejected.get(cid, "no_reply: no reply"))
+            report = reports.get(cid, {})
+            writer.writerow([round, cid, status, *(report.get(k, "") for k in CLIENT_COLUMNS[3:])])
+
+
+def keep_client_rows(path: Path, last_round: int) -> None:
+    """Drop the ``clients.csv`` rows of rounds after ``last_round`` (a resumed or interrupted run)."""
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([rows[0], *(r for r in rows[1:] if int(r[0]) <= last_round)])

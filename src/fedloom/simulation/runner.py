@@ -34,7 +34,14 @@ from fedloom.server import (
 )
 from fedloom.server.sync import RoundResult, ServerState
 from fedloom.simulation.engines import local_engine
-from fedloom.simulation.report import MetricsFile, plot_run, read_metrics, write_metrics
+from fedloom.simulation.report import (
+    MetricsFile,
+    append_client_rows,
+    keep_client_rows,
+    plot_run,
+    read_metrics,
+    write_metrics,
+)
 from fedloom.simulation.timeline import AsyncRun, SimulatedClock
 from fedloom.transport.base import Transport
 from fedloom.transport.inprocess import InProcessTransport
@@ -190,6 +197,7 @@ def _run(cfg: Config, run_dir: Path | None, start: float, progress: bool, own: t
         state = read_checkpoint(run_dir / CHECKPOINT, state, names)
         history = [{k: int(v) if v.is_integer() else v for k, v in row.items() if not math.isnan(v)}
                    for row in read_metrics(run_dir / "metrics.csv") if row["round"] <= state.round]
+        keep_client_rows(run_dir / "clients.csv", state.round)
         log.warning("resuming %s after round %d", run_dir, state.round)
     first = strategy.aggregator.stop_reason(state.aggregation)
     if first:
@@ -230,6 +238,9 @@ def _run(cfg: Config, run_dir: Path | None, start: float, progress: bool, own: t
             metrics.append(row)
         else:
             history.append(row)
+        if run_dir is not None and cfg.run.client_metrics:
+            append_client_rows(run_dir / "clients.csv", state.round, result.selected, result.accepted,
+                               result.rejected, result.client_metrics)
         every = cfg.run.checkpoint_every
         if run_dir is not None and every and state.round % every == 0:
             write_checkpoint(run_dir / CHECKPOINT, state, names)
@@ -243,6 +254,7 @@ def _run(cfg: Config, run_dir: Path | None, start: float, progress: bool, own: t
     except KeyboardInterrupt:
         if run_dir is not None and history:
             write_metrics(run_dir / "metrics.csv", [r for r in history if r["round"] <= latest[0].round])
+            keep_client_rows(run_dir / "clients.csv", latest[0].round)
             write_checkpoint(run_dir / CHECKPOINT, latest[0], names)
             _finish_folder(run_dir, work, latest[0].params, names)
             log.warning("interrupted after round %d; %s has its metrics and that round's model",

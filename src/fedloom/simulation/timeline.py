@@ -167,6 +167,7 @@ class AsyncRun:
         last = arrivals[-1][0]
         result = RoundResult(self.state.version, [a.client_id for a, _ in arrivals], accepted,
                              {a.client_id: a.reason for a, _ in arrivals if not a.accepted},
-                             last.train_loss, float(examples), last.measurements, last.reason)
+                             last.train_loss, float(examples), last.measurements, last.reason,
+                             {a.client_id: dict(r.update.metrics) for a, r in arrivals if a.accepted})
         return result, ServerState(self.state.version, self.state.params, self.state.opt_state,
                                    aggregation=self.state.aggregation)
