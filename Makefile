@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RAY_STAMP := $(VENV)/.installed-ray
+EXTRAS_STAMP := $(VENV)/.installed-extras
 
 .PHONY: demo test lint bench clean
 
@@ -20,7 +21,11 @@ $(RAY_STAMP): $(STAMP) requirements-ray.txt
 demo: $(STAMP)
 	$(BIN)/fedloom simulate examples/keyboard.toml
 
-test: $(RAY_STAMP)
+$(EXTRAS_STAMP): $(STAMP) requirements-extras.txt
+	$(BIN)/python -m pip install --quiet -r requirements-extras.txt
+	touch $(EXTRAS_STAMP)
+
+test: $(RAY_STAMP) $(EXTRAS_STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q
 

@@ -18,7 +18,7 @@ from fedloom.client.pipeline import ClientPipeline
 from fedloom.client.torch_work import TorchClientWork
 from fedloom.config import Config
 from fedloom.data.dataset import FederatedDataset
-from fedloom.data.readers import read_files
+from fedloom.data.readers import read_files, read_hf
 from fedloom.errors import ConfigError, DataError
 from fedloom.messages import EvaluateConfig, TrainConfig
 from fedloom.models import build_model
@@ -58,8 +58,9 @@ def load_dataset(cfg: Config) -> FederatedDataset:
     if d.dataset == "synthetic":
         return fd.synthetic(alpha=d.synthetic_alpha, beta=d.synthetic_beta, num_clients=d.num_clients or 1000,
                             seed=seed, train_fraction=d.train_fraction)
-    if d.dataset == "files":
-        x, y, ids = read_files(d.path, d.label_column, d.client_column)
+    if d.dataset in ("files", "hf"):
+        x, y, ids = (read_files(d.path, d.label_column, d.client_column) if d.dataset == "files"
+                     else read_hf(d.path, d.label_column, d.client_column, d.hf_split))
         return federate(x, y, ids if d.partition == "natural" else None, d, seed, Path(d.path).name)
     if d.dataset == "leaf":
         return fd.load_leaf(d.path, d.test_path or None, train_fraction=d.train_fraction)

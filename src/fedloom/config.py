@@ -14,7 +14,7 @@ from typing import Any
 
 from fedloom.errors import ConfigError
 
-DATASETS = ("shakespeare", "synthetic", "digits", "breast_cancer", "leaf", "files")
+DATASETS = ("shakespeare", "synthetic", "digits", "breast_cancer", "leaf", "files", "hf")
 PARTITIONS = ("natural", "iid", "dirichlet", "dirichlet_balanced", "shards", "classes", "lognormal", "power_law")
 MODELS = ("logreg", "mlp", "cnn", "char_lstm")
 OPTIMIZERS = ("sgd", "momentum", "adagrad", "adam", "yogi")
@@ -48,8 +48,9 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = _f("shakespeare", "shakespeare | synthetic | digits | breast_cancer | leaf | files (your CSV or "
-                                     ".npz: data.path)", DATASETS)
+    dataset: str = _f("shakespeare", "shakespeare | synthetic | digits | breast_cancer | leaf | files (your CSV, "
+                                     "Parquet or .npz: data.path) | hf (a Hugging Face dataset saved to disk: "
+                                     "data.path)", DATASETS)
     partition: str = _f("natural", "natural (one client per role/user) | iid | dirichlet | dirichlet_balanced (equal "
                                    "sizes) | shards | classes (classes_per_client each) | lognormal | power_law "
                                    "(quantity skew: size_skew)", PARTITIONS)
@@ -61,9 +62,11 @@ class DataConfig:
                                "heavier tail)", ">0")
     synthetic_alpha: float = _f(1.0, "Synthetic(alpha, beta): spread of the clients' models", ">=0")
     synthetic_beta: float = _f(1.0, "Synthetic(alpha, beta): spread of the clients' features", ">=0")
-    path: str = _f("", "leaf: training JSON file or folder; files: a CSV or .npz file, or a folder of one per client")
-    label_column: str = _f("label", "files: the label column of a CSV")
-    client_column: str = _f("client", "files: the client-id column of a CSV or array of an .npz (partition = natural)")
+    path: str = _f("", "leaf: training JSON file or folder; files: a CSV, Parquet or .npz file, or a folder of one "
+                       "per client; hf: the folder of a dataset saved with save_to_disk")
+    label_column: str = _f("label", "files, hf: the label column")
+    client_column: str = _f("client", "files, hf: the client-id column (partition = natural)")
+    hf_split: str = _f("train", "hf: the split of a saved DatasetDict")
     test_path: str = _f("", "leaf: test JSON file or folder; empty = split each user's samples")
     train_fraction: float = _f(0.8, "share of each client's samples for training; the rest is its test split", "0..1")
     seq_len: int = _f(80, "characters per input window for shakespeare", ">=1")
@@ -221,6 +224,14 @@ class DeployConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    tensorboard: bool = _f(False, "also write the metrics.csv numbers as TensorBoard scalars in RUN_DIR/tensorboard "
+                                  "(pip install 'fedloom[tensorboard]')")
+    mlflow: str = _f("", "also log the run to MLflow: a local folder such as \"mlruns\" (MLflow's file store) or "
+                         "a tracking server's URI (http://HOST:5000); empty = off (pip install 'fedloom[mlflow]')")
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -234,6 +245,7 @@ class Config:
     attack: AttackConfig = field(default_factory=AttackConfig)
     hetero: HeteroConfig = field(default_factory=HeteroConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 def _check_value(key: str, value: Any, expected: Any, check: Any) -> Any:
@@ -323,7 +335,7 @@ def _check_dataset(cfg: Config) -> None:
                                             "dirichlet_balanced, shards, classes, lognormal or power_law")
     if d.dataset in ("digits", "breast_cancer") and d.num_clients < 1:
         raise ConfigError("data.num_clients", f"{d.dataset} needs num_clients >= 1")
-    if d.dataset in ("leaf", "files") and not d.path:
+    if d.dataset in ("leaf", "files", "hf") and not d.path:
         raise ConfigError("data.path", f"{d.dataset} needs the path of its file or folder")
     text = {"shakespeare": True, "leaf": None}.get(d.dataset, False)  # LEAF holds either: checked when loaded
     if not cfg.model.factory and text is not None and text != (cfg.model.name == "char_lstm"):

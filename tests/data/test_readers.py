@@ -85,3 +85,36 @@ def test_a_csv_trains_from_the_cli(tmp_path):
                           "--rounds", "5"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert float(out.stdout.split("final test accuracy ")[1].split()[0]) > 0.8
+
+
+def test_a_parquet_table_with_a_client_column(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    x, y, sites = table()
+    pq.write_table(pa.table({"f1": x[:, 0], "f2": x[:, 1], "label": y, "client": sites}), tmp_path / "all.parquet")
+    _, data = build_clients(load_config(None, ["data.dataset=\"files\"", f"data.path=\"{tmp_path / 'all.parquet'}\"",
+                                               "model.name=\"mlp\"", "data.partition=\"natural\""]))
+    assert [c.name for c in data.clients] == ["lima", "oslo", "pune"]
+    np.testing.assert_allclose(np.concatenate([data[1].x_train, data[1].x_test]), x[sites == "oslo"], rtol=1e-6)
+
+
+def test_a_hugging_face_dataset_saved_to_disk_by_column_or_by_partition(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rng = np.random.default_rng(0)
+    images = rng.random((90, 8, 8)).astype(np.float32)
+    labels = (images.mean(axis=(1, 2)) > 0.5).astype(int)
+    saved = datasets.DatasetDict({"train": datasets.Dataset.from_dict(
+        {"pixels": images.tolist(), "digit": labels.tolist(), "hospital": [f"h{i % 3}" for i in range(90)]})})
+    saved.save_to_disk(str(tmp_path / "scans"))
+    base = ["data.dataset=\"hf\"", f"data.path=\"{tmp_path / 'scans'}\"", "model.name=\"mlp\"",
+            "data.label_column=\"digit\"", "data.client_column=\"hospital\""]
+    _, data = build_clients(load_config(None, [*base, "data.partition=\"natural\""]))
+    assert [c.name for c in data.clients] == ["h0", "h1", "h2"] and data[0].x_train.shape[1:] == (8, 8)
+    np.testing.assert_allclose(data[0].x_train[0], images[0])
+    _, data = build_clients(load_config(None, [*base, "data.partition=\"iid\"", "data.num_clients=5"]))
+    assert len(data) == 5 and sum(c.num_train + c.num_test for c in data.clients) == 90
+    with pytest.raises(DataError, match="has the splits \\['train'\\], not 'test'"):
+        build_clients(load_config(None, [*base, "data.partition=\"natural\"", "data.hf_split=\"test\""]))
+    with pytest.raises(DataError, match="cannot load a Hugging Face dataset"):
+        build_clients(load_config(None, ["data.dataset=\"hf\"", f"data.path=\"{tmp_path}\"", "model.name=\"mlp\"",
+                                         "data.partition=\"natural\""]))

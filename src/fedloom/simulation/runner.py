@@ -34,6 +34,7 @@ from fedloom.server import (
 )
 from fedloom.server.sync import RoundResult, ServerState
 from fedloom.simulation.engines import local_engine
+from fedloom.simulation.outputs import RunOutputs
 from fedloom.simulation.report import (
     MetricsFile,
     append_client_rows,
@@ -202,8 +203,14 @@ def _run(cfg: Config, run_dir: Path | None, start: float, progress: bool, own: t
     first = strategy.aggregator.stop_reason(state.aggregation)
     if first:
         raise ConfigError("privacy.epsilon_budget", f"not even one round fits: {first}")
-    transport = build_engine(cfg, work, dataset, partial(build_clients, cfg, *own) if any(
-        o is not None for o in own) else None)
+    outputs = RunOutputs(cfg, run_dir) if run_dir is not None else None
+    try:
+        transport = build_engine(cfg, work, dataset, partial(build_clients, cfg, *own) if any(
+            o is not None for o in own) else None)
+    except BaseException:
+        if outputs is not None:
+            outputs.close("FAILED")
+        raise
     clock = SimulatedClock.create(cfg, dataset, work) if cfg.hetero.population else None
     stream = None
     if cfg.server.aggregation != "sync":
@@ -238,6 +245,8 @@ def _run(cfg: Config, run_dir: Path | None, start: float, progress: bool, own: t
             metrics.append(row)
         else:
             history.append(row)
+        if outputs is not None:
+            outputs.log(row)
         if run_dir is not None and cfg.run.client_metrics:
             append_client_rows(run_dir / "clients.csv", state.round, result.selected, result.accepted,
                                result.rejected, result.client_metrics)
@@ -248,10 +257,13 @@ def _run(cfg: Config, run_dir: Path | None, start: float, progress: bool, own: t
         bar.advance(row)
         return spent
 
+    status = "FAILED"
     try:
         with closing(transport), RoundProgress(cfg.run.rounds, cfg.run.name, enabled=progress) as bar:
             state = run_rounds(step, state, cfg.run.rounds, after)
+        status = "FINISHED"
     except KeyboardInterrupt:
+        status = "KILLED"
         if run_dir is not None and history:
             write_metrics(run_dir / "metrics.csv", [r for r in history if r["round"] <= latest[0].round])
             keep_client_rows(run_dir / "clients.csv", latest[0].round)
@@ -260,6 +272,9 @@ def _run(cfg: Config, run_dir: Path | None, start: float, progress: bool, own: t
             log.warning("interrupted after round %d; %s has its metrics and that round's model",
                         latest[0].round, run_dir)
         raise
+    finally:
+        if outputs is not None:
+            outputs.close(status)
     train_s = timer["train_s"]
     if stopped:
         log.warning("%s", stopped[0])
