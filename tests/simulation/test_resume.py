@@ -95,9 +95,29 @@ def test_a_checkpoint_that_does_not_fit_is_refused(tmp_path):
     run_dir = folder(tmp_path, "small")
     out = fedloom(tmp_path, "simulate", "--resume", str(run_dir), "--set", "model.hidden=[8]", "--quiet")
     assert out.returncode == 2 and "checkpoint.npz does not fit this run's model and settings" in out.stderr
+    out = fedloom(tmp_path, "simulate", "--resume", str(run_dir), "--set", "hetero.population=\"silo\"",
+                  "--set", "server.aggregation=\"fedbuff\"", "--set", "server.selection=\"uniform\"", "--quiet")
+    assert out.returncode == 2 and "fedbuff runs cannot be resumed" in out.stderr
     out = fedloom(tmp_path, "simulate", "--resume", str(run_dir), "--set", "hetero.population=\"silo\"", "--quiet")
-    assert out.returncode == 2 and "cannot be resumed" in out.stderr
+    assert out.returncode == 2 and "does not fit this run's model and settings" in out.stderr  # no clock in it
     out = fedloom(tmp_path, "simulate", "--resume", str(tmp_path), "--quiet")
     assert out.returncode == 2
     out = fedloom(tmp_path, "simulate", "--quiet")
     assert out.returncode == 2 and "give a config file, or --resume RUN_DIR" in out.stderr
+
+
+def test_a_run_on_the_simulated_clock_resumes_with_its_clock(tmp_path):
+    clocked = ["hetero.population=\"mobile\"", "hetero.over_select=1.4", "hetero.deadline_s=60.0"]
+    assert fedloom(tmp_path, *start(tmp_path, "whole", 6, *clocked)).returncode == 0
+    assert fedloom(tmp_path, *start(tmp_path, "half", 3, *clocked)).returncode == 0
+    out = fedloom(tmp_path, "simulate", "--resume", str(folder(tmp_path, "half")), "--rounds", "6", "--quiet")
+    assert out.returncode == 0, out.stderr
+    whole, half = folder(tmp_path, "whole"), folder(tmp_path, "half")
+    for k, a in model(whole).items():
+        np.testing.assert_array_equal(a, model(half)[k])
+
+    def clock_columns(run_dir):
+        with open(run_dir / "metrics.csv", newline="") as f:
+            return [(r["sim_time_s"], r["trips"], r["bytes_up"]) for r in csv.DictReader(f)]
+
+    assert clock_columns(whole) == clock_columns(half) and float(clock_columns(half)[-1][0]) > 0

@@ -157,9 +157,9 @@ def simulate(cfg: Config, *, progress: bool = True, write: bool = True,
     own = (model_fn, dataset, work)
     start = time.perf_counter()
     if resume is not None:
-        if cfg.hetero.population or cfg.server.aggregation != "sync":
-            raise ConfigError("hetero.population", "runs on the simulated clock (device populations, FedBuff, "
-                                                   "FedAsync) cannot be resumed: their clock is not checkpointed")
+        if cfg.server.aggregation != "sync":
+            raise ConfigError("server.aggregation", f"{cfg.server.aggregation} runs cannot be resumed: the tasks in "
+                                                    "flight on their simulated clock are not checkpointed")
         run_dir: Path | None = Path(resume)
         if not (run_dir / CHECKPOINT).exists():
             raise ConfigError("resume", f"{run_dir} has no {CHECKPOINT} to resume from")
@@ -194,8 +194,9 @@ def _run(cfg: Config, run_dir: Path | None, start: float, progress: bool, own: t
     check_fit(work, params, dataset, (x_test, y_test))
     state = server.init(params)
     history: list[dict[str, float]] = []
+    clock = SimulatedClock.create(cfg, dataset, work) if cfg.hetero.population else None
     if resume and run_dir is not None:
-        state = read_checkpoint(run_dir / CHECKPOINT, state, names)
+        state = read_checkpoint(run_dir / CHECKPOINT, state, names, clock)
         history = [{k: int(v) if v.is_integer() else v for k, v in row.items() if not math.isnan(v)}
                    for row in read_metrics(run_dir / "metrics.csv") if row["round"] <= state.round]
         keep_client_rows(run_dir / "clients.csv", state.round)
@@ -211,7 +212,6 @@ def _run(cfg: Config, run_dir: Path | None, start: float, progress: bool, own: t
         if outputs is not None:
             outputs.close("FAILED")
         raise
-    clock = SimulatedClock.create(cfg, dataset, work) if cfg.hetero.population else None
     stream = None
     if cfg.server.aggregation != "sync":
         stream = AsyncRun(cfg, clock, async_server(cfg, strategy), transport, params)  # type: ignore[arg-type]
@@ -252,7 +252,7 @@ def _run(cfg: Config, run_dir: Path | None, start: float, progress: bool, own: t
                                result.rejected, result.client_metrics)
         every = cfg.run.checkpoint_every
         if run_dir is not None and every and state.round % every == 0:
-            write_checkpoint(run_dir / CHECKPOINT, state, names)
+            write_checkpoint(run_dir / CHECKPOINT, state, names, clock)
         latest[0] = state  # the last round whose row is written: what Ctrl-C keeps
         bar.advance(row)
         return spent
@@ -267,7 +267,7 @@ def _run(cfg: Config, run_dir: Path | None, start: float, progress: bool, own: t
         if run_dir is not None and history:
             write_metrics(run_dir / "metrics.csv", [r for r in history if r["round"] <= latest[0].round])
             keep_client_rows(run_dir / "clients.csv", latest[0].round)
-            write_checkpoint(run_dir / CHECKPOINT, latest[0], names)
+            write_checkpoint(run_dir / CHECKPOINT, latest[0], names, clock)
             _finish_folder(run_dir, work, latest[0].params, names)
             log.warning("interrupted after round %d; %s has its metrics and that round's model",
                         latest[0].round, run_dir)
@@ -286,7 +286,7 @@ def _run(cfg: Config, run_dir: Path | None, start: float, progress: bool, own: t
                        param_names=names, stopped=stopped[0] if stopped else "", failed=failures.verdict(len(history)))
     if run_dir is not None:
         result.run_dir = run_dir
-        write_checkpoint(run_dir / CHECKPOINT, state, names)
+        write_checkpoint(run_dir / CHECKPOINT, state, names, clock)
         _finish_folder(run_dir, work, state.params, names)
     return result
 
@@ -294,19 +294,25 @@ def _run(cfg: Config, run_dir: Path | None, start: float, progress: bool, own: t
 CHECKPOINT = "checkpoint.npz"
 
 
-def write_checkpoint(path: Path, state: ServerState, names: list[str]) -> None:
-    """The round, model, optimizer, aggregator and selector state, written whole or not at all."""
+CLOCK = ("now", "trips", "bytes_down", "bytes_up")  # a synchronous run's simulated clock, between rounds
+
+
+def write_checkpoint(path: Path, state: ServerState, names: list[str], clock: SimulatedClock | None = None) -> None:
+    """The round, model, optimizer, aggregator and selector state (and the simulated clock), whole or not at all."""
     tmp = path.with_name(path.name + ".tmp")
+    ticks = [np.asarray(getattr(clock, k)) for k in CLOCK] if clock is not None else []
     with open(tmp, "wb") as f:
-        save_params(f, [np.asarray(state.round), *state.params, *state_arrays(state, selection=True)],
-                    ["round", *names, *state_names(state, selection=True)])
+        save_params(f, [np.asarray(state.round), *state.params, *state_arrays(state, selection=True), *ticks],
+                    ["round", *names, *state_names(state, selection=True), *(f"clock/{k}" for k in CLOCK[:len(ticks)])])
     os.replace(tmp, path)
 
 
-def read_checkpoint(path: Path, fresh: ServerState, names: list[str]) -> ServerState:
-    """``fresh`` as the checkpoint left it; a checkpoint of another model or aggregation is refused."""
+def read_checkpoint(path: Path, fresh: ServerState, names: list[str],
+                    clock: SimulatedClock | None = None) -> ServerState:
+    """``fresh`` (and ``clock``) as the checkpoint left them; one of another model or setting is refused."""
     saved_names, arrays = load_params(path)
-    expected = ["round", *names, *state_names(fresh, selection=True)]
+    ticks = [f"clock/{k}" for k in CLOCK] if clock is not None else []
+    expected = ["round", *names, *state_names(fresh, selection=True), *ticks]
     like = [np.asarray(0), *fresh.params, *state_arrays(fresh, selection=True)]
     problem = "" if saved_names == expected else f"it holds {saved_names[:6]}..., this run needs {expected[:6]}..."
     for n, a, b in zip(saved_names, arrays, like):
@@ -316,8 +322,11 @@ def read_checkpoint(path: Path, fresh: ServerState, names: list[str]) -> ServerS
             problem = f"{n} is {a.dtype}{list(a.shape)} in it, {b.dtype}{list(b.shape)} in this run"
     if problem:
         raise ConfigError("resume", f"{path} does not fit this run's model and settings: {problem}")
+    if clock is not None:
+        for k, a in zip(CLOCK, arrays[len(arrays) - len(CLOCK):]):
+            setattr(clock, k, a.item())
     k = 1 + len(names)
-    return restore_state(fresh, int(arrays[0]), arrays[1:k], arrays[k:], selection=True)
+    return restore_state(fresh, int(arrays[0]), arrays[1:k], arrays[k:len(arrays) - len(ticks)], selection=True)
 
 
 def _finish_folder(run_dir: Path, work: TorchClientWork, params: Params, names: list[str]) -> None:
