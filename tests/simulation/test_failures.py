@@ -167,3 +167,15 @@ def test_per_client_rows_on_request(tmp_path):
     metrics = rows(run_dir)
     assert [int(r["accepted"]) for r in metrics] == [sum(r["round"] == str(k) and r["status"] == "accepted"
                                                           for r in table) for k in (1, 2, 3)]
+
+
+def test_fedbuff_counts_the_buffered_updates_a_stage_refused(tmp_path):
+    out = fedloom(*simulate_args(tmp_path, "run.rounds=6", "hetero.population=\"silo\"",
+                                 "server.aggregation=\"fedbuff\"", "server.buffer_size=4", "attack.kind=\"scale\"",
+                                 "attack.fraction=0.3", "attack.strength=1e9", "aggregation.max_norm=1000.0"))
+    assert out.returncode == 0, out.stderr
+    table = rows(next((tmp_path / "runs").iterdir()))
+    refused = [int(r["rejected.max_norm"] or 0) for r in table]
+    assert sum(refused) > 0  # the boosted updates, refused when their buffer was aggregated
+    assert all(int(r["accepted"]) + n == 4 for r, n in zip(table, refused))
+    assert all(not r.get("unchanged") for r, n in zip(table, refused) if n < 4)  # the model moved: not "unchanged"

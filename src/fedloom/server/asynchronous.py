@@ -73,6 +73,7 @@ class Arrival:
     aggregated: bool = False
     train_loss: float = float("nan")
     measurements: dict[str, float] = field(default_factory=dict)  # the aggregator's, when it aggregated
+    refused: dict[int, str] = field(default_factory=dict)  # buffered updates a stage refused, when it aggregated
 
 
 class AsyncServer:
@@ -113,11 +114,9 @@ class AsyncServer:
         agg = self.strategy.aggregator.aggregate(buffer, state.aggregation, state.version + 1, self.buffer_size)
         seen = sum(n for _, n in losses)
         loss = sum(value * n for value, n in losses) / seen if seen else float("nan")
-        reason = agg.problem or (f"{len(agg.rejected)} of the buffer refused: " + "; ".join(agg.rejected.values())
-                                 if agg.rejected else "")
-        if agg.delta is None:  # nothing to apply: the buffer is spent, the model stays
-            return (Arrival(cid, tau, True, reason, aggregated=True, train_loss=loss),
+        if agg.delta is None:  # nothing to apply: the buffer is spent, the model stays (the reason says why)
+            return (Arrival(cid, tau, True, agg.problem, aggregated=True, train_loss=loss, refused=agg.rejected),
                     AsyncState(state.version + 1, state.params, state.opt_state, state.aggregation))
         params, opt_state = self.strategy.optimizer.update(agg.delta, state.params, state.opt_state)
-        return (Arrival(cid, tau, True, reason, aggregated=True, train_loss=loss, measurements=agg.measurements),
-                AsyncState(state.version + 1, params, opt_state, agg.state))
+        return (Arrival(cid, tau, True, aggregated=True, train_loss=loss, measurements=agg.measurements,
+                        refused=agg.rejected), AsyncState(state.version + 1, params, opt_state, agg.state))

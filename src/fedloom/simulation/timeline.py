@@ -162,12 +162,12 @@ class AsyncRun:
             self._launch()
             if arrival.aggregated:
                 break
-        accepted = [a.client_id for a, _ in arrivals if a.accepted]
-        examples = sum(r.update.metrics.get("examples", r.update.weight) for a, r in arrivals if a.accepted)
         last = arrivals[-1][0]
-        result = RoundResult(self.state.version, [a.client_id for a, _ in arrivals], accepted,
-                             {a.client_id: a.reason for a, _ in arrivals if not a.accepted},
-                             last.train_loss, float(examples), last.measurements, last.reason,
-                             {a.client_id: dict(r.update.metrics) for a, r in arrivals if a.accepted})
+        kept = [(a, r) for a, r in arrivals if a.accepted and a.client_id not in last.refused]
+        examples = sum(r.update.metrics.get("examples", r.update.weight) for _, r in kept)
+        refused = {**{a.client_id: a.reason for a, _ in arrivals if not a.accepted}, **last.refused}
+        result = RoundResult(self.state.version, [a.client_id for a, _ in arrivals], [a.client_id for a, _ in kept],
+                             refused, last.train_loss, float(examples), last.measurements, last.reason,
+                             {a.client_id: dict(r.update.metrics) for a, r in kept})
         return result, ServerState(self.state.version, self.state.params, self.state.opt_state,
                                    aggregation=self.state.aggregation)
