@@ -140,19 +140,32 @@ from torch import nn
 def make(dataset):
     return nn.Sequential(nn.Linear(dataset.clients[0].x_train.shape[1], 8), nn.Tanh(), nn.Linear(8, 2))
 """
+OWN_DATA = """
+import numpy as np
+
+
+def load():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 6))
+    return x, (x[:, 0] + x[:, 1] > 0).astype(int), np.array(["north", "south", "west"])[np.arange(300) % 3]
+"""
 
 
 @pytest.mark.parametrize("extra", [
     '[aggregation]\nweighting = "uniform"\nreducer = "trimmed_mean"\ntrim = 0.34\nnorm_bound = 1.0\n',
     '[aggregation]\nweighting = "uniform"\n[privacy]\nnoise_multiplier = 0.3\nclip = 0.5\nnoise_seed = 0\n',
     "own model",
-], ids=["robust", "private-fixed-test-seed", "own-model-factory"])
+], ids=["robust", "private-fixed-test-seed", "own-model-and-data-loader"])
 def test_robust_private_and_own_model_runs_deploy_to_the_simulations_model(deployment, extra, monkeypatch):
     tmp, config, pki = deployment
     text = config.read_text() + f'cert = "{pki / "server.pem"}"\nkey = "{pki / "server.key"}"\n'
-    if extra == "own model":  # model.factory resolved in each process's working directory
+    if extra == "own model":  # model.factory and data.loader resolved in each process's working directory
         (tmp / "sitemodel.py").write_text(OWN_MODEL)
+        (tmp / "sitedata.py").write_text(OWN_DATA)
         text = text.replace('name = "mlp"\nhidden = [16]', 'factory = "sitemodel:make"')
+        text = text.replace('dataset = "breast_cancer"\npartition = "iid"\nnum_clients = 3',
+                            'loader = "sitedata:load"\npartition = "natural"')
+        assert "sitemodel:make" in text and "sitedata:load" in text
         monkeypatch.chdir(tmp)
     config.write_text(text if extra == "own model" else text + extra)
     state = tmp / "state"
