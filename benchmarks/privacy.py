@@ -4,9 +4,9 @@
     python -m benchmarks.run privacy --figure privacy.png
 
 One JSON line per (task, target): ``task``, ``epsilon`` (the epsilon the run actually reached, from
-its last round's ``dp_noise.epsilon``; ``null`` without DP), ``delta``, ``final_accuracy``, and
-``target`` (the epsilon the noise was calibrated for with ``fedloom privacy``'s function, ``null``
-without DP). The tasks:
+its last round's ``dp_noise.epsilon``; ``null`` without DP), ``delta`` and ``final_accuracy``. Each
+row's ``target`` (the epsilon the noise was calibrated for with ``fedloom privacy``'s function,
+``null`` without DP) goes to stderr. The tasks:
 
 - ``keyboard``: the keyboard example (``examples/keyboard.toml``: Shakespeare roles, character
   LSTM, 20 of 227 clients a round, 60 rounds), with uniform weighting and clip bound 0.5;
@@ -19,15 +19,16 @@ neighbours: stricter than the Poisson approximation often quoted; docs/robustnes
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from benchmarks.rows import emit, finish
 from fedloom.config import Config, config_from_dict, load_config
 
 DELTA = 1e-5
 TARGETS = (None, 1.0, 4.0, 8.0)
+FIELDS = ("task", "epsilon", "delta", "final_accuracy")  # what a stdout line holds (issue 10)
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "keyboard.toml"
 
 
@@ -77,12 +78,9 @@ def run_privacy(tasks: list[str] | None = None, figure: str | None = None) -> li
             reached = result.history[-1].get("dp_noise.epsilon")
             record = {"task": task, "epsilon": None if reached is None else round(reached, 3), "delta": DELTA,
                       "final_accuracy": round(result.final_accuracy, 4), "target": target}
-            print(json.dumps(record), flush=True)
+            emit(record, FIELDS)
             records.append(record)
-    if figure:
-        _plot(records, figure)
-        print(json.dumps({"figure": figure}))
-    return records
+    return finish(records, figure, _plot)
 
 
 def _plot(records: list[dict[str, Any]], path: str) -> None:

@@ -5,10 +5,10 @@
     python -m benchmarks.run aggregation-cost             # reducers on 100 updates of 1M values; a W-A round
 
 ``robust`` prints one JSON line per (task, attack, aggregator): ``task``, ``attack`` (``"none"``
-without attackers), ``aggregator`` (``"fedavg"`` for the plain examples-weighted mean),
-``final_accuracy`` (on every client's test data, as the run reports it), ``honest_accuracy`` (on
-the honest clients' test data), each the mean over the seeds 0, 1 and 2, and ``seeds`` (each
-seed's pair). 20% of the clients attack, drawn from the seed. The tasks:
+without attackers), ``aggregator`` (``"fedavg"`` for the plain examples-weighted mean) and
+``final_accuracy`` (on every client's test data, as the run reports it; the mean over the seeds 0,
+1 and 2). Each row's ``honest_accuracy`` (on the honest clients' test data, the same mean) and
+``seeds`` (each seed's pair) go to stderr. 20% of the clients attack, drawn from the seed. The tasks:
 
 - ``synthetic``: FedProx Synthetic(1, 1), 1,000 clients (W-A's data), logistic regression,
   50 clients per round, 60 rounds;
@@ -39,11 +39,13 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.rows import emit, finish
 from fedloom.config import config_from_dict
 
 ATTACK_KINDS = ("none", "scale", "weight", "sign_flip", "gaussian", "label_flip")
 STRENGTH = {"sign_flip": 4.0, "gaussian": 1.0}  # scale: the number of clients per round (model replacement)
 SEEDS = (0, 1, 2)
+FIELDS = ("task", "attack", "aggregator", "final_accuracy")  # what a stdout line holds (issue 10)
 TASKS: dict[str, dict[str, Any]] = {
     "synthetic": {
         "run": {"name": "robust-synthetic", "seed": 0, "rounds": 60},
@@ -124,12 +126,9 @@ def run_robust(tasks: list[str] | None = None, attacks: list[str] | None = None,
                 record = {"task": task, "attack": attack, "aggregator": name,
                           "final_accuracy": round(float(np.mean([p[0] for p in pairs])), 4),
                           "honest_accuracy": round(float(np.mean([p[1] for p in pairs])), 4), "seeds": pairs}
-                print(json.dumps(record), flush=True)
+                emit(record, FIELDS)
                 records.append(record)
-    if figure:
-        _plot(records, figure)
-        print(json.dumps({"figure": figure}))
-    return records
+    return finish(records, figure, _plot)
 
 
 def _plot(records: list[dict[str, Any]], path: str) -> None:

@@ -61,9 +61,10 @@ def test_the_robust_benchmark_prints_the_named_fields(capsys):
     from benchmarks.robust import run_robust
 
     records = run_robust(["digits"], ["none", "weight"], ["fedavg", "capped"], seeds=(0,))
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    fields = ["task", "attack", "aggregator", "final_accuracy", "honest_accuracy", "seeds"]
-    assert lines == records and [list(r) for r in records] == [fields] * 4
+    out = capsys.readouterr()
+    fields = ["task", "attack", "aggregator", "final_accuracy"]  # exactly the issue's, one line per row
+    assert [json.loads(line) for line in out.out.splitlines()] == [{k: r[k] for k in fields} for r in records]
+    assert [list(json.loads(line)) for line in out.err.splitlines()] == [["honest_accuracy", "seeds"]] * 4
     acc = {(r["attack"], r["aggregator"]): r["honest_accuracy"] for r in records}
     assert acc[("weight", "fedavg")] < acc[("none", "fedavg")] - 0.5  # a poisoned model claiming 10^12 examples wins
     assert acc[("weight", "capped")] > acc[("none", "fedavg")] - 0.03  # and the cap takes the win away
@@ -76,6 +77,7 @@ def test_the_privacy_benchmark_reaches_its_targets(capsys, monkeypatch):
 
     monkeypatch.setattr(privacy, "TARGETS", (None, 4.0))
     records = privacy.run_privacy(["synthetic"])
-    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == records
-    assert [list(r) for r in records] == [["task", "epsilon", "delta", "final_accuracy", "target"]] * 2
+    fields = ["task", "epsilon", "delta", "final_accuracy"]  # exactly the issue's, one line per row
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == [{k: r[k] for k in fields}
+                                                                                  for r in records]
     assert records[0]["epsilon"] is None and 3.9 < records[1]["epsilon"] <= 4.0
