@@ -44,6 +44,32 @@ def restore_state(fresh: ServerState, round: int, params: Params, rest: Params,
     return replace(fresh, round=round, params=list(params), opt_state=opt, aggregation=aggregation, selection=chosen)
 
 
+def mismatch(saved_names: list[str], arrays: Params, names: list[str], like: Params, where: str,
+             ragged: frozenset[str] = frozenset()) -> str:
+    """Why a checkpoint's named arrays do not fit ``names`` and ``like`` (empty when they do).
+
+    A name in ``ragged`` (a history, a set) may differ in length but not in kind or dimensions.
+    """
+    if saved_names != names:
+        return f"it holds {_few(saved_names)}; {where} has {_few(names)}"
+    for n, a, b in zip(saved_names, arrays, like):
+        if a.dtype != b.dtype or (a.ndim != b.ndim if n in ragged else a.shape != b.shape):
+            return f"{n} is {a.dtype}{list(a.shape)} in it, {b.dtype}{list(b.shape)} in {where}"
+    return ""
+
+
+def ragged_selection(state: ServerState) -> frozenset[str]:
+    """The selector's fields whose length grows with the run (its history and sets)."""
+    return frozenset(n for n, a in _selection(state.selection).items()
+                     if a.ndim == 1 and not isinstance(getattr(state.selection, n[len("selection/"):], None),
+                                                       np.ndarray))
+
+
+def _few(names: list[str]) -> str:
+    more = f" and {len(names) - 4} more" if len(names) > 4 else ""
+    return f"{len(names)} arrays ({', '.join(names[:4])}{more})"
+
+
 def _selection(state: Any) -> dict[str, np.ndarray]:
     """A selector's state (None, a number, or a dataclass of arrays, numbers, tuples and sets) as named arrays."""
     if state is None:

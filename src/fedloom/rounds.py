@@ -71,6 +71,11 @@ def reason_code(reason: str) -> str:
     return head if head.isidentifier() and head.islower() else "other"
 
 
+def _kind(text: str) -> str:
+    """A reason with its numbers blanked: the same kind of failure from another client or round."""
+    return re.sub(r"\d+(\.\d+)?(e[+-]?\d+)?", "#", text)
+
+
 class Failures:
     """What went wrong in a run, said so a user sees it: each new kind of refusal once (with the client
     and round it first came from), every refusal counted by code, and a verdict when the last
@@ -80,9 +85,11 @@ class Failures:
         self.stale = stale
         self.said_per_code = said_per_code
         self.counts: dict[str, int] = {}
-        self.said: dict[str, set[str]] = {}
-        self.unchanged: list[str] = []  # the problems of the latest rounds that applied nothing, oldest first
+        self.said: dict[str, set[str]] = {}  # by code: the reasons said, numbers blanked
+        self.problems_said: set[str] = set()
         self.rounds_unchanged = 0
+        self.streak = 0  # the latest rounds in a row that applied nothing
+        self.last_problem = ""
 
     def observe(self, result: RoundResult) -> list[str]:
         """Count a round's refusals; return the lines worth saying now (new reasons, once each)."""
@@ -91,19 +98,18 @@ class Failures:
             code = reason_code(reason)
             self.counts[code] = self.counts.get(code, 0) + 1
             said = self.said.setdefault(code, set())
-            key = re.sub(r"\d+(\.\d+)?(e[+-]?\d+)?", "#", reason)
-            if key not in said and len(said) < self.said_per_code:
-                said.add(key)
+            if _kind(reason) not in said and len(said) < self.said_per_code:
+                said.add(_kind(reason))
                 lines.append(f"round {result.round}: client {cid}: {reason} (said once; every refusal is "
                              f"counted in metrics.csv as rejected.{code})")
         if result.problem:
             self.rounds_unchanged += 1
-            key = "problem: " + re.sub(r"\d+(\.\d+)?(e[+-]?\d+)?", "#", result.problem)
-            if key not in self.said.setdefault("", set()):
-                self.said[""].add(key)
+            if _kind(result.problem) not in self.problems_said:
+                self.problems_said.add(_kind(result.problem))
                 lines.append(f"round {result.round}: the model was left unchanged: {result.problem} (said once; "
                              "such rounds have unchanged = 1 in metrics.csv)")
-        self.unchanged = [*self.unchanged, result.problem] if result.problem else []
+        self.streak = self.streak + 1 if result.problem else 0
+        self.last_problem = result.problem
         return lines
 
     def summary(self) -> str:
@@ -113,8 +119,8 @@ class Failures:
     def verdict(self, rounds_done: int) -> str:
         """Why the run failed (its last rounds applied no update), or empty."""
         need = min(self.stale, rounds_done)
-        if need and len(self.unchanged) >= need:
-            return (f"no update was applied in the last {need} round{'s' * (need > 1)}: {self.unchanged[-1]}"
+        if need and self.streak >= need:
+            return (f"no update was applied in the last {need} round{'s' * (need > 1)}: {self.last_problem}"
                     + (f" (refused updates: {self.summary()})" if self.counts else ""))
         return ""
 

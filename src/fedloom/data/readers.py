@@ -33,19 +33,18 @@ def read_csv(path: Path, label: str, client: str) -> Table:
     if any(len(r) != len(header) for r in body):
         bad = next(i for i, r in enumerate(body) if len(r) != len(header))
         raise DataError(f"{path}: row {bad + 2} has {len(body[bad])} fields, the header {len(header)}")
-    columns = list(zip(*body)) if body else [() for _ in header]
+    cells = np.asarray(body, dtype=str).reshape(len(body), len(header))
     features = [i for i, name in enumerate(header) if name not in (label, client)]
     try:
-        x = np.array([[float(columns[i][r]) for i in features] for r in range(len(body))], dtype=np.float32)
+        x = cells[:, features].astype(np.float32)
     except ValueError as exc:
         raise DataError(f"{path}: feature columns must be numbers ({exc})") from None
-    y = np.asarray(columns[header.index(label)])
     try:
-        y = y.astype(np.float64)
+        y = cells[:, header.index(label)].astype(np.float64)
     except ValueError:
         raise DataError(f"{path}: label column {label!r} must hold class numbers") from None
-    ids = np.asarray(columns[header.index(client)]) if client in header else None
-    return x.reshape(len(body), len(features)), y, ids
+    ids = cells[:, header.index(client)] if client in header else None
+    return x, y, ids
 
 
 def _columns(names: list[str], column: Callable[[str], np.ndarray], where: str, label: str, client: str) -> Table:

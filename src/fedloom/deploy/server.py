@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fedloom.build import build_clients, build_strategy
-from fedloom.checkpoint import restore_state, state_arrays, state_names
+from fedloom.checkpoint import mismatch, restore_state, state_arrays, state_names
 from fedloom.client.torch_work import param_names
 from fedloom.config import Config, DeployConfig, to_toml
 from fedloom.deploy.certs import check_client_name
@@ -107,11 +107,6 @@ def _checkpoint_arrays(state: ServerState) -> Params:
     return state.params + state_arrays(state)
 
 
-def _few(names: list[str]) -> str:
-    more = f" and {len(names) - 4} more" if len(names) > 4 else ""
-    return f"{len(names)} arrays ({', '.join(names[:4])}{more})"
-
-
 def _resume(store: StateStore, run_id: int, fresh: ServerState, names: list[str]) -> ServerState:
     """``fresh`` with the latest checkpoint's round, model, optimizer and aggregator state, checked against
     ``fresh``'s names, shapes and dtypes."""
@@ -120,15 +115,7 @@ def _resume(store: StateStore, run_id: int, fresh: ServerState, names: list[str]
         return fresh
     done, saved_names, arrays = saved
     path = store.checkpoint_path(run_id, done)
-    expected_names, expected = names + state_names(fresh), _checkpoint_arrays(fresh)
-    problem = None
-    if saved_names != expected_names:
-        problem = f"it holds {_few(saved_names)}; the model, optimizer and aggregator have {_few(expected_names)}"
-    else:
-        for n, a, b in zip(saved_names, arrays, expected):
-            if a.shape != b.shape or a.dtype != b.dtype:
-                problem = f"{n} is {a.dtype}{list(a.shape)} in it, {b.dtype}{list(b.shape)} in the model"
-                break
+    problem = mismatch(saved_names, arrays, names + state_names(fresh), _checkpoint_arrays(fresh), "the model")
     if problem:
         raise StateError(f"checkpoint {path} does not fit the configured model: {problem}. Was [model] changed "
                          "since the run started? Put it back, or give the run a new run.name to start a new one",

@@ -63,7 +63,7 @@ class RunOutputs:
                 self.writer.add_scalar(key, value, step)
             self.writer.flush()
         if self.mlflow is not None:
-            self.mlflow.log_metrics({k.replace("@", "_"): v for k, v in values.items()}, step=step)
+            self.mlflow.log_metrics(values, step=step)
 
     def close(self, status: str = "FINISHED") -> None:
         if self.writer is not None:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from fedloom.build import async_server, build_clients, build_strategy, client_pipeline
-from fedloom.checkpoint import restore_state, state_arrays, state_names
+from fedloom.checkpoint import mismatch, ragged_selection, restore_state, state_arrays, state_names
 from fedloom.client.torch_work import TorchClientWork, param_names, set_params
 from fedloom.client.work import failure
 from fedloom.config import Config, to_toml
@@ -50,10 +50,9 @@ from fedloom.transport.inprocess import InProcessTransport
 log = logging.getLogger("fedloom")
 
 
-def build_engine(cfg: Config, work: TorchClientWork, dataset: FederatedDataset,
-                 spec: Callable[[], tuple[TorchClientWork, FederatedDataset]] | None = None) -> Transport:
-    """The engine ``[engine] executor`` selects; process and Ray workers rebuild the clients with ``spec``
-    (default ``partial(build_clients, cfg)``), which must pickle.
+def build_engine(cfg: Config, work: TorchClientWork, dataset: FederatedDataset, own: tuple = ()) -> Transport:
+    """The engine ``[engine] executor`` selects; process and Ray workers rebuild the clients with
+    ``build_clients(cfg, *own)`` (``own``: a Python caller's model function, dataset and work), sent pickled.
 
     Every engine runs the client halves of the aggregator (and of a simulated attack) on each update.
     """
@@ -65,9 +64,9 @@ def build_engine(cfg: Config, work: TorchClientWork, dataset: FederatedDataset,
         return InProcessTransport(work, dataset, pipeline)
     if e.executor == "vectorized":
         return local_engine(work, dataset, vectorize=True, group_size=e.group_size, pipeline=pipeline)
-    spec = spec or partial(build_clients, cfg)
+    spec = partial(build_clients, cfg, *own)
     try:
-        pickle.dumps(spec)
+        pickle.dumps([o for o in own if not isinstance(o, FederatedDataset)])  # arrays always pickle
     except Exception as exc:  # noqa: BLE001 - whatever fails to pickle, the user needs the same advice
         raise ConfigError("engine.executor", f"{e.executor} workers rebuild the clients from what they are sent, and "
                                              f"it does not pickle ({type(exc).__name__}: {exc}): pass a module-level "
@@ -206,8 +205,7 @@ def _run(cfg: Config, run_dir: Path | None, start: float, progress: bool, own: t
         raise ConfigError("privacy.epsilon_budget", f"not even one round fits: {first}")
     outputs = RunOutputs(cfg, run_dir) if run_dir is not None else None
     try:
-        transport = build_engine(cfg, work, dataset, partial(build_clients, cfg, *own) if any(
-            o is not None for o in own) else None)
+        transport = build_engine(cfg, work, dataset, own)
     except BaseException:
         if outputs is not None:
             outputs.close("FAILED")
@@ -313,13 +311,10 @@ def read_checkpoint(path: Path, fresh: ServerState, names: list[str],
     saved_names, arrays = load_params(path)
     ticks = [f"clock/{k}" for k in CLOCK] if clock is not None else []
     expected = ["round", *names, *state_names(fresh, selection=True), *ticks]
-    like = [np.asarray(0), *fresh.params, *state_arrays(fresh, selection=True)]
-    problem = "" if saved_names == expected else f"it holds {saved_names[:6]}..., this run needs {expected[:6]}..."
-    for n, a, b in zip(saved_names, arrays, like):
-        grows = n.startswith("selection/") and b.ndim == 1 and not isinstance(getattr(fresh.selection, n[10:], None),
-                                                                           np.ndarray)  # a history or a set
-        if not problem and n != "round" and (a.dtype != b.dtype or (a.ndim != b.ndim if grows else a.shape != b.shape)):
-            problem = f"{n} is {a.dtype}{list(a.shape)} in it, {b.dtype}{list(b.shape)} in this run"
+    like = [np.asarray(0), *fresh.params, *state_arrays(fresh, selection=True),
+            *(np.asarray(getattr(clock, k)) for k in CLOCK[:len(ticks)])]
+    problem = mismatch(saved_names, arrays, expected, like, "this run",
+                       ragged_selection(fresh) | {"round", *ticks})
     if problem:
         raise ConfigError("resume", f"{path} does not fit this run's model and settings: {problem}")
     if clock is not None:
