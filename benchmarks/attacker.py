@@ -13,6 +13,8 @@ Modes that answer tasks:
 * ``lying``: answers train tasks with invalid updates (wrong shape, dtype or round, NaN, Inf,
   weight 0 or negative, 10^12 examples) and evaluate tasks with impossible reports (10^15 examples
   and accuracy 1.0, a loss of 1e300 with accuracy 1.5).
+* ``bad-payloads``: answers train tasks with compressed updates (kind ``encoded``) whose payloads are
+  garbage, cut short, empty or beside tensors, for a server that compresses updates.
 * ``revoked``: polls without ever sending a heartbeat and answers each task with a well-formed
   update; records when each task arrived and whether its push was accepted.
 
@@ -212,6 +214,24 @@ def lies(task: Any) -> list[bytes]:
             envelope("train_reply", task, update_body(good, weight=-5.0)),
             envelope("train_reply", task, update_body(good, weight=1e12)),
             envelope("train_reply", task, update_body(good), round_=task.round + 7)]
+
+
+def encoded_body(payload: bytes, arrays: list[Any] | None = None) -> bytes:
+    body = pb.TrainReplyBody()
+    body.update.weight, body.update.kind, body.update.payload = 10.0, "encoded", payload
+    body.update.values.extend(arrays or [])
+    body.update.metrics.update({"loss": 1.0})
+    return body.SerializeToString()
+
+
+def bad_payloads(task: Any) -> list[bytes]:
+    if task.kind == "evaluate_request":
+        return [error_reply(task)]
+    junk = secrets.token_bytes(64)
+    return [envelope("train_reply", task, encoded_body(b"\xff" * 40)),  # no codec's header
+            envelope("train_reply", task, encoded_body(junk[:3])),  # shorter than any header
+            envelope("train_reply", task, encoded_body(b"")),  # encoded, without a payload
+            envelope("train_reply", task, encoded_body(b"\x01" * 16, [tensor("float32", [2])]))]
 
 
 def answer_tasks(args: argparse.Namespace, answers) -> dict[str, Any]:
@@ -451,6 +471,7 @@ def rebind(args: argparse.Namespace) -> dict[str, Any]:
 
 MODES = {
     "wrong-kind": lambda a: answer_tasks(a, wrong_answers), "lying": lambda a: answer_tasks(a, lies),
+    "bad-payloads": lambda a: answer_tasks(a, bad_payloads),
     "revoked": revoked, "slow-joins": slow_joins, "long-polls": long_polls, "big-declare": big_declare,
     "zlib-bomb": zlib_bomb, "tiny-chunks": tiny_chunks, "join-flood": join_flood, "rebind": rebind,
 }

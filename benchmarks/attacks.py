@@ -226,7 +226,8 @@ class Deployment:
             "client", "--config", str(self.config), *self.settings, "--set", f'deploy.name="{name}"',
             "--set", f'deploy.token_file="{self.state / "tokens" / f"{name}.token"}"',
             "--set", f"deploy.client_index={i}", "--set", f'deploy.cert="{self.pki / "clients" / f"{name}.pem"}"',
-            "--set", f'deploy.key="{self.pki / "clients" / f"{name}.key"}"')
+            "--set", f'deploy.key="{self.pki / "clients" / f"{name}.key"}"',
+            "--set", f'deploy.client_state_dir="{self.root / "clients" / name}"')
         return self.clients[name]
 
     def start(self) -> Deployment:

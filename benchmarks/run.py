@@ -10,6 +10,8 @@
     python -m benchmarks.run robust      # robust aggregation under simulated attackers (benchmarks/robust.py)
     python -m benchmarks.run aggregation-cost   # each reducer's cost, and its share of a W-A round
     python -m benchmarks.run privacy     # DP-FedAvg at epsilon 1, 4, 8 against no DP (benchmarks/privacy.py)
+    python -m benchmarks.run codecs      # encode + decode speed of each codec, 10M values (benchmarks/codecs.py)
+    python -m benchmarks.run compression # accuracy against uplink bytes per codec (benchmarks/compression.py)
 
 Each implementation runs in its own child process of this script (so start-up and peak memory are
 its own): imports, data, one untimed warm-up round, then ``--repeat`` timed runs, of which the
@@ -77,12 +79,14 @@ def _subset(text: str | None) -> list[str] | None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run")
     parser.add_argument("workload", choices=sorted([*WORKLOADS, "load", "hetero", "attacks", "robust",
-                                                    "aggregation-cost", "privacy"]))
+                                                    "aggregation-cost", "privacy", "codecs",
+                                                    "compression"]))
     parser.add_argument("--repeat", type=int, help="timed runs per implementation (default: the workload's)")
     parser.add_argument("--only", help="run one implementation in this process (used by the parent)")
     parser.add_argument("--implementations", help="comma-separated subset to run after plain-pytorch "
                         "(default: the workload's; fedloom-vectorized-cuda is added where a GPU is present)")
-    parser.add_argument("--budget", type=int, default=3000, help="hetero: client trips per strategy")
+    parser.add_argument("--budget", type=int, help="hetero (default 3000), compression (default 1200): client trips "
+                                                     "per strategy or scheme on the mobile population")
     parser.add_argument("--target", type=float, help="hetero: target accuracy (default: 95%% of sync uniform's final)")
     parser.add_argument("--figure", help="hetero, robust, privacy: where to write the figure")
     parser.add_argument("--tasks", help="robust, privacy: comma-separated subset of the tasks")
@@ -97,6 +101,17 @@ def main(argv: list[str] | None = None) -> None:
         from benchmarks.robust import run_robust
 
         run_robust(_subset(args.tasks), aggregators=_subset(args.implementations), figure=args.figure)
+        return
+    if args.workload == "codecs":
+        from benchmarks.codecs import run_codecs
+
+        run_codecs()
+        return
+    if args.workload == "compression":
+        from benchmarks.compression import run_compression
+
+        run_compression(args.figure, _subset(args.tasks), budget=args.budget or 1200,
+                        schemes=_subset(args.implementations))
         return
     if args.workload == "aggregation-cost":
         from benchmarks.robust import run_cost
@@ -116,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.workload == "hetero":
         from benchmarks.hetero import run_hetero
 
-        run_hetero(args.budget, args.target, figure=args.figure,
+        run_hetero(args.budget or 3000, args.target, figure=args.figure,
                    strategies=args.implementations.split(",") if args.implementations else None)
         return
     wl = WORKLOADS[args.workload]

@@ -32,6 +32,8 @@ def imports(package: str) -> dict[str, set[str]]:
     ("config", ("fedloom.simulation", "fedloom.deploy")),
     ("build", ("fedloom.simulation", "fedloom.deploy")),
     ("rounds", ("fedloom.simulation", "fedloom.deploy")),
+    ("compression", ("fedloom.simulation", "fedloom.deploy", "fedloom.transport", "fedloom.server", "fedloom.client",
+                     "fedloom.build", "fedloom.config")),
 ])
 def test_a_layer_imports_nothing_above_or_beside_it(package, forbidden):
     bad = {f: sorted(m for m in mods if m.startswith(forbidden)) for f, mods in imports(package).items()}

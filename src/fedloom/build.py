@@ -15,13 +15,15 @@ from torch import nn
 from fedloom.aggregation.aggregator import Aggregator, chain
 from fedloom.aggregation.reducers import coordinate_median, krum, trimmed_mean, weighted_mean
 from fedloom.client.pipeline import ClientPipeline
-from fedloom.client.torch_work import TorchClientWork
+from fedloom.client.torch_work import TorchClientWork, batchnorm_indices, get_params
+from fedloom.compression.updates import Compression, compression
 from fedloom.config import Config
 from fedloom.data.dataset import FederatedDataset
 from fedloom.data.readers import read_files, read_hf
 from fedloom.errors import ConfigError, DataError
 from fedloom.messages import EvaluateConfig, TrainConfig
 from fedloom.models import build_model
+from fedloom.params import ParamSpec
 from fedloom.plugins import federate, user_data, user_model
 from fedloom.server import (
     ClientSelector,
@@ -171,13 +173,23 @@ def build_aggregator(cfg: Config, num_clients: int, deployed: bool = False) -> A
     return chain(*before, reducer, *after, noise=noise_source(cfg, deployed))
 
 
-def client_pipeline(cfg: Config, num_clients: int, deployed: bool = False) -> ClientPipeline:
-    """The client halves a client runs on each update: the aggregator's, then a simulated attacker's."""
+def build_compression(cfg: Config) -> Compression:
+    c = cfg.compression
+    return compression(c.uplink, c.downlink, c.error_feedback, c.chunk)
+
+
+def client_pipeline(cfg: Config, work: TorchClientWork, num_clients: int, deployed: bool = False) -> ClientPipeline:
+    """What a client runs around its training (``client/pipeline.py``): FedBN's local layers, the aggregator's client
+    halves, a simulated attacker's, the codecs."""
     stages = build_aggregator(cfg, num_clients, deployed).client_stages()
     if cfg.attack.kind and cfg.attack.kind != "label_flip":
         stages += (Attack(cfg.attack.kind, attackers(cfg.attack.fraction, num_clients, cfg.run.seed),
                           cfg.attack.strength),)
-    return ClientPipeline(stages, noise_source(cfg, deployed))
+    local = batchnorm_indices(work.model) if cfg.model.batchnorm == "local" else ()
+    if cfg.model.batchnorm == "local" and not local:
+        raise ConfigError("model.batchnorm", "\"local\" keeps BatchNorm layers on the clients, but this model has none")
+    return ClientPipeline(stages, noise_source(cfg, deployed), build_compression(cfg), local,
+                          ParamSpec.of(get_params(work.model)))
 
 
 def build_strategy(cfg: Config, num_clients: int, deployed: bool = False) -> Strategy:
@@ -194,6 +206,8 @@ def build_strategy(cfg: Config, num_clients: int, deployed: bool = False) -> Str
         min_updates=cfg.server.min_updates,
         evaluate_clients=cfg.eval.federated_clients,
         evaluate=EvaluateConfig(batch_size=cfg.eval.batch_size),
+        compression=build_compression(cfg),
+        seed=cfg.run.seed,
     )
 
 

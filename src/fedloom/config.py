@@ -84,6 +84,9 @@ class ModelConfig:
     channels: int = _f(16, "cnn: channels of the first convolution", ">=1")
     factory: str = _f("", "your model: 'package.module:function' returning an nn.Module (given the FederatedDataset "
                           "if it takes an argument); empty = model.name")
+    batchnorm: str = _f("global", "BatchNorm layers: global (aggregated like every parameter, running statistics "
+                                  "included) | local (FedBN, Li et al. 2021: each client keeps its own; evaluation is "
+                                  "federated)", ("global", "local"))
 
 
 @dataclass(frozen=True)
@@ -177,6 +180,17 @@ class AttackConfig:
 
 
 @dataclass(frozen=True)
+class CompressionConfig:
+    uplink: str = _f("none", "codec of each client's update: none | uniform1..uniform8 (stochastic, per-chunk "
+                             "scales; +rotate: randomized Hadamard first) | qsgd, qsgdS (S levels) | topkF, randkF "
+                             "(a fraction F of the values; +uniformB: those values at B bits), e.g. topk0.01+uniform8")
+    downlink: str = _f("none", "codec of the broadcast model (same forms as uplink); clients train from its decoding")
+    error_feedback: bool = _f(False, "each client adds what its last compressed update left out (Seide et al. 2014, "
+                                     "Karimireddy et al. 2019); kept in its client state")
+    chunk: int = _f(1024, "values per quantization scale (a power of two with +rotate)", ">=1")
+
+
+@dataclass(frozen=True)
 class HeteroConfig:
     population: str = _f("", "device population: empty = none (no simulated clock), mobile, silo, or a CSV/JSON trace")
     flops_per_sample: float = _f(0.0, "training FLOPs per sample; 0 = 6 x parameters x targets per sample", ">=0")
@@ -221,6 +235,8 @@ class DeployConfig:
     client_index: int = _f(0, "client: which client of the configured dataset holds this process's data", ">=0")
     reconnect_s: float = _f(3600.0, "client: how long it keeps trying to reach a server that is down before it "
                                     "gives up (exit 2); 0 = forever", ">=0")
+    client_state_dir: str = _f("", "client: folder of what it keeps between rounds (error feedback, FedBN's layers); "
+                                   "empty = fedloom-client-NAME")
 
 
 @dataclass(frozen=True)
@@ -243,6 +259,7 @@ class Config:
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
     hetero: HeteroConfig = field(default_factory=HeteroConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -320,6 +337,7 @@ def _check_whole(cfg: Config) -> Config:
         raise ConfigError("server.selection", f"{cfg.server.selection} picks the clients of synchronous rounds; "
                                               f"{cfg.server.aggregation} sends work to available clients uniformly")
     _check_aggregation(cfg)
+    _check_compression(cfg)
     if not 0 < d.train_fraction < 1:
         raise ConfigError("data.train_fraction", f"must be strictly between 0 and 1, got {d.train_fraction}")
     return cfg
@@ -380,6 +398,24 @@ def _check_aggregation(cfg: Config) -> None:
                "privacy.target_quantile")
     if why:
         raise ConfigError(why[1], why[0])
+
+
+def _check_compression(cfg: Config) -> None:
+    """The codecs parse, and FedBN's evaluation is federated."""
+    from fedloom.compression.updates import codec
+
+    c = cfg.compression
+    for key in ("uplink", "downlink"):
+        try:
+            codec(getattr(c, key), c.chunk)
+        except ValueError as exc:
+            raise ConfigError(f"compression.{key}", str(exc)) from None
+    if c.error_feedback and c.uplink == "none":
+        raise ConfigError("compression.error_feedback", "keeps what a compressed update left out: set an uplink codec")
+    if cfg.model.batchnorm == "local" and not cfg.eval.federated_clients:
+        raise ConfigError("eval.federated_clients", "with model.batchnorm = \"local\" (FedBN) every client keeps "
+                                                   "its own BatchNorm layers, so the server's model has none worth "
+                                                   "testing: evaluate on the clients (eval.federated_clients > 0)")
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

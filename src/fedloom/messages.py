@@ -11,7 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
+
 from fedloom.params import Params
+
+ClientState = dict[str, np.ndarray]
+"""What a client keeps between the rounds it takes part in (an error-feedback residual, FedBN's layers):
+named arrays. A simulation engine carries it in a request's and a reply's ``state`` to whichever worker
+serves the client; a deployed client keeps it in its own files. It never travels on the wire."""
 
 
 @dataclass(frozen=True)
@@ -29,12 +36,15 @@ class Update:
     ``values`` are either the client's new parameters (``kind="params"``) or the change from
     the parameters it was sent (``kind="delta"``). ``weight`` is the number of examples the
     update stands for (FedAvg's n_k). ``metrics`` are per-client numbers such as train loss.
+    A compressed delta (``kind="encoded"``) has no values: ``payload`` holds the codec's bytes
+    (``compression/codecs.py``), which the server decodes at its door (``server/validation.py``).
     """
 
     values: Params
     weight: float
-    kind: Literal["delta", "params"] = "delta"
+    kind: Literal["delta", "params", "encoded"] = "delta"
     metrics: dict[str, float] = field(default_factory=dict)
+    payload: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -78,10 +88,15 @@ class Evaluation:
 
 @dataclass(frozen=True)
 class TrainRequest:
+    """Train from ``params``. With a compressed downlink, ``payload`` is what travels (the codec's bytes of
+    the model) and a client trains from its decoding; ``params`` stays the server's own copy."""
+
     client_id: int
     round: int
     params: Params
     config: TrainConfig
+    payload: bytes = b""
+    state: ClientState | None = None  # the client's state, carried by a simulation engine (never on the wire)
 
 
 @dataclass(frozen=True)
@@ -90,6 +105,7 @@ class TrainReply:
     round: int
     update: Update | None = None
     error: ErrorReply | None = None
+    state: ClientState | None = None  # the client's new state, back to a simulation engine (never on the wire)
 
 
 @dataclass(frozen=True)
@@ -98,6 +114,7 @@ class EvaluateRequest:
     round: int
     params: Params
     config: EvaluateConfig = EvaluateConfig()
+    state: ClientState | None = None  # the client's state (FedBN's local layers), carried by a simulation engine
 
 
 @dataclass(frozen=True)

@@ -128,7 +128,8 @@ class Failures:
 def round_metrics(result: RoundResult, state: ServerState, server: SyncServer, transport: Transport,
                   work: TorchClientWork, test: tuple[np.ndarray, np.ndarray], cfg: Config,
                   evaluate: bool) -> dict[str, float]:
-    """A round's metrics row: training counts and loss; with ``evaluate``, centralised and federated evaluation."""
+    """A round's metrics row: training counts and loss; with ``evaluate``, centralised and federated evaluation
+    (with FedBN's local layers the federated one is the run's test accuracy: each client tests with its own)."""
     row: dict[str, float] = {
         "round": state.round, "train_loss": result.train_loss, "clients": len(result.selected),
         "accepted": len(result.accepted), "rejected": len(result.rejected), "examples": result.examples,
@@ -140,10 +141,14 @@ def round_metrics(result: RoundResult, state: ServerState, server: SyncServer, t
     if result.problem:
         row["unchanged"] = 1
     if evaluate:
-        central = work.evaluate_params(state.params, test[0], test[1], cfg.eval.batch_size)
-        row.update(test_loss=central.loss, test_accuracy=central.accuracy)
+        local = cfg.model.batchnorm == "local"  # FedBN: the server's model lacks the clients' own layers
+        if not local:
+            central = work.evaluate_params(state.params, test[0], test[1], cfg.eval.batch_size)
+            row.update(test_loss=central.loss, test_accuracy=central.accuracy)
         asked = server.evaluate_requests(state, cfg.run.seed)
         fed = server.summarize(asked, transport.exchange(asked))
         if fed is not None:
             row.update(fed_loss=fed.loss, fed_accuracy=fed.accuracy)
+            if local:
+                row.update(test_loss=fed.loss, test_accuracy=fed.accuracy)
     return row

@@ -72,6 +72,20 @@ def test_lying_reports_are_refused_with_their_reason(deployment):
         assert 0 <= m["fed_loss"] < 10, m
 
 
+def test_malformed_compressed_payloads_get_error_replies_and_the_rounds_go_on(deployment):
+    d = deployment(rounds=12, settings=("deploy.min_clients=4", 'compression.uplink="topk0.1+uniform8"',
+                                        "compression.error_feedback=true"))
+    d.start()
+    result = run_to_the_end(d, d.attacker("bad-payloads", seconds=300))
+    pushes = [p for p in result["pushes"] if p["task_kind"] == "train_request"]
+    assert len(pushes) >= 8 and all(not p["accepted"] for p in pushes), pushes
+    codes = {p["code"] for p in pushes}
+    assert codes <= {"invalid_update", "bad_message"}, pushes
+    reasons = " | ".join(p["reason"] for p in pushes)
+    assert "topk0.1+uniform8 payload" in reasons and "either tensors" in reasons, reasons
+    assert [k for _, _, k in d.rounds] == [3] * 12  # the honest clients' compressed updates, every round
+
+
 def test_clients_stay_when_the_server_stops_and_come_back_when_it_returns(deployment):
     d = deployment(settings=("deploy.heartbeat_s=1.0",))
     d.start()

@@ -155,7 +155,9 @@ def load():
     '[aggregation]\nweighting = "uniform"\nreducer = "trimmed_mean"\ntrim = 0.34\nnorm_bound = 1.0\n',
     '[aggregation]\nweighting = "uniform"\n[privacy]\nnoise_multiplier = 0.3\nclip = 0.5\nnoise_seed = 0\n',
     "own model",
-], ids=["robust", "private-fixed-test-seed", "own-model-and-data-loader"])
+    '[compression]\nuplink = "topk0.2+uniform8"\nerror_feedback = true\ndownlink = "uniform8"\n'
+    '[privacy]\nnoise_seed = 0\n',
+], ids=["robust", "private-fixed-test-seed", "own-model-and-data-loader", "compressed-error-feedback"])
 def test_robust_private_and_own_model_runs_deploy_to_the_simulations_model(deployment, extra, monkeypatch):
     tmp, config, pki = deployment
     text = config.read_text() + f'cert = "{pki / "server.pem"}"\nkey = "{pki / "server.key"}"\n'
@@ -190,5 +192,8 @@ def test_robust_private_and_own_model_runs_deploy_to_the_simulations_model(deplo
     assert [a.shape for a in deployed] == [a.shape for a in sim.params]
     for a, b in zip(deployed, sim.params):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    if "privacy" in extra:
+    if "compression" in extra:  # each client kept its residual in its own folder, between rounds
+        assert sorted(p.name for p in (tmp / "fedloom-client-c0").iterdir()) == ["0-2.npz", "0-3.npz"]
+        assert history[-1]["metrics"]["bytes_up"] < 3 * 0.5 * sum(a.nbytes for a in deployed)  # 3 updates, 20% kept
+    if "noise_multiplier" in extra:
         assert history[-1]["metrics"]["dp_noise.epsilon"] == pytest.approx(sim.history[-1]["dp_noise.epsilon"])

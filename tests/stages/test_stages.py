@@ -158,7 +158,8 @@ def test_the_client_pipeline_runs_client_halves_in_order_on_a_delta():
     sent = [np.array([1.0, 1.0], np.float32)]
     config = TrainConfig(round=2, stage=agg.broadcast(agg.init(SPEC)))
     request = TrainRequest(5, 2, sent, config)
-    out = pipeline.apply(request, Update([np.array([4.0, 5.0], np.float32)], 3.0, kind="params"))  # delta [3, 4]
+    out, state = pipeline.apply(request, Update([np.array([4.0, 5.0], np.float32)], 3.0, kind="params"))  # delta [3, 4]
+    assert state is None  # these halves keep nothing between rounds
     noise = keyed_rng(3, 2, 5, 11, 0).normal(0.0, 0.5 * 1.0, (2,))
     np.testing.assert_allclose(out.values[0], np.array([0.6, 0.8]) + noise, rtol=1e-5)
     assert out.kind == "delta" and out.metrics["clip_norm"] == pytest.approx(5.0)

@@ -58,6 +58,16 @@ def param_names(model: nn.Module) -> list[str]:
     return [n for n, _ in _state(model)]
 
 
+def batchnorm_indices(model: nn.Module) -> tuple[int, ...]:
+    """Where the BatchNorm layers' entries (weight, bias, running statistics) are among :func:`get_params`'s arrays:
+    what FedBN keeps on each client."""
+    owned = {f"{m}.{n}" if m else n for m, mod in model.named_modules()
+             if isinstance(mod, nn.modules.batchnorm._BatchNorm) for n, _ in mod.named_parameters(recurse=False)}
+    owned |= {f"{m}.{n}" if m else n for m, mod in model.named_modules()
+              if isinstance(mod, nn.modules.batchnorm._BatchNorm) for n, _ in mod.named_buffers(recurse=False)}
+    return tuple(i for i, name in enumerate(param_names(model)) if name in owned)
+
+
 def get_params(model: nn.Module) -> Params:
     """The model's parameters, then its floating-point buffers, as new arrays.
 

@@ -54,16 +54,18 @@ def _error(exc: BaseException) -> ErrorReply:
 
 
 def handle(request: Request, work: ClientWork, data: ClientDataset, pipeline: ClientPipeline = NO_STAGES) -> Reply:
-    """Run one request against a client's work and data, then the client halves of ``pipeline`` on a train
-    update; any failure becomes an error reply."""
+    """Run one request against a client's work and data, with ``pipeline`` around a training (see
+    ``client/pipeline.py``); any failure becomes an error reply. A train reply carries the client's new state."""
     if isinstance(request, TrainRequest):
         try:
-            update = pipeline.apply(request, work.train(request.params, data, request.config))
-            return TrainReply(request.client_id, request.round, update=update)
+            request = pipeline.prepare(request)
+            update, state = pipeline.apply(request, work.train(request.params, data, request.config))
+            return TrainReply(request.client_id, request.round, update=update, state=state)
         except Exception as exc:  # noqa: BLE001 - a client failure must not stop the round
-            return TrainReply(request.client_id, request.round, error=_error(exc))
+            return TrainReply(request.client_id, request.round, error=_error(exc), state=request.state)
     if isinstance(request, EvaluateRequest):
         try:
+            request = pipeline.prepare(request)
             evaluation = work.evaluate(request.params, data, request.config)
             return EvaluateReply(request.client_id, request.round, evaluation=evaluation)
         except Exception as exc:  # noqa: BLE001

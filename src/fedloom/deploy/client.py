@@ -22,13 +22,14 @@ import grpc
 
 from fedloom.build import build_clients, client_pipeline
 from fedloom.client.pipeline import NO_STAGES, ClientPipeline
+from fedloom.client.state import StateFiles, keep_state, with_state
 from fedloom.client.work import ClientWork, handle
 from fedloom.config import Config
 from fedloom.data.dataset import ClientDataset
 from fedloom.deploy.security import channel_credentials
 from fedloom.deploy.service import MAX_POLL_S, SESSION_KEY, STATUS_KEY, TOKEN_KEY, limits
 from fedloom.errors import ClientRefused, ConfigError, FedloomError, WireError
-from fedloom.messages import Reply
+from fedloom.messages import Reply, Request
 from fedloom.transport import wire
 from fedloom.transport.proto import fedloom_pb2 as pb
 from fedloom.transport.proto import fedloom_pb2_grpc as pb_grpc
@@ -68,16 +69,28 @@ def _push(stub: pb_grpc.FederationStub, meta: tuple, task_id: str, reply: Reply)
     return answer.accepted
 
 
+def _handled(request: Request, work: ClientWork, data: ClientDataset, pipeline: ClientPipeline,
+             states: StateFiles | None) -> Reply:
+    """The reply to a task; a client that keeps state reads it first and saves what the task made before replying."""
+    if states is None or not pipeline.stateful:
+        return handle(request, work, data, pipeline)
+    request = with_state(request, states)
+    reply = keep_state(request, handle(request, work, data, pipeline), states)
+    states.prune(request.round - 1, keep=1)  # a server that restarts may ask this round again, never an older one
+    return reply
+
+
 def serve_client(work: ClientWork, local: ClientDataset, cfg: Config, address: str, token: str,
                  give_up_s: float | None = None, stop: threading.Event | None = None,
-                 pipeline: ClientPipeline = NO_STAGES) -> int:
+                 pipeline: ClientPipeline = NO_STAGES, states: StateFiles | None = None) -> int:
     """Take part in the server's run with ``work`` on ``local`` data until the server says it is finished.
 
     Returns the number of replies the server accepted. A reply whose push failed is pushed again
     after reconnecting (the server still awaits it unless its round gave up). The client gives up
     after ``give_up_s`` seconds without reaching the server (default ``deploy.reconnect_s``; 0 =
     never). ``stop`` (optional) ends the client between tasks; used by tests and the load benchmark.
-    ``pipeline``: the client halves of the run's aggregator, run on every update before it is sent.
+    ``pipeline``: what the client runs around its training (``client/pipeline.py``); ``states``: where it
+    keeps what it carries between rounds (error feedback's residual, FedBN's layers), surviving a restart.
     """
     give_up_s = cfg.deploy.reconnect_s if give_up_s is None else give_up_s
     stop = stop or threading.Event()
@@ -116,7 +129,7 @@ def serve_client(work: ClientWork, local: ClientDataset, cfg: Config, address: s
                         except WireError as exc:  # a task this client cannot read: say so, keep polling
                             log.warning("the server sent a task this client cannot read: %s", exc)
                             continue
-                        unsent = (env.task_id, handle(request, work, data, pipeline))
+                        unsent = (env.task_id, _handled(request, work, data, pipeline, states))
                         done += _push(stub, meta, *unsent)
                         unsent = None
                 finally:
@@ -140,5 +153,6 @@ def run_client(cfg: Config, address: str | None = None) -> int:
     work, dataset = build_clients(cfg)
     if not 0 <= cfg.deploy.client_index < len(dataset):
         raise ConfigError("deploy.client_index", f"the dataset has clients 0..{len(dataset) - 1}")
+    folder = cfg.deploy.client_state_dir or f"fedloom-client-{cfg.deploy.name or cfg.deploy.client_index}"
     return serve_client(work, dataset[cfg.deploy.client_index], cfg, address or cfg.deploy.address, _token(cfg),
-                        pipeline=client_pipeline(cfg, len(dataset), deployed=True))
+                        pipeline=client_pipeline(cfg, work, len(dataset), deployed=True), states=StateFiles(folder))

@@ -40,6 +40,7 @@ from fedloom.rounds import round_metrics, run_rounds, train_round
 from fedloom.server import SyncServer
 from fedloom.server.sync import RoundResult, ServerState
 from fedloom.transport.dispatch import REPLY_SLACK_BYTES, DeployedTransport, LoopThread
+from fedloom.transport.metered import Metered
 
 log = logging.getLogger("fedloom")
 
@@ -197,12 +198,15 @@ def serve(cfg: Config, *, on_round: Callable[[dict[str, float]], None] | None = 
             if port == 0:
                 raise FedloomError(f"cannot listen on {d.address}")
             log.info("listening on %s", d.address)
-            transport = DeployedTransport(loop, service.dispatcher, d.round_timeout_s, 3 * d.heartbeat_s,
-                                          service.max_message_bytes)
+            last = (store.history(run_id) or [{"metrics": {}}])[-1]["metrics"]  # the traffic before a restart
+            transport = Metered(DeployedTransport(loop, service.dispatcher, d.round_timeout_s, 3 * d.heartbeat_s,
+                                                  service.max_message_bytes),
+                                int(last.get("total_bytes_down", 0)), int(last.get("total_bytes_up", 0)))
             test = dataset.test_union()
             while len(transport.connected()) < d.min_clients:  # before the first round: no limit
                 time.sleep(0.1)
-            pacer = Connected(transport, d, num_clients)
+            pacer = Connected(transport, d, num_clients)  # type: ignore[arg-type]
+            sent = [transport.bytes_down, transport.bytes_up]
 
             def step(state: ServerState) -> tuple[RoundResult, ServerState]:
                 store.open_round(run_id, state.round + 1)
@@ -212,6 +216,9 @@ def serve(cfg: Config, *, on_round: Callable[[dict[str, float]], None] | None = 
                 for cid, why in sorted(result.rejected.items(), key=str):
                     log.info("round %d: no update from client %s: %s", state.round, cid, why[:300])
                 row = round_metrics(result, state, server, transport, work, test, cfg, evaluate=True)
+                row.update(bytes_down=transport.bytes_down - sent[0], bytes_up=transport.bytes_up - sent[1],
+                           total_bytes_down=transport.bytes_down, total_bytes_up=transport.bytes_up)
+                sent[:] = [transport.bytes_down, transport.bytes_up]
                 store.complete_round(run_id, state.round, _checkpoint_arrays(state), names + state_names(state), row)
                 if on_round is not None:
                     on_round(row)

@@ -42,6 +42,7 @@ from typing import Any
 
 import grpc
 
+from fedloom.build import build_compression
 from fedloom.config import Config, DeployConfig
 from fedloom.deploy.state import ServerState as StateStore
 from fedloom.errors import WireError
@@ -178,7 +179,7 @@ class FederationService:
     def __init__(self, store: StateStore, cfg: Config):
         self.store = store
         self.d: DeployConfig = cfg.deploy
-        self.dispatcher = Dispatcher(max_examples=self.d.max_examples)
+        self.dispatcher = Dispatcher(max_examples=self.d.max_examples, compression=build_compression(cfg))
         self.sessions = Sessions(self.d.session_s)
         self.max_message_bytes = limits(cfg).max_message_bytes
         self.finished = False

@@ -33,7 +33,7 @@ def flops_per_sample(num_params: int, targets_per_sample: int) -> float:
 
 def message_bytes(message: TrainRequest | TrainReply) -> int:
     """Size of the message as the gRPC deployment encodes it."""
-    return wire.to_envelope(message).ByteSize()
+    return wire.message_size(message)
 
 
 def steps_that_fit(profile: DeviceProfile, budget_s: float, flops: float, batch_size: int, down_bytes: int,

@@ -85,21 +85,29 @@ class AsyncServer:
         self.strategy = strategy
         self.buffer_size = buffer_size
         self.staleness = staleness or polynomial_staleness(0.5)
+        self._broadcast: tuple[int, bytes] = (-1, b"")  # the model version last encoded for the downlink, and its bytes
 
     def init(self, params: Params) -> AsyncState:
         return AsyncState(0, [np.array(p, copy=True) for p in params], self.strategy.optimizer.init(params),
                           self.strategy.aggregator.init(ParamSpec.of(params)))
 
     def request(self, state: AsyncState, client_id: int, dispatch: int) -> TrainRequest:
-        """A task on the current model; ``dispatch`` (1, 2, ...) numbers tasks and seeds the client's shuffle."""
-        return TrainRequest(client_id, dispatch, state.params, replace(self.strategy.train, round=dispatch))
+        """A task on the current model; ``dispatch`` (1, 2, ...) numbers tasks and seeds the client's shuffle.
+        With a downlink codec the model travels encoded, once per model version."""
+        payload = b""
+        if self.strategy.compression.downlink is not None:
+            if self._broadcast[0] != state.version:
+                self._broadcast = (state.version, self.strategy.compression.encode_model(
+                    state.params, self.strategy.seed, state.version))
+            payload = self._broadcast[1]
+        return TrainRequest(client_id, dispatch, state.params, replace(self.strategy.train, round=dispatch), payload)
 
     def receive(self, state: AsyncState, request: TrainRequest, version_sent: int,
                 reply: TrainReply) -> tuple[Arrival, AsyncState]:
         tau = state.version - version_sent
         cid = request.client_id
         try:
-            check_reply(request, reply)
+            reply = check_reply(request, reply, compression=self.strategy.compression)
         except FedloomError as exc:
             return Arrival(cid, tau, False, f"{exc.code}: {exc.message}"), state
         if reply.error is not None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from fedloom.aggregation.aggregator import Aggregator, chain
 from fedloom.aggregation.reducers import weighted_mean
+from fedloom.compression.updates import NO_COMPRESSION, Compression
 from fedloom.messages import EvaluateConfig, TrainConfig
 from fedloom.server.optimizers import ServerOptimizer, sgd
 from fedloom.server.selection import ClientSelector, UniformSelector
@@ -21,6 +22,8 @@ class Strategy:
     ``train.mu > 0``; FedAvgM/FedAdam/FedYogi/FedAdagrad swap ``optimizer``.
     ``min_updates`` is the number of valid updates a round needs to be applied;
     ``evaluate_clients`` clients (0 = none) run federated evaluation after each evaluated round.
+    ``compression`` holds the codecs: updates are decoded at the door, the broadcast model encoded
+    once per version (its rounding seeded by ``seed``).
     """
 
     clients_per_round: int
@@ -31,3 +34,5 @@ class Strategy:
     min_updates: int = 1
     evaluate_clients: int = 0
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    compression: Compression = NO_COMPRESSION
+    seed: int = 0

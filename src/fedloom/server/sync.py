@@ -114,14 +114,18 @@ class SyncServer:
 
         ``candidates`` are the clients that may be asked (a deployment passes the connected ones,
         a simulated clock the available ones); by default every client of the federation. ``k``
-        asks more (over-selection) or fewer than ``strategy.clients_per_round``.
+        asks more (over-selection) or fewer than ``strategy.clients_per_round``. With a downlink codec the
+        model travels encoded (``payload``), encoded once for the round.
         """
         rnd = state.round + 1
         pool = range(self.num_clients) if candidates is None else candidates
         chosen, selection = self.strategy.selector.select(
             rnd, pool, self.strategy.clients_per_round if k is None else k, state.selection)
         config = replace(self.strategy.train, round=rnd, stage=self.strategy.aggregator.broadcast(state.aggregation))
-        return [TrainRequest(cid, rnd, state.params, config) for cid in chosen], replace(state, selection=selection)
+        c = self.strategy.compression
+        payload = c.encode_model(state.params, self.strategy.seed, state.round) if c.downlink is not None else b""
+        return ([TrainRequest(cid, rnd, state.params, config, payload) for cid in chosen],
+                replace(state, selection=selection))
 
     def apply(self, state: ServerState, requests: Sequence[TrainRequest], replies: Sequence[TrainReply],
               durations: Mapping[int, float] | None = None) -> tuple[RoundResult, ServerState]:
@@ -145,7 +149,7 @@ class SyncServer:
                                     else "duplicate: a second reply")
                 continue
             try:
-                check_reply(request, reply)
+                reply = check_reply(request, reply, compression=self.strategy.compression)
             except FedloomError as exc:
                 rejected[cid] = f"{exc.code}: {exc.message}"
                 continue

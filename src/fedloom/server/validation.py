@@ -10,7 +10,9 @@ transport is checked before it is aggregated.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
+from fedloom.compression.updates import NO_COMPRESSION, Compression
 from fedloom.errors import InvalidReplyError, InvalidUpdateError, ShapeError
 from fedloom.messages import (
     EvaluateReply,
@@ -108,13 +110,32 @@ def _a(cls: type) -> str:
 _ANSWERS = {TrainRequest: TrainReply, EvaluateRequest: EvaluateReply}
 
 
-def check_reply(request: Request, reply: Reply, max_examples: float | None = None) -> None:
-    """Raise unless ``reply`` is a usable answer to ``request``.
+def decoded(update: Update, spec: ParamSpec, client_id: int, compression: Compression) -> Update:
+    """A compressed update as the delta it holds; a dense one where the run compresses, or a compressed one where it
+    does not, is refused. Decoding checks the payload's lengths, index ranges and bit widths."""
+    codec = compression.uplink
+    if update.kind != "encoded":
+        if codec is not None:
+            raise InvalidUpdateError(f"this run compresses updates with {codec.name}; a {update.kind!r} update is "
+                                     "refused", client_id=client_id, stage="decode")
+        return update
+    if codec is None:
+        raise InvalidUpdateError("a compressed update, but this run has no uplink codec", client_id=client_id,
+                                 stage="decode")
+    if not isinstance(update.payload, bytes):
+        raise InvalidUpdateError("the payload is not bytes", client_id=client_id, stage="decode")
+    values = compression.decode_update(update.payload, spec, client_id)
+    return Update(values, update.weight, "delta", update.metrics)
+
+
+def check_reply(request: Request, reply: Reply, max_examples: float | None = None,
+                compression: Compression = NO_COMPRESSION) -> Reply:
+    """``reply`` as the server uses it (a compressed update decoded); raise unless it is a usable answer to ``request``.
 
     :class:`InvalidReplyError` when it is the wrong kind of message or addressed to another
     client or round; :class:`InvalidUpdateError` when what it reports is unusable
-    (:func:`check_update`, :func:`check_evaluation`). An error reply of the right kind passes: a
-    client may say that it failed. ``max_examples`` bounds the example counts a client may claim.
+    (:func:`decoded`, :func:`check_update`, :func:`check_evaluation`). An error reply of the right kind
+    passes: a client may say that it failed. ``max_examples`` bounds the example counts a client may claim.
     """
     expected = _ANSWERS[type(request)]
     cid = request.client_id
@@ -125,16 +146,19 @@ def check_reply(request: Request, reply: Reply, max_examples: float | None = Non
         raise InvalidReplyError(f"the reply is addressed to client {reply.client_id}, round {reply.round}; "
                                 f"the task was client {cid}, round {request.round}", client_id=cid, stage="validate")
     if reply.error is not None:
-        return
+        return reply
     if isinstance(reply, TrainReply):
         if reply.update is None:
             raise InvalidReplyError("the reply holds neither an update nor an error", client_id=cid, stage="validate")
-        check_update(reply.update, ParamSpec.of(request.params), cid, max_examples)
-    else:
-        if reply.evaluation is None:
-            raise InvalidReplyError("the reply holds neither an evaluation nor an error", client_id=cid,
-                                    stage="validate")
-        check_evaluation(reply.evaluation, cid, max_examples)
+        spec = ParamSpec.of(request.params)
+        update = decoded(reply.update, spec, cid, compression)
+        check_update(update, spec, cid, max_examples)
+        return reply if update is reply.update else replace(reply, update=update)
+    if reply.evaluation is None:
+        raise InvalidReplyError("the reply holds neither an evaluation nor an error", client_id=cid,
+                                stage="validate")
+    check_evaluation(reply.evaluation, cid, max_examples)
+    return reply
 
 
 def to_delta(update: Update, sent: Params) -> Params:

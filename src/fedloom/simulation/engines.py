@@ -17,11 +17,13 @@ client work and the federated dataset, so data is loaded once per worker, never 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from fedloom.client.pipeline import NO_STAGES, ClientPipeline
+from fedloom.client.state import StateFiles, keep_state, with_state
 from fedloom.client.work import ClientWork
 from fedloom.data.dataset import FederatedDataset
-from fedloom.messages import Request, TrainRequest
+from fedloom.messages import Reply, Request, TrainRequest
 from fedloom.transport.base import Transport
 from fedloom.transport.inprocess import InProcessTransport
 
@@ -65,3 +67,27 @@ def split_balanced(requests: Sequence[Request], weights: Sequence[float], parts:
         groups[k].append(requests[i])
         loads[k] += weights[i]
     return groups
+
+
+class WithClientState:
+    """An engine whose clients keep state between rounds (``ClientPipeline.stateful``): each request takes its
+    client's state from ``files``, each reply's new state goes back there.
+
+    The state travels inside the request and the reply, so it reaches whichever worker serves the client
+    this round (a process, a Ray actor) and comes back with the reply; workers keep nothing.
+    """
+
+    def __init__(self, engine: Transport, files: StateFiles):
+        self.engine = engine
+        self.files = files
+
+    def __getattr__(self, name: str) -> Any:  # the engine's own attributes (pids, workers_alive, ...)
+        return getattr(self.engine, name)
+
+    def exchange(self, requests: Sequence[Request]) -> list[Reply]:
+        asked = [with_state(r, self.files) for r in requests]
+        return [keep_state(q, r, self.files) for q, r in zip(asked, self.engine.exchange(asked))]
+
+    def close(self) -> None:
+        self.engine.close()
+

@@ -7,6 +7,7 @@ import math
 import os
 import pickle
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from contextlib import closing
@@ -21,6 +22,8 @@ from torch import nn
 
 from fedloom.build import async_server, build_clients, build_strategy, client_pipeline
 from fedloom.checkpoint import mismatch, ragged_selection, restore_state, state_arrays, state_names
+from fedloom.client.pipeline import ClientPipeline
+from fedloom.client.state import StateFiles
 from fedloom.client.torch_work import TorchClientWork, param_names, set_params
 from fedloom.client.work import failure
 from fedloom.config import Config, to_toml
@@ -33,7 +36,7 @@ from fedloom.server import (
     SyncServer,
 )
 from fedloom.server.sync import RoundResult, ServerState
-from fedloom.simulation.engines import local_engine
+from fedloom.simulation.engines import WithClientState, local_engine
 from fedloom.simulation.outputs import RunOutputs
 from fedloom.simulation.report import (
     MetricsFile,
@@ -43,21 +46,36 @@ from fedloom.simulation.report import (
     read_metrics,
     write_metrics,
 )
-from fedloom.simulation.timeline import AsyncRun, SimulatedClock
+from fedloom.simulation.timeline import AsyncRun, AsyncSnapshot, SimulatedClock
 from fedloom.transport.base import Transport
 from fedloom.transport.inprocess import InProcessTransport
+from fedloom.transport.metered import Metered
 
 log = logging.getLogger("fedloom")
 
 
-def build_engine(cfg: Config, work: TorchClientWork, dataset: FederatedDataset, own: tuple = ()) -> Transport:
+def build_engine(cfg: Config, work: TorchClientWork, dataset: FederatedDataset, own: tuple = (),
+                 states: StateFiles | None = None) -> Transport:
     """The engine ``[engine] executor`` selects; process and Ray workers rebuild the clients with
     ``build_clients(cfg, *own)`` (``own``: a Python caller's model function, dataset and work), sent pickled.
 
-    Every engine runs the client halves of the aggregator (and of a simulated attack) on each update.
+    Every engine runs the client pipeline around each client's training (``client/pipeline.py``). When
+    clients keep state, it lives in ``states`` (a temporary folder when None) and travels with each request.
     """
+    pipeline = client_pipeline(cfg, work, len(dataset))
+    engine = _engine(cfg, work, dataset, own, pipeline)
+    if not pipeline.stateful:
+        return engine
+    if states is None:
+        folder = tempfile.TemporaryDirectory(prefix="fedloom-client-state-")
+        states = StateFiles(folder.name)
+        states.cleanup = folder  # type: ignore[attr-defined]  # removed with the store
+    return WithClientState(engine, states)
+
+
+def _engine(cfg: Config, work: TorchClientWork, dataset: FederatedDataset, own: tuple,
+            pipeline: ClientPipeline) -> Transport:
     e = cfg.engine
-    pipeline = client_pipeline(cfg, len(dataset))
     if e.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("engine.device", "CUDA is not available on this machine")
     if e.executor == "sequential":
@@ -156,9 +174,6 @@ def simulate(cfg: Config, *, progress: bool = True, write: bool = True,
     own = (model_fn, dataset, work)
     start = time.perf_counter()
     if resume is not None:
-        if cfg.server.aggregation != "sync":
-            raise ConfigError("server.aggregation", f"{cfg.server.aggregation} runs cannot be resumed: the tasks in "
-                                                    "flight on their simulated clock are not checkpointed")
         run_dir: Path | None = Path(resume)
         if not (run_dir / CHECKPOINT).exists():
             raise ConfigError("resume", f"{run_dir} has no {CHECKPOINT} to resume from")
@@ -194,8 +209,12 @@ def _run(cfg: Config, run_dir: Path | None, start: float, progress: bool, own: t
     state = server.init(params)
     history: list[dict[str, float]] = []
     clock = SimulatedClock.create(cfg, dataset, work) if cfg.hetero.population else None
+    saved: dict[str, np.ndarray] = {}  # a resumed asynchronous run's tasks in flight
     if resume and run_dir is not None:
-        state = read_checkpoint(run_dir / CHECKPOINT, state, names, clock)
+        state, saved = read_checkpoint(run_dir / CHECKPOINT, state, names, clock)
+        if (cfg.server.aggregation != "sync") != bool(saved):
+            raise ConfigError("server.aggregation", f"{run_dir} was not a {cfg.server.aggregation} run: resume it with "
+                                                    "the aggregation it ran with")
         history = [{k: int(v) if v.is_integer() else v for k, v in row.items() if not math.isnan(v)}
                    for row in read_metrics(run_dir / "metrics.csv") if row["round"] <= state.round]
         keep_client_rows(run_dir / "clients.csv", state.round)
@@ -204,21 +223,31 @@ def _run(cfg: Config, run_dir: Path | None, start: float, progress: bool, own: t
     if first:
         raise ConfigError("privacy.epsilon_budget", f"not even one round fits: {first}")
     outputs = RunOutputs(cfg, run_dir) if run_dir is not None else None
+    states = StateFiles(run_dir / CLIENT_STATE) if run_dir is not None else None
+    if states is not None and resume:  # what clients made after the checkpoint never happened
+        states.rewind(int(saved["async/dispatched"]) if saved else state.round)
     try:
-        transport = build_engine(cfg, work, dataset, own)
+        transport = Metered(build_engine(cfg, work, dataset, own, states))
     except BaseException:
         if outputs is not None:
             outputs.close("FAILED")
         raise
     stream = None
     if cfg.server.aggregation != "sync":
-        stream = AsyncRun(cfg, clock, async_server(cfg, strategy), transport, params)  # type: ignore[arg-type]
+        aserver = async_server(cfg, strategy)
+        stream = AsyncRun(cfg, clock, aserver, transport, params, launch=not saved)  # type: ignore[arg-type]
+        if saved:
+            stream.restore(state, AsyncSnapshot.from_arrays(saved, aserver, params))
     setup_s = time.perf_counter() - start
     metrics = MetricsFile(run_dir / "metrics.csv", history) if run_dir is not None else None
     failures = Failures()
     timer = {"train_s": 0.0, "t0": 0.0}
     stopped: list[str] = []  # why the run ended before its last round (a privacy budget)
-    latest = [state]
+    latest: list = [state, stream.snapshot() if stream is not None else None]  # the last round written: Ctrl-C keeps it
+    if clock is None and history:  # resumed: the traffic so far is in the last row kept
+        transport.bytes_down = int(history[-1].get("total_bytes_down", 0))
+        transport.bytes_up = int(history[-1].get("total_bytes_up", 0))
+    sent = [clock.bytes_down, clock.bytes_up] if clock is not None else [transport.bytes_down, transport.bytes_up]
 
     def step(state: ServerState) -> tuple[RoundResult, ServerState]:
         timer["t0"] = time.perf_counter()
@@ -235,8 +264,12 @@ def _run(cfg: Config, run_dir: Path | None, start: float, progress: bool, own: t
         spent = (clock is not None and 0 < cfg.hetero.trip_budget <= clock.trips) or bool(reason)
         evaluate = state.round % cfg.eval.every == 0 or state.round == cfg.run.rounds or spent
         row = round_metrics(result, state, server, transport, work, (x_test, y_test), cfg, evaluate)
+        traffic = clock if clock is not None else transport  # the clock counts what its devices sent
+        down, up = traffic.bytes_down, traffic.bytes_up  # type: ignore[union-attr]
+        row.update(bytes_down=down - sent[0], bytes_up=up - sent[1], total_bytes_down=down, total_bytes_up=up)
+        sent[:] = [down, up]
         if clock is not None:
-            row.update(sim_time_s=clock.now, trips=clock.trips, bytes_down=clock.bytes_down, bytes_up=clock.bytes_up)
+            row.update(sim_time_s=clock.now, trips=clock.trips)
         row["round_s"] = time.perf_counter() - timer["t0"]
         row["elapsed_s"] = time.perf_counter() - start
         if metrics is not None:
@@ -248,10 +281,11 @@ def _run(cfg: Config, run_dir: Path | None, start: float, progress: bool, own: t
         if run_dir is not None and cfg.run.client_metrics:
             append_client_rows(run_dir / "clients.csv", state.round, result.selected, result.accepted,
                                result.rejected, result.client_metrics)
+        snap = stream.snapshot() if stream is not None else None
         every = cfg.run.checkpoint_every
         if run_dir is not None and every and state.round % every == 0:
-            write_checkpoint(run_dir / CHECKPOINT, state, names, clock)
-        latest[0] = state  # the last round whose row is written: what Ctrl-C keeps
+            write_checkpoint(run_dir / CHECKPOINT, state, names, clock, states, snap)
+        latest[:] = [state, snap]
         bar.advance(row)
         return spent
 
@@ -265,7 +299,7 @@ def _run(cfg: Config, run_dir: Path | None, start: float, progress: bool, own: t
         if run_dir is not None and history:
             write_metrics(run_dir / "metrics.csv", [r for r in history if r["round"] <= latest[0].round])
             keep_client_rows(run_dir / "clients.csv", latest[0].round)
-            write_checkpoint(run_dir / CHECKPOINT, latest[0], names, clock)
+            write_checkpoint(run_dir / CHECKPOINT, latest[0], names, clock, states, latest[1])
             _finish_folder(run_dir, work, latest[0].params, names)
             log.warning("interrupted after round %d; %s has its metrics and that round's model",
                         latest[0].round, run_dir)
@@ -284,31 +318,47 @@ def _run(cfg: Config, run_dir: Path | None, start: float, progress: bool, own: t
                        param_names=names, stopped=stopped[0] if stopped else "", failed=failures.verdict(len(history)))
     if run_dir is not None:
         result.run_dir = run_dir
-        write_checkpoint(run_dir / CHECKPOINT, state, names, clock)
+        write_checkpoint(run_dir / CHECKPOINT, state, names, clock, states, latest[1])
         _finish_folder(run_dir, work, state.params, names)
     return result
 
 
 CHECKPOINT = "checkpoint.npz"
+CLIENT_STATE = "client_state"  # the clients' state, by version (client/state.py): part of the checkpoint
 
 
 CLOCK = ("now", "trips", "bytes_down", "bytes_up")  # a synchronous run's simulated clock, between rounds
 
 
-def write_checkpoint(path: Path, state: ServerState, names: list[str], clock: SimulatedClock | None = None) -> None:
-    """The round, model, optimizer, aggregator and selector state (and the simulated clock), whole or not at all."""
+def write_checkpoint(path: Path, state: ServerState, names: list[str], clock: SimulatedClock | None = None,
+                     states: StateFiles | None = None, snap: AsyncSnapshot | None = None) -> None:
+    """The round, model, optimizer, aggregator and selector state (and the simulated clock), whole or not at all;
+    for FedBuff and FedAsync also the tasks in flight (``snap``).
+
+    The clients' state is the ``client_state`` folder's versions up to the round (or the last
+    dispatch): the newer ones a resumed run drops (:meth:`StateFiles.rewind`); the older ones no
+    round after this can need go now.
+    """
     tmp = path.with_name(path.name + ".tmp")
     ticks = [np.asarray(getattr(clock, k)) for k in CLOCK] if clock is not None else []
+    more, extra = snap.arrays() if snap is not None else ([], [])
     with open(tmp, "wb") as f:
-        save_params(f, [np.asarray(state.round), *state.params, *state_arrays(state, selection=True), *ticks],
-                    ["round", *names, *state_names(state, selection=True), *(f"clock/{k}" for k in CLOCK[:len(ticks)])])
+        save_params(f, [np.asarray(state.round), *state.params, *state_arrays(state, selection=True), *ticks, *extra],
+                    ["round", *names, *state_names(state, selection=True), *(f"clock/{k}" for k in CLOCK[:len(ticks)]),
+                     *more])
     os.replace(tmp, path)
+    if states is not None:
+        states.prune(snap.first_task - 1 if snap is not None else state.round)
 
 
 def read_checkpoint(path: Path, fresh: ServerState, names: list[str],
-                    clock: SimulatedClock | None = None) -> ServerState:
-    """``fresh`` (and ``clock``) as the checkpoint left them; one of another model or setting is refused."""
+                    clock: SimulatedClock | None = None) -> tuple[ServerState, dict[str, np.ndarray]]:
+    """``fresh`` (and ``clock``) as the checkpoint left them, and an asynchronous run's ``async/...`` arrays; one of
+    another model or setting is refused."""
     saved_names, arrays = load_params(path)
+    extra = {n: a for n, a in zip(saved_names, arrays) if n.startswith("async/")}
+    arrays = [a for n, a in zip(saved_names, arrays) if not n.startswith("async/")]
+    saved_names = [n for n in saved_names if not n.startswith("async/")]
     ticks = [f"clock/{k}" for k in CLOCK] if clock is not None else []
     expected = ["round", *names, *state_names(fresh, selection=True), *ticks]
     like = [np.asarray(0), *fresh.params, *state_arrays(fresh, selection=True),
@@ -321,7 +371,8 @@ def read_checkpoint(path: Path, fresh: ServerState, names: list[str],
         for k, a in zip(CLOCK, arrays[len(arrays) - len(CLOCK):]):
             setattr(clock, k, a.item())
     k = 1 + len(names)
-    return restore_state(fresh, int(arrays[0]), arrays[1:k], arrays[k:len(arrays) - len(ticks)], selection=True)
+    return (restore_state(fresh, int(arrays[0]), arrays[1:k], arrays[k:len(arrays) - len(ticks)], selection=True),
+            extra)
 
 
 def _finish_folder(run_dir: Path, work: TorchClientWork, params: Params, names: list[str]) -> None:

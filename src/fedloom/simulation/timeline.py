@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -23,7 +24,7 @@ from fedloom.hetero.profiles import DeviceProfile, load_population, mobile, silo
 from fedloom.messages import ErrorReply, Reply, TrainReply, TrainRequest
 from fedloom.params import Params
 from fedloom.seeding import keyed_rng
-from fedloom.server.asynchronous import AsyncServer
+from fedloom.server.asynchronous import AsyncServer, AsyncState
 from fedloom.server.sync import RoundResult, ServerState, SyncServer
 from fedloom.transport.base import Transport
 
@@ -102,14 +103,14 @@ class AsyncRun:
     """FedBuff/FedAsync on the simulated clock; :meth:`next_update` runs events until the next server update."""
 
     def __init__(self, cfg: Config, clock: SimulatedClock, server: AsyncServer, transport: Transport,
-                 params: Params):
+                 params: Params, launch: bool = True):
         self.cfg, self.clock, self.server, self.transport = cfg, clock, server, transport
         self.state = server.init(params)
         self.events: list[tuple[float, int, TrainRequest | None, TrainReply | None, int]] = []
         self.in_flight: set[int] = set()
         self.dispatched = 0
         self._seq = 0  # tie-breaker for events at the same simulated time
-        for _ in range(cfg.server.concurrency or cfg.server.clients_per_round):
+        for _ in range(cfg.server.concurrency or cfg.server.clients_per_round) if launch else ():
             self._launch()
 
     def _push(self, at: float, request: TrainRequest | None, reply: TrainReply | None, version: int) -> None:
@@ -137,7 +138,7 @@ class AsyncRun:
         duration = task_duration(profile, c.flops, samples, down, up)
         rng = keyed_rng(self.cfg.run.seed, dispatch, cid, 2)
         if rng.random_sample() < profile.dropout_p:  # the device leaves mid-task: no upload, no reply
-            reply = TrainReply(cid, dispatch, error=ErrorReply("dropped", "the device left mid-task"))
+            reply = TrainReply(cid, dispatch, error=ErrorReply(DROPPED, "the device left mid-task"))
             up, duration = 0, duration * rng.random_sample()
         c.trips += 1
         c.bytes_down += down
@@ -171,3 +172,81 @@ class AsyncRun:
                              {a.client_id: dict(r.update.metrics) for a, r in kept})
         return result, ServerState(self.state.version, self.state.params, self.state.opt_state,
                                    aggregation=self.state.aggregation)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def snapshot(self) -> AsyncSnapshot:
+        """What resumes this run besides the server state, between two server updates (the buffer is empty then):
+        the events pending on the clock, the models their tasks were sent, and the counters."""
+        return AsyncSnapshot(list(self.events), self.dispatched, self._seq)
+
+    def restore(self, state: ServerState, snap: AsyncSnapshot) -> None:
+        """Continue from ``state`` and a snapshot read back (:meth:`AsyncSnapshot.from_arrays`): each task in flight
+        is sent again, alone and in dispatch order as it first was, so its reply (and its client's state) is the
+        one it first gave; a task whose device dropped out drops out again."""
+        self.state = replace(self.state, version=state.round, params=state.params, opt_state=state.opt_state,
+                             aggregation=state.aggregation)
+        self.dispatched, self._seq = snap.dispatched, snap.seq
+        for at, seq, request, reply, version in sorted(snap.events, key=lambda e: e[1]):
+            if request is not None and reply is None:
+                (reply,) = self.transport.exchange([request])
+            if request is not None:
+                self.in_flight.add(request.client_id)
+            heapq.heappush(self.events, (at, seq, request, reply, version))
+
+
+DROPPED = "dropped"
+
+
+@dataclass(frozen=True)
+class AsyncSnapshot:
+    """The pending events of an :class:`AsyncRun` (arrival time, order, task, reply, model version), as arrays."""
+
+    events: list[tuple[float, int, TrainRequest | None, TrainReply | None, int]]
+    dispatched: int
+    seq: int
+
+    @property
+    def first_task(self) -> int:
+        """The earliest dispatch still in flight (client state older than its predecessor is never read again)."""
+        return min((r.round for _, _, r, _, _ in self.events if r is not None), default=self.dispatched + 1)
+
+    def arrays(self) -> tuple[list[str], Params]:
+        """``async/...`` arrays: the counters, one row per event (time, order, client, dispatch, version, dropped),
+        and the parameters of each model version a task in flight was sent."""
+        rows, models = [], {}
+        for at, seq, request, reply, version in self.events:
+            if request is None:
+                rows.append((at, seq, -1, -1, -1, 0))
+                continue
+            dropped = reply is not None and reply.error is not None and reply.error.code == DROPPED
+            rows.append((at, seq, request.client_id, request.round, version, int(dropped)))
+            models.setdefault(version, request.params)
+        names = ["async/dispatched", "async/seq", "async/events"]
+        arrays = [np.asarray(self.dispatched), np.asarray(self.seq), np.asarray(rows, np.float64).reshape(-1, 6)]
+        for v, params in sorted(models.items()):
+            names += [f"async/model/{v}/{i}" for i in range(len(params))]
+            arrays += list(params)
+        return names, arrays
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], server: AsyncServer, params_like: Params) -> AsyncSnapshot:
+        """The snapshot :meth:`arrays` wrote; tasks are rebuilt by ``server`` (their replies are computed again)."""
+        try:
+            rows = arrays["async/events"]
+            models = {}
+            for v in {int(r[4]) for r in rows if r[2] >= 0}:
+                models[v] = [arrays[f"async/model/{v}/{i}"] for i in range(len(params_like))]
+            events: list[tuple[float, int, TrainRequest | None, TrainReply | None, int]] = []
+            for at, seq, cid, dispatch, version, dropped in rows.tolist():
+                if cid < 0:
+                    events.append((at, int(seq), None, None, -1))
+                    continue
+                sent = AsyncState(int(version), models[int(version)], {})
+                request = server.request(sent, int(cid), int(dispatch))
+                reply = (TrainReply(int(cid), int(dispatch), error=ErrorReply(DROPPED, "the device left mid-task"))
+                         if dropped else None)
+                events.append((at, int(seq), request, reply, int(version)))
+            return cls(events, int(arrays["async/dispatched"]), int(arrays["async/seq"]))
+        except (KeyError, ValueError, IndexError) as exc:
+            raise ConfigError("resume", f"the checkpoint's asynchronous tasks cannot be read back: {exc}") from None

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -309,6 +309,7 @@ class VectorizedTransport:
             return self.sequential.exchange(requests)
         replies: dict[int, Reply] = {}
         groups: dict[TrainConfig, list[int]] = {}
+        requests = [self._prepared(r) for r in requests]
         for i, r in enumerate(requests):
             ok = isinstance(r, TrainRequest) and 0 <= r.client_id < len(self.data)
             if ok and self.data[r.client_id].num_train > 0:
@@ -321,6 +322,14 @@ class VectorizedTransport:
                 chunk = members[start : start + size]
                 replies.update(zip(chunk, self._train([requests[i] for i in chunk])))
         return [replies[i] for i in range(len(requests))]
+
+    def _prepared(self, request: Request) -> Request:
+        """The request with the model its client trains from (``ClientPipeline.prepare``); as it was if that fails,
+        so that the sequential handler reports the failure."""
+        try:
+            return self.pipeline.prepare(request) if isinstance(request, TrainRequest) else request
+        except Exception:  # noqa: BLE001 - handle() prepares it again and turns the error into a reply
+            return request
 
     def _train(self, requests: list[TrainRequest]) -> list[Reply]:
         clients = [self.data[r.client_id] for r in requests]
@@ -337,9 +346,10 @@ class VectorizedTransport:
     def _finish(self, request: TrainRequest, update: Update) -> Reply:
         """The client halves of the pipeline on one client's update, as ``handle`` runs them."""
         try:
-            return TrainReply(request.client_id, request.round, update=self.pipeline.apply(request, update))
+            update, state = self.pipeline.apply(request, update)
+            return TrainReply(request.client_id, request.round, update=update, state=state)
         except Exception as exc:  # noqa: BLE001 - one client's failure, as handle reports it
-            return error_reply(request, "client_failed", failure(exc))
+            return replace(error_reply(request, "client_failed", failure(exc)), state=request.state)
 
     def close(self) -> None:
         """Nothing to release."""

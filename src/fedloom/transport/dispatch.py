@@ -25,6 +25,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from fedloom.compression.updates import NO_COMPRESSION, Compression
 from fedloom.errors import FedloomError
 from fedloom.messages import ErrorReply, Reply, Request, TrainRequest, error_reply
 from fedloom.server.validation import check_reply
@@ -87,8 +88,9 @@ class Dispatcher:
     may claim (see :func:`~fedloom.server.validation.check_reply`).
     """
 
-    def __init__(self, max_examples: float | None = None):
+    def __init__(self, max_examples: float | None = None, compression: Compression = NO_COMPRESSION):
         self.max_examples = max_examples
+        self.compression = compression  # a compressed update is decoded here once, to check it
         self._queues: dict[int, deque[Task]] = {}
         self._wake: dict[int, asyncio.Event] = {}
         self._open: dict[str, tuple[Task, asyncio.Future[Reply]]] = {}  # awaited task id -> task, its reply
@@ -184,7 +186,7 @@ class Dispatcher:
                                              "(it may have timed out)")
         request = found[0].request
         try:
-            check_reply(request, reply, self.max_examples)
+            check_reply(request, reply, self.max_examples, self.compression)  # the round decodes it again
         except FedloomError as exc:
             self._answer(task_id, error_reply(request, exc.code, f"refused by the server: {exc.message}"))
             return ErrorReply(exc.code, exc.message)

@@ -53,6 +53,7 @@ Chunk = pb.Chunk
 MiB = 1 << 20
 DEFAULT_CHUNK_BYTES = 1 * MiB
 ZLIB_LEVEL = 1  # fast; model weights rarely compress much, sparse/quantized ones do at any level
+UPDATE_KINDS = ("delta", "params", "encoded")
 
 
 
@@ -311,8 +312,10 @@ def _train_config(m: pb.TrainConfigMsg) -> TrainConfig:
 
 
 def _encode_train_request(m: TrainRequest) -> bytes:
-    body = pb.TrainRequestBody(config=_train_config_msg(m.config))
-    _add_tensors(body.params, m.params)
+    """The model as tensors, or, compressed for the downlink, only its payload (the client decodes it)."""
+    body = pb.TrainRequestBody(config=_train_config_msg(m.config), payload=m.payload)
+    if not m.payload:
+        _add_tensors(body.params, m.params)
     return body.SerializeToString()
 
 
@@ -320,7 +323,8 @@ def _decode_train_request(data: bytes, limits: Limits) -> TrainRequest:
     body = parse_message(pb.TrainRequestBody, data, limits, "train_request")
     del data  # free the body bytes before the tensors are copied out
     _require(body.HasField("config"), "train_request has no config")
-    return TrainRequest(0, 0, _decode_tensors(body.params, limits), _train_config(body.config))
+    _require(not (body.payload and len(body.params)), "train_request carries both a compressed model and tensors")
+    return TrainRequest(0, 0, _decode_tensors(body.params, limits), _train_config(body.config), body.payload)
 
 
 def _encode_train_reply(m: TrainReply) -> bytes:
@@ -329,11 +333,12 @@ def _encode_train_reply(m: TrainReply) -> bytes:
         body.error.CopyFrom(_error_msg(m.error))
         return body.SerializeToString()
     u = m.update
-    _require(u.kind in ("delta", "params"), f"update kind must be 'delta' or 'params', got {u.kind!r}")
+    _require(u.kind in UPDATE_KINDS, f"update kind must be one of {', '.join(UPDATE_KINDS)}, got {u.kind!r}")
     body.update.weight = u.weight
     body.update.kind = u.kind
     body.update.metrics.update({str(k): float(v) for k, v in u.metrics.items()})
     _add_tensors(body.update.values, u.values)
+    body.update.payload = u.payload
     return body.SerializeToString()
 
 
@@ -345,8 +350,10 @@ def _decode_train_reply(data: bytes, limits: Limits) -> TrainReply:
     if which == "error":
         return TrainReply(0, 0, error=_error_reply(body.error))
     u = body.update
-    _require(u.kind in ("delta", "params"), f"update kind must be 'delta' or 'params', got {u.kind!r}")
-    update = Update(_decode_tensors(u.values, limits), u.weight, u.kind, dict(u.metrics))
+    _require(u.kind in UPDATE_KINDS, f"update kind must be one of {', '.join(UPDATE_KINDS)}, got {u.kind!r}")
+    _require((u.kind == "encoded") == bool(u.payload) and not (u.payload and len(u.values)),
+             "an update carries either tensors (delta, params) or a payload (encoded)")
+    update = Update(_decode_tensors(u.values, limits), u.weight, u.kind, dict(u.metrics), u.payload)
     return TrainReply(0, 0, update=update)
 
 
@@ -489,6 +496,29 @@ def _checked_payload(env: pb.Envelope, limits: Limits) -> bytes:
     _require(len(payload) <= limits.max_message_bytes,
              f"{env.kind} payload is {len(payload)} bytes, over max_message_bytes={limits.max_message_bytes}")
     return payload
+
+
+_BODY_SIZE: list[Any] = [None, None, None, 0]  # the last train request sized: params, payload, config, body bytes
+
+
+def _varint_size(n: int) -> int:
+    return max(1, (n.bit_length() + 6) // 7)
+
+
+def message_size(message: Any) -> int:
+    """Bytes of ``message``'s envelope as the gRPC deployment encodes it (before chunking): what it costs on the wire.
+
+    A round's train requests share their model, so its body is serialized once per round: the
+    envelope's other fields are encoded for real and the body's length is added as protobuf adds it.
+    """
+    if isinstance(message, TrainRequest):
+        memo = _BODY_SIZE
+        if not (memo[0] is message.params and memo[1] is message.payload and memo[2] == message.config):
+            memo[:] = [message.params, message.payload, message.config, len(_encode_train_request(message))]
+        n = memo[3]
+        env = pb.Envelope(kind="train_request", client_id=message.client_id, round=message.round, encoding="proto")
+        return env.ByteSize() + (1 + _varint_size(n) + n if n else 0)
+    return to_envelope(message).ByteSize()
 
 
 def _with_address(message: Any, env: pb.Envelope) -> Any:

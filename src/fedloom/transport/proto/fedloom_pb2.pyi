@@ -45,12 +45,14 @@ class TrainConfigMsg(_message.Message):
     def __init__(self, lr: _Optional[float] = ..., batch_size: _Optional[int] = ..., local_epochs: _Optional[int] = ..., max_steps: _Optional[int] = ..., mu: _Optional[float] = ..., seed: _Optional[int] = ..., round: _Optional[int] = ..., stage: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class TrainRequestBody(_message.Message):
-    __slots__ = ("params", "config")
+    __slots__ = ("params", "config", "payload")
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     params: _containers.RepeatedCompositeFieldContainer[Tensor]
     config: TrainConfigMsg
-    def __init__(self, params: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., config: _Optional[_Union[TrainConfigMsg, _Mapping]] = ...) -> None: ...
+    payload: bytes
+    def __init__(self, params: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., config: _Optional[_Union[TrainConfigMsg, _Mapping]] = ..., payload: _Optional[bytes] = ...) -> None: ...
 
 class ErrorMsg(_message.Message):
     __slots__ = ("code", "reason")
@@ -61,7 +63,7 @@ class ErrorMsg(_message.Message):
     def __init__(self, code: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class UpdateMsg(_message.Message):
-    __slots__ = ("values", "weight", "kind", "metrics")
+    __slots__ = ("values", "weight", "kind", "metrics", "payload")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -73,11 +75,13 @@ class UpdateMsg(_message.Message):
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     values: _containers.RepeatedCompositeFieldContainer[Tensor]
     weight: float
     kind: str
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, values: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., weight: _Optional[float] = ..., kind: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    payload: bytes
+    def __init__(self, values: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., weight: _Optional[float] = ..., kind: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., payload: _Optional[bytes] = ...) -> None: ...
 
 class TrainReplyBody(_message.Message):
     __slots__ = ("update", "error")

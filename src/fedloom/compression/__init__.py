@@ -1,0 +1,1 @@
+"""Compressed communication: update codecs that turn a flat float32 update into bytes and back."""
