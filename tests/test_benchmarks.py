@@ -81,3 +81,34 @@ def test_the_privacy_benchmark_reaches_its_targets(capsys, monkeypatch):
     assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == [{k: r[k] for k in fields}
                                                                                   for r in records]
     assert records[0]["epsilon"] is None and 3.9 < records[1]["epsilon"] <= 4.0
+
+
+def test_the_codecs_benchmark_prints_the_named_fields(capsys):
+    import json
+
+    from benchmarks.codecs import measure_all
+
+    records = measure_all(("uniform8", "uniform2+rotate", "topk0.01"), n=100_000)
+    out = capsys.readouterr()
+    assert [json.loads(line) for line in out.out.splitlines()] == [
+        {"scheme": r["scheme"], "mb_per_s": r["mb_per_s"]} for r in records]
+    bits = {r["scheme"]: r["bits_per_value"] for r in records}
+    assert 8 < bits["uniform8"] < 8.1 and 2 < bits["uniform2+rotate"] < 2.1 and bits["topk0.01"] < 0.6
+    assert all(r["mb_per_s"] > 0 for r in records)
+
+
+def test_the_compression_benchmark_prints_the_named_fields_from_the_runs_bytes(tmp_path, capsys):
+    import json
+
+    from benchmarks.compression import plot, run_compression
+
+    small = ("data.num_clients=30", "client.max_steps=2", "run.rounds=2", "engine.executor=\"sequential\"",
+             "eval.max_examples=500")
+    records = run_compression(tasks=["keyboard"], out_dir=str(tmp_path), schemes=["uniform8", "topk0.01+ef"],
+                              overrides=small)
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines == [{k: r[k] for k in ("scheme", "bytes_up", "final_accuracy")} for r in records]
+    assert [r["scheme"] for r in records] == ["none", "uniform8", "topk0.01+ef"]
+    assert 3.5 < records[1]["ratio"] < 4.0 and records[2]["ratio"] > 30  # the runs' own encoded bytes
+    plot(records, str(tmp_path / "c.png"))
+    assert (tmp_path / "c.png").stat().st_size > 0

@@ -732,7 +732,29 @@ def _k(fraction: float, n: int) -> int:
 
 
 @dataclass(frozen=True)
-class TopK:
+class _Sparse:
+    """What top-k and random-k share: the fraction kept, and how the kept values travel (float32 or ``values``)."""
+
+    kind = ""  # the spec's prefix
+    fraction: float
+    values: Uniform | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "fraction", _fraction(self.fraction))
+        if self.values is not None and not isinstance(self.values, Uniform):
+            raise ValueError(f"values must be a Uniform codec or None, got {self.values!r}")
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}{self.fraction!r}" + (f"+{self.values.name}" if self.values else "")
+
+    def k(self, n: int) -> int:
+        """How many values are kept of ``n``."""
+        return _k(self.fraction, n)
+
+
+@dataclass(frozen=True)
+class TopK(_Sparse):
     """Top-k sparsification (``"topk0.01"``, ``"topk0.01+uniform8"``): the k = max(1, ceil(fraction * n))
     values of largest magnitude, zeros elsewhere.
 
@@ -750,21 +772,7 @@ class TopK:
     8-bit values, + a 20-byte header.
     """
 
-    fraction: float
-    values: Uniform | None = None
-
-    def __post_init__(self):
-        object.__setattr__(self, "fraction", _fraction(self.fraction))
-        if self.values is not None and not isinstance(self.values, Uniform):
-            raise ValueError(f"values must be a Uniform codec or None, got {self.values!r}")
-
-    @property
-    def name(self) -> str:
-        return f"topk{self.fraction!r}" + (f"+{self.values.name}" if self.values else "")
-
-    def k(self, n: int) -> int:
-        """How many values are kept of ``n``."""
-        return _k(self.fraction, n)
+    kind = "topk"
 
     def bits_per_value(self, n: int, width: int | None = None) -> float:
         """Exact for a given index ``width`` (the payload's header byte 18: the size depends on the data).
@@ -851,7 +859,7 @@ def random_indices(seed: int, n: int, k: int) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class RandomK:
+class RandomK(_Sparse):
     """Random-k sparsification (``"randk0.01"``, ``"randk0.01+uniform8"``): k = max(1, ceil(fraction * n))
     coordinates drawn uniformly without replacement, zeros elsewhere.
 
@@ -865,21 +873,7 @@ class RandomK:
     27-byte header.
     """
 
-    fraction: float
-    values: Uniform | None = None
-
-    def __post_init__(self):
-        object.__setattr__(self, "fraction", _fraction(self.fraction))
-        if self.values is not None and not isinstance(self.values, Uniform):
-            raise ValueError(f"values must be a Uniform codec or None, got {self.values!r}")
-
-    @property
-    def name(self) -> str:
-        return f"randk{self.fraction!r}" + (f"+{self.values.name}" if self.values else "")
-
-    def k(self, n: int) -> int:
-        """How many values are kept of ``n``."""
-        return _k(self.fraction, n)
+    kind = "randk"
 
     def bits_per_value(self, n: int) -> float:
         return (_H_RANDK.size + _values_size(self.values, self.k(n))) * 8 / n
