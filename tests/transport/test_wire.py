@@ -633,3 +633,25 @@ def test_the_buffer_grows_with_the_data_not_with_the_declared_size() -> None:
     assembler = wire.Assembler(first, wire.Limits())
     assert not assembler.add(first)
     assert len(assembler.buf) == 1000  # a stranger's declared 200 MiB is not allocated on its word
+
+
+def test_message_size_is_the_encoded_envelopes_size_without_encoding_the_arrays():
+    from fedloom.messages import TrainConfig, TrainReply, TrainRequest, Update
+
+    updates = [Update([np.ones((60, 10), np.float32), np.ones(10, np.float32)], 30.0, "delta",
+                      {"loss": 1.0, "loss_sq": 2.0, "examples": 30.0}),
+               Update([np.zeros((0, 3), np.float32), np.ones((), np.float64), np.ones(70000, np.float16)], 0.0,
+                      "params"),
+               Update([], -0.0, "encoded", {"a": 0.0, "": -0.0, "é": 1}, b"x" * 300),
+               Update([np.ones(3, np.int64)], 1e300, "delta", {"k" * 200: -1.0, 1: 2.0}),
+               Update([np.ones((2, 3), bool)], 1.0)]
+    params = [np.ones((5, 4), np.float32)]
+    for cid, rnd in [(0, 0), (5, 3), (10**9, 2**40), (-3, 7)]:
+        for u in updates:
+            reply = TrainReply(cid, rnd, update=u)
+            assert wire.message_size(reply) == wire.to_envelope(reply).ByteSize(), u
+        for request in (TrainRequest(cid, rnd, params, TrainConfig(round=rnd)),
+                        TrainRequest(cid, rnd, params, TrainConfig(round=rnd, stage=(("clip.bound", 0.5),)), b"z" * 9)):
+            assert wire.message_size(request) == wire.to_envelope(request).ByteSize()
+    with pytest.raises(WireError, match="update kind"):
+        wire.message_size(TrainReply(1, 1, update=Update([], 1.0, "sparse")))  # type: ignore[arg-type]

@@ -58,7 +58,7 @@ randk0.01+uniform8    0.081           biased, (K) + (U) on k      0.995        0
 The biased sparsifiers are meant to be paired with error feedback on the client.
 
 Speed, encode + decode of 10M values on one core (``python -m benchmarks.run codecs``, AMD EPYC
-Zen 3): uniform8 ~740 MB/s of float32 input, uniform4 ~640, uniform2+rotate ~280 (the two
+family 25): uniform8 ~740 MB/s of float32 input, uniform4 ~640, uniform2+rotate ~280 (the two
 Hadamard rotations take 60 of its ~140 ms), qsgd ~360, topk0.01 ~900, randk0.01 ~1700.
 """
 
