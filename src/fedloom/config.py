@@ -412,6 +412,12 @@ def _check_compression(cfg: Config) -> None:
             raise ConfigError(f"compression.{key}", str(exc)) from None
     if c.error_feedback and c.uplink == "none":
         raise ConfigError("compression.error_feedback", "keeps what a compressed update left out: set an uplink codec")
+    reducer = cfg.aggregation.reducer
+    if c.uplink.startswith(("topk", "randk")) and reducer in ("median", "trimmed_mean"):
+        raise ConfigError("aggregation.reducer", f"{reducer} works coordinate by coordinate, and a sparsified update "
+                                                 f"({c.uplink}) is zero almost everywhere: the aggregate would be zero "
+                                                 "wherever most clients sent nothing. Use mean or (multi_)krum with "
+                                                 "norm_bound, or a quantizing uplink codec")
     if cfg.model.batchnorm == "local" and not cfg.eval.federated_clients:
         raise ConfigError("eval.federated_clients", "with model.batchnorm = \"local\" (FedBN) every client keeps "
                                                    "its own BatchNorm layers, so the server's model has none worth "

@@ -228,5 +228,8 @@ def test_settings_that_cannot_work_are_refused_when_the_run_is_built(tmp_path):
         config(tmp_path, "model.batchnorm=\"local\"")
     with pytest.raises(ConfigError, match="compression.uplink"):
         config(tmp_path, "compression.uplink=\"zip9\"")
+    with pytest.raises(ConfigError, match="aggregation.reducer: median works coordinate by coordinate"):
+        config(tmp_path, "compression.uplink=\"topk0.1\"", "aggregation.reducer=\"median\"")
+    config(tmp_path, "compression.uplink=\"uniform4\"", "aggregation.reducer=\"median\"")  # quantized: fine
     with pytest.raises(ConfigError, match="model.batchnorm.*has none"):
         simulate(config(tmp_path, "model.batchnorm=\"local\"", "eval.federated_clients=2"), progress=False)
