@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,6 +37,7 @@ class StateFiles:
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)  # created at the first save
+        self._temporary: tempfile.TemporaryDirectory | None = None
         self.versions: dict[int, list[int]] = {}  # client -> rounds of its versions, ascending
         for path in self.folder.iterdir() if self.folder.is_dir() else ():
             m = _NAME.match(path.name)
@@ -45,6 +47,14 @@ class StateFiles:
                 path.unlink(missing_ok=True)  # a write cut short
         for rounds in self.versions.values():
             rounds.sort()
+
+    @classmethod
+    def temporary(cls) -> StateFiles:
+        """A store in a temporary folder, removed with it (a run without a run folder)."""
+        folder = tempfile.TemporaryDirectory(prefix="fedloom-client-state-")
+        files = cls(folder.name)
+        files._temporary = folder
+        return files
 
     def _path(self, client_id: int, round: int) -> Path:
         return self.folder / f"{client_id}-{round}.npz"

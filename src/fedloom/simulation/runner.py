@@ -7,7 +7,6 @@ import math
 import os
 import pickle
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from contextlib import closing
@@ -66,11 +65,7 @@ def build_engine(cfg: Config, work: TorchClientWork, dataset: FederatedDataset, 
     engine = _engine(cfg, work, dataset, own, pipeline)
     if not pipeline.stateful:
         return engine
-    if states is None:
-        folder = tempfile.TemporaryDirectory(prefix="fedloom-client-state-")
-        states = StateFiles(folder.name)
-        states.cleanup = folder  # type: ignore[attr-defined]  # removed with the store
-    return WithClientState(engine, states)
+    return WithClientState(engine, states or StateFiles.temporary())
 
 
 def _engine(cfg: Config, work: TorchClientWork, dataset: FederatedDataset, own: tuple,
