@@ -78,7 +78,8 @@ class ClientPipeline:
         ``request`` is the prepared one (:meth:`prepare`): its parameters are what the client trained from.
         """
         codec = self.compression.uplink
-        if not (self.stages or self.local or codec):
+        # with a compressed broadcast new parameters become a delta here: the server's copy is not what was trained
+        if not (self.stages or self.local or codec or self.compression.downlink):
             return update, request.state
         state = dict(request.state or {})
         values = update.values if update.kind == "delta" else subtract(update.values, request.params)
