@@ -233,3 +233,19 @@ def test_settings_that_cannot_work_are_refused_when_the_run_is_built(tmp_path):
     config(tmp_path, "compression.uplink=\"uniform4\"", "aggregation.reducer=\"median\"")  # quantized: fine
     with pytest.raises(ConfigError, match="model.batchnorm.*has none"):
         simulate(config(tmp_path, "model.batchnorm=\"local\"", "eval.federated_clients=2"), progress=False)
+
+
+def test_a_client_trains_from_the_decoded_broadcast_and_sends_its_change_from_it():
+    comp = compression(downlink="uniform4")
+    server_params = delta(0)
+    spec = ParamSpec.of(server_params)
+    payload = comp.encode_model(server_params, 0, 1)
+    pipeline = ClientPipeline(compression=comp, spec=spec)
+    prepared = pipeline.prepare(TrainRequest(1, 2, server_params, TrainConfig(round=2), payload))
+    decoded = comp.decode_model(payload, spec)
+    np.testing.assert_array_equal(prepared.params[0], decoded[0])
+    assert prepared.payload == b"" and not np.array_equal(decoded[0], server_params[0])  # 4 bits are lossy
+    trained = [decoded[0] + 1.0]
+    update, state = pipeline.apply(prepared, Update(trained, 5.0, kind="params"))
+    assert update.kind == "delta" and state is None
+    np.testing.assert_allclose(update.values[0], np.ones_like(trained[0]), atol=1e-6)  # not trained - server's copy
