@@ -83,6 +83,28 @@ def test_own_model_and_data_give_the_same_model_on_every_engine(project):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=engine)
 
 
+BATCHNORM_MODEL = '''
+from torch import nn
+
+
+def make(dataset):
+    return nn.Sequential(nn.Linear(dataset.clients[0].x_train.shape[1], 16), nn.BatchNorm1d(16), nn.ReLU(),
+                         nn.Linear(16, dataset.num_classes))
+'''
+
+
+def test_fedbn_runs_a_users_batchnorm_model_from_the_cli(project):
+    (project / "bnmodel.py").write_text(BATCHNORM_MODEL)
+    out = run_cli(project, "model.factory=\"bnmodel:make\"", "model.batchnorm=\"local\"",
+                  "eval.federated_clients=6", "engine.executor=\"process\"", "engine.workers=2", "run.name=\"bn\"")
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout.split("final test accuracy ")[1].split()[0]) > 0.6
+    run_dir = next((project / "runs").glob("bn-*"))
+    assert {p.name.split("-")[0] for p in (run_dir / "client_state").glob("*.npz")} == {str(i) for i in range(6)}
+    out = run_cli(project, "model.batchnorm=\"local\"", "eval.federated_clients=6")
+    assert out.returncode == 2 and "model.batchnorm: \"local\" keeps BatchNorm layers on the clients" in out.stderr
+
+
 def test_a_bad_plug_in_name_is_refused_before_training(project):
     out = run_cli(project, "model.factory=\"mymodel\"")
     assert out.returncode == 2 and "fedloom: error: model.factory: must be 'package.module:function'" in out.stderr
