@@ -513,8 +513,8 @@ def _field_size(n: int) -> int:
 
 
 @functools.cache
-def _tensor_head_size(dtype: str, shape: tuple[int, ...]) -> int:
-    return pb.Tensor(dtype=dtype, shape=shape).ByteSize()
+def _tensor_head_size(dtype: np.dtype, shape: tuple[int, ...]) -> int:
+    return pb.Tensor(dtype=dtype.name, shape=shape).ByteSize()
 
 
 def _update_size(u: Update) -> int:
@@ -524,7 +524,7 @@ def _update_size(u: Update) -> int:
     for key in {str(k) for k in u.metrics}:  # a map entry always holds its key and its double
         size += _field_size(_field_size(len(key.encode())) + 9)
     for a in u.values:
-        t = _tensor_head_size(a.dtype.name, tuple(a.shape)) + (_field_size(a.nbytes) if a.nbytes else 0)
+        t = _tensor_head_size(a.dtype, a.shape) + (_field_size(a.nbytes) if a.nbytes else 0)
         size += _field_size(t)
     return size
 
@@ -546,8 +546,10 @@ def message_size(message: Any) -> int:
         kind, n = "train_reply", _field_size(_update_size(message.update))
     else:
         return to_envelope(message).ByteSize()
-    env = pb.Envelope(kind=kind, client_id=message.client_id, round=message.round, encoding="proto")
-    return env.ByteSize() + (_field_size(n) if n else 0)
+    cid, rnd = message.client_id, message.round  # an int64 and a uint64, left out when 0
+    size = _field_size(len(kind)) + _field_size(len("proto")) + (_field_size(n) if n else 0)
+    size += (1 + (10 if cid < 0 else _varint_size(cid)) if cid else 0) + (1 + _varint_size(rnd) if rnd else 0)
+    return size
 
 
 def _with_address(message: Any, env: pb.Envelope) -> Any:
