@@ -752,6 +752,13 @@ class _Sparse:
         """How many values are kept of ``n``."""
         return _k(self.fraction, n)
 
+    def _check_k(self, k: int, n: int) -> None:
+        """A payload's k: in range, and the one this codec keeps of ``n``."""
+        if not 0 < k <= n:
+            raise CodecError(f"{self.kind} k={k} is out of range 1..n={n}")
+        if k != self.k(n):
+            raise CodecError(f"{self.kind} k={k} is not this codec's k={self.k(n)} for n={n}")
+
 
 @dataclass(frozen=True)
 class TopK(_Sparse):
@@ -807,10 +814,7 @@ class TopK(_Sparse):
     def decode(self, data: bytes, n: int) -> np.ndarray:
         mv, n = _view(data), _expect_n(n)
         k, width, kind = _header(mv, _H_TOPK, _TOPK, n)
-        if not 0 < k <= n:
-            raise CodecError(f"topk k={k} is out of range 1..n={n}")
-        if k != self.k(n):
-            raise CodecError(f"topk k={k} is not this codec's k={self.k(n)} for n={n}")
+        self._check_k(k, n)
         if not 1 <= width <= 32:
             raise CodecError(f"topk index width {width} is outside 1..32")
         gap_bytes = _ceil_div(k * width, 8)
@@ -889,10 +893,7 @@ class RandomK(_Sparse):
     def decode(self, data: bytes, n: int) -> np.ndarray:
         mv, n = _view(data), _expect_n(n)
         k, seed, kind = _header(mv, _H_RANDK, _RANDK, n)
-        if not 0 < k <= n:
-            raise CodecError(f"randk k={k} is out of range 1..n={n}")
-        if k != self.k(n):
-            raise CodecError(f"randk k={k} is not this codec's k={self.k(n)} for n={n}")
+        self._check_k(k, n)
         v = _decode_values(self.values, kind, mv, _H_RANDK.size, k, "randk")
         out = np.zeros(n, np.float32)
         out[random_indices(seed, n, k)] = v

@@ -40,7 +40,7 @@ from fedloom.rounds import round_metrics, run_rounds, train_round
 from fedloom.server import SyncServer
 from fedloom.server.sync import RoundResult, ServerState
 from fedloom.transport.dispatch import REPLY_SLACK_BYTES, DeployedTransport, LoopThread
-from fedloom.transport.metered import Metered
+from fedloom.transport.metered import Metered, traffic_columns
 
 log = logging.getLogger("fedloom")
 
@@ -216,9 +216,7 @@ def serve(cfg: Config, *, on_round: Callable[[dict[str, float]], None] | None = 
                 for cid, why in sorted(result.rejected.items(), key=str):
                     log.info("round %d: no update from client %s: %s", state.round, cid, why[:300])
                 row = round_metrics(result, state, server, transport, work, test, cfg, evaluate=True)
-                row.update(bytes_down=transport.bytes_down - sent[0], bytes_up=transport.bytes_up - sent[1],
-                           total_bytes_down=transport.bytes_down, total_bytes_up=transport.bytes_up)
-                sent[:] = [transport.bytes_down, transport.bytes_up]
+                row.update(traffic_columns(transport.bytes_down, transport.bytes_up, sent))
                 store.complete_round(run_id, state.round, _checkpoint_arrays(state), names + state_names(state), row)
                 if on_round is not None:
                     on_round(row)

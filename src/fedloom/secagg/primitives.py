@@ -436,22 +436,22 @@ def _check_words(arrays: tuple[Any, ...], bits: int) -> np.dtype:
     return dtype
 
 
-def add_mod(a: np.ndarray, b: np.ndarray, bits: int, out: np.ndarray | None = None) -> np.ndarray:
-    """(a + b) mod 2**bits, elementwise; into ``out`` when given (``out=a`` adds in place)."""
+def _mod(op: Any, a: np.ndarray, b: np.ndarray, bits: int, out: np.ndarray | None) -> np.ndarray:
     dtype = _check_words((a, b, out), bits)
-    result = np.add(a, b, out=out)
-    if bits not in (32, 64):
+    result = op(a, b, out=out)
+    if bits not in (32, 64):  # 32 and 64 bits wrap by themselves
         np.bitwise_and(result, dtype.type((1 << bits) - 1), out=result)
     return result
+
+
+def add_mod(a: np.ndarray, b: np.ndarray, bits: int, out: np.ndarray | None = None) -> np.ndarray:
+    """(a + b) mod 2**bits, elementwise; into ``out`` when given (``out=a`` adds in place)."""
+    return _mod(np.add, a, b, bits, out)
 
 
 def sub_mod(a: np.ndarray, b: np.ndarray, bits: int, out: np.ndarray | None = None) -> np.ndarray:
     """(a - b) mod 2**bits, elementwise; into ``out`` when given (``out=a`` subtracts in place)."""
-    dtype = _check_words((a, b, out), bits)
-    result = np.subtract(a, b, out=out)
-    if bits not in (32, 64):
-        np.bitwise_and(result, dtype.type((1 << bits) - 1), out=result)
-    return result
+    return _mod(np.subtract, a, b, bits, out)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ from fedloom.simulation.report import (
 from fedloom.simulation.timeline import AsyncRun, AsyncSnapshot, SimulatedClock
 from fedloom.transport.base import Transport
 from fedloom.transport.inprocess import InProcessTransport
-from fedloom.transport.metered import Metered
+from fedloom.transport.metered import Metered, traffic_columns
 
 log = logging.getLogger("fedloom")
 
@@ -261,8 +261,7 @@ def _run(cfg: Config, run_dir: Path | None, start: float, progress: bool, own: t
         row = round_metrics(result, state, server, transport, work, (x_test, y_test), cfg, evaluate)
         traffic = clock if clock is not None else transport  # the clock counts what its devices sent
         down, up = traffic.bytes_down, traffic.bytes_up  # type: ignore[union-attr]
-        row.update(bytes_down=down - sent[0], bytes_up=up - sent[1], total_bytes_down=down, total_bytes_up=up)
-        sent[:] = [down, up]
+        row.update(traffic_columns(down, up, sent))
         if clock is not None:
             row.update(sim_time_s=clock.now, trips=clock.trips)
         row["round_s"] = time.perf_counter() - timer["t0"]

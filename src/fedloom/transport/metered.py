@@ -32,3 +32,12 @@ class Metered:
 
     def close(self) -> None:
         self.engine.close()
+
+
+def traffic_columns(down: int, up: int, before: list[int]) -> dict[str, int]:
+    """A round's ``bytes_down``/``bytes_up`` and the totals, from the totals now and at the last row (``before``,
+    updated in place)."""
+    row = {"bytes_down": down - before[0], "bytes_up": up - before[1], "total_bytes_down": down,
+           "total_bytes_up": up}
+    before[:] = [down, up]
+    return row
