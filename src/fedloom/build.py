@@ -6,6 +6,7 @@ same config).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -25,6 +26,7 @@ from fedloom.messages import EvaluateConfig, TrainConfig
 from fedloom.models import build_model
 from fedloom.params import ParamSpec
 from fedloom.plugins import federate, user_data, user_model
+from fedloom.secagg.protocol import NOISE_MARGIN, SecureAggregation
 from fedloom.server import (
     ClientSelector,
     OortSelector,
@@ -43,7 +45,7 @@ from fedloom.server.optimizers import ServerOptimizer
 from fedloom.stages.attacks import POISONED, Attack, attackers
 from fedloom.stages.base import Noise, SecureNoise, SeededNoise, Stage
 from fedloom.stages.clipping import CenteredClip, Clip, MaxNorm, NormBound
-from fedloom.stages.privacy import Accountant, GaussianNoise, LocalNoise, update_multiplier
+from fedloom.stages.privacy import Accountant, DistributedNoise, GaussianNoise, LocalNoise, update_multiplier
 from fedloom.stages.weighting import Weighting
 
 
@@ -149,10 +151,25 @@ def accountant(cfg: Config, num_clients: int) -> Accountant:
     return Accountant(p.noise_multiplier, sampling, num_clients, min(s.clients_per_round, num_clients), p.delta)
 
 
+def survivors_needed(cfg: Config) -> int:
+    """The fewest masked inputs a secure round (or buffer) is applied with: with DP, the survivors its noise is
+    shared among (all but ``secagg.dropout_fraction`` of the clients asked); else one."""
+    if not cfg.privacy.noise_multiplier or cfg.privacy.local:
+        return 1
+    per = cfg.server.clients_per_round if cfg.server.aggregation == "sync" else async_buffer(cfg)
+    return max(1, math.ceil((1 - cfg.secagg.dropout_fraction) * per - 1e-9))
+
+
 def build_aggregator(cfg: Config, num_clients: int, deployed: bool = False) -> Aggregator:
-    """The chain ``[aggregation]`` and ``[privacy]`` describe (see ``aggregation/aggregator.py``)."""
+    """The chain ``[aggregation]``, ``[privacy]`` and ``[secagg]`` describe (see ``aggregation/aggregator.py``).
+
+    With secure aggregation every update is clipped on its client (``privacy.clip``, needed for the
+    fixed point), the server's own checks of single updates are left out (it sees none), and DP's
+    noise is added by the clients (:class:`DistributedNoise`) unless it is local.
+    """
     a, p, s = cfg.aggregation, cfg.privacy, cfg.server
-    before: list[Stage] = [MaxNorm(a.max_norm)] if a.max_norm else []
+    secure = cfg.secagg.mode != "off"
+    before: list[Stage] = [MaxNorm(a.max_norm)] if a.max_norm and not secure else []
     before.append(Weighting(a.weighting, a.max_weight))
     if a.norm_bound:
         before.append(NormBound(a.norm_bound))
@@ -166,16 +183,51 @@ def build_aggregator(cfg: Config, num_clients: int, deployed: bool = False) -> A
         acct = accountant(cfg, num_clients)
         if p.local:
             before.append(LocalNoise(p.noise_multiplier, acct, p.epsilon_budget))
+        elif secure:
+            after.append(DistributedNoise(p.noise_multiplier, survivors_needed(cfg), acct, p.epsilon_budget))
         else:
             after.append(GaussianNoise(update_multiplier(p.noise_multiplier, count_std), acct, p.epsilon_budget))
+    elif secure:
+        before.append(Clip(p.clip))
     reducer = {"mean": weighted_mean, "median": coordinate_median, "trimmed_mean": trimmed_mean(a.trim),
                "krum": krum(a.byzantine, 1), "multi_krum": krum(a.byzantine, a.krum_m)}[a.reducer]
     return chain(*before, reducer, *after, noise=noise_source(cfg, deployed))
 
 
 def build_compression(cfg: Config) -> Compression:
+    """The codecs; with secure aggregation the uplink's is left out: its uniformB levels are the fixed point the
+    masking uses (:func:`build_secure`)."""
     c = cfg.compression
-    return compression(c.uplink, c.downlink, c.error_feedback, c.chunk)
+    return compression("none" if cfg.secagg.mode != "off" else c.uplink, c.downlink, c.error_feedback, c.chunk)
+
+
+def build_secure(cfg: Config, num_clients: int, deployed: bool = False) -> SecureAggregation | None:
+    """Secure aggregation's settings (``secagg/protocol.py``), or None when ``secagg.mode`` is off.
+
+    The fixed point covers each client's clipped update and its noise (local or distributed) with
+    a margin of :data:`NOISE_MARGIN` standard deviations; it is sized for the most clients a round
+    may ask (over-selection, Poisson sampling: the whole federation).
+    """
+    g, p, s, a = cfg.secagg, cfg.privacy, cfg.server, cfg.aggregation
+    if g.mode == "off":
+        return None
+    if s.selection == "poisson":
+        most = num_clients
+    elif s.aggregation == "sync":
+        most = math.ceil(cfg.hetero.over_select * s.clients_per_round)
+    else:
+        most = async_buffer(cfg)
+    most = max(3, min(most, num_clients))
+    need = survivors_needed(cfg)
+    std = 0.0
+    if p.noise_multiplier:
+        std = p.noise_multiplier * p.clip / (1.0 if p.local else math.sqrt(need))
+    up = cfg.compression.uplink
+    return SecureAggregation.for_run(
+        g.mode, g.bits, int(up[7:]) if up.startswith("uniform") else 0, p.clip + NOISE_MARGIN * std, most,
+        threshold=g.threshold, corrupt_fraction=g.corrupt_fraction, dropout_fraction=g.dropout_fraction,
+        weight_cap=a.max_weight if a.weighting == "capped" else 0.0, min_survivors=need,
+        seed=None if deployed else cfg.run.seed)
 
 
 def client_pipeline(cfg: Config, work: TorchClientWork, num_clients: int, deployed: bool = False) -> ClientPipeline:
@@ -189,7 +241,7 @@ def client_pipeline(cfg: Config, work: TorchClientWork, num_clients: int, deploy
     if cfg.model.batchnorm == "local" and not local:
         raise ConfigError("model.batchnorm", "\"local\" keeps BatchNorm layers on the clients, but this model has none")
     return ClientPipeline(stages, noise_source(cfg, deployed), build_compression(cfg), local,
-                          ParamSpec.of(get_params(work.model)))
+                          ParamSpec.of(get_params(work.model)), secure=cfg.secagg.mode != "off")
 
 
 def build_strategy(cfg: Config, num_clients: int, deployed: bool = False) -> Strategy:
@@ -208,6 +260,7 @@ def build_strategy(cfg: Config, num_clients: int, deployed: bool = False) -> Str
         evaluate=EvaluateConfig(batch_size=cfg.eval.batch_size),
         compression=build_compression(cfg),
         seed=cfg.run.seed,
+        secure=build_secure(cfg, num_clients, deployed),
     )
 
 

@@ -172,6 +172,20 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class SecAggConfig:
+    mode: str = _f("off", "secure aggregation, the server sees only the sum of a round's updates "
+                          "(docs/secure-aggregation.md): off | secagg (Bonawitz et al. 2017: every pair of clients "
+                          "masks) | secagg+ (Bell et al. 2020: O(log n) neighbours each)", ("off", "secagg", "secagg+"))
+    bits: int = _f(32, "width of a masked value, 2..32 (a round's sum must fit); a uniformB uplink codec sets the "
+                       "fewest that hold its levels' sum", ">=1")
+    threshold: float = _f(0.5, "secagg: fraction of a round's clients whose shares rebuild a secret (secagg+ takes "
+                               "it from its analysis)", "0..1")
+    corrupt_fraction: float = _f(1 / 3, "secagg+: fraction of clients assumed to collude with the server", "0..1")
+    dropout_fraction: float = _f(0.1, "fraction of a round's clients that may drop out; with DP, a round needs the "
+                                      "rest (its noise is shared among them)", "0..1")
+
+
+@dataclass(frozen=True)
 class AttackConfig:
     kind: str = _f("", "simulated attackers: empty = none | sign_flip | scale (a poisoned model, boosted) | "
                        "weight (a poisoned model claiming 10^12 examples) | gaussian | label_flip", ATTACKS)
@@ -258,6 +272,7 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     hetero: HeteroConfig = field(default_factory=HeteroConfig)
@@ -338,6 +353,7 @@ def _check_whole(cfg: Config) -> Config:
                                               f"{cfg.server.aggregation} sends work to available clients uniformly")
     _check_aggregation(cfg)
     _check_compression(cfg)
+    _check_secagg(cfg)
     if not 0 < d.train_fraction < 1:
         raise ConfigError("data.train_fraction", f"must be strictly between 0 and 1, got {d.train_fraction}")
     return cfg
@@ -422,6 +438,42 @@ def _check_compression(cfg: Config) -> None:
         raise ConfigError("eval.federated_clients", "with model.batchnorm = \"local\" (FedBN) every client keeps "
                                                    "its own BatchNorm layers, so the server's model has none worth "
                                                    "testing: evaluate on the clients (eval.federated_clients > 0)")
+
+
+def _check_secagg(cfg: Config) -> None:
+    """What secure aggregation cannot run with: whatever needs to see one client's update on the server."""
+    g, a, p, s, c = cfg.secagg, cfg.aggregation, cfg.privacy, cfg.server, cfg.compression
+    if g.mode == "off":
+        return
+    sees = "needs each update on its own, and secure aggregation shows the server only the sum"
+    why = None
+    if not 2 <= g.bits <= 32:
+        why = ("secagg.bits", f"must be 2..32, got {g.bits}")
+    elif not 0 < g.threshold <= 1 or not g.dropout_fraction < 1 or not g.corrupt_fraction < 1:
+        why = ("secagg.threshold", "threshold must be in (0, 1], corrupt_fraction and dropout_fraction below 1")
+    elif a.reducer != "mean":
+        why = ("aggregation.reducer", f"{a.reducer} {sees}: use mean")
+    elif a.weighting == "examples":
+        why = ("aggregation.weighting", "a client's weight is summed securely with its update, so it needs a known "
+                                        "range: use uniform, or capped with max_weight (each client weighs its "
+                                        "update by min(examples, max_weight) / max_weight)")
+    elif a.norm_bound or a.centered_clip:
+        why = ("aggregation.norm_bound" if a.norm_bound else "aggregation.centered_clip",
+               f"the server's clipping {sees}; every update is clipped to privacy.clip on its client instead")
+    elif p.target_quantile:
+        why = ("privacy.target_quantile", f"adaptive clipping counts unclipped updates on the server and {sees}")
+    elif s.aggregation == "fedasync":
+        why = ("server.aggregation", "fedasync applies each update alone: there is no sum to hide it in (use fedbuff)")
+    elif (s.clients_per_round if s.aggregation == "sync" else (s.buffer_size or max(1, s.clients_per_round // 2))) < 3:
+        why = ("server.clients_per_round", "secure aggregation needs at least 3 clients per round (per buffer)")
+    elif c.uplink != "none" and not (c.uplink.startswith("uniform") and c.uplink[7:].isdigit()):
+        why = ("compression.uplink", f"secure aggregation sums updates in its own fixed-point integers; {c.uplink} "
+                                     "cannot be summed masked. A uniformB codec is (its levels are the fixed point)")
+    elif c.error_feedback:
+        why = ("compression.error_feedback", "secure aggregation rounds stochastically without bias; there is no "
+                                             "residual to feed back")
+    if why:
+        raise ConfigError(*why)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -38,11 +38,13 @@ class Update:
     update stands for (FedAvg's n_k). ``metrics`` are per-client numbers such as train loss.
     A compressed delta (``kind="encoded"``) has no values: ``payload`` holds the codec's bytes
     (``compression/codecs.py``), which the server decodes at its door (``server/validation.py``).
+    A masked one (``kind="masked"``, secure aggregation) holds the client's weighted delta as integers
+    modulo a power of two plus masks (``secagg/``): only the sum of a round's masked updates means anything.
     """
 
     values: Params
     weight: float
-    kind: Literal["delta", "params", "encoded"] = "delta"
+    kind: Literal["delta", "params", "encoded", "masked"] = "delta"
     metrics: dict[str, float] = field(default_factory=dict)
     payload: bytes = b""
 
@@ -125,11 +127,40 @@ class EvaluateReply:
     error: ErrorReply | None = None
 
 
-Request = TrainRequest | EvaluateRequest
-Reply = TrainReply | EvaluateReply
+@dataclass(frozen=True)
+class StepRequest:
+    """One exchange of a round that takes several (secure aggregation's key exchange and unmasking).
+
+    ``step`` names the exchange (``"secagg.advertise"``, ...); ``values`` are its named byte strings
+    (keys, sealed shares, lists of client ids). The client keeps what it needs for the round's next
+    steps in its state, under keys starting ``round/`` (see ``client/state.py``).
+    """
+
+    client_id: int
+    round: int
+    step: str
+    values: dict[str, bytes] = field(default_factory=dict)
+    state: ClientState | None = None  # carried by a simulation engine (never on the wire)
+
+
+@dataclass(frozen=True)
+class StepReply:
+    client_id: int
+    round: int
+    step: str
+    values: dict[str, bytes] = field(default_factory=dict)
+    error: ErrorReply | None = None
+    state: ClientState | None = None  # back to a simulation engine (never on the wire)
+
+
+Request = TrainRequest | EvaluateRequest | StepRequest
+Reply = TrainReply | EvaluateReply | StepReply
 
 
 def error_reply(request: Request, code: str, reason: str) -> Reply:
-    """The failure reply to ``request``: an ``EvaluateReply`` for an evaluation, else a ``TrainReply``."""
+    """The failure reply to ``request``: an ``EvaluateReply`` for an evaluation, a ``StepReply`` for a step, else a
+    ``TrainReply``."""
+    if isinstance(request, StepRequest):
+        return StepReply(request.client_id, request.round, request.step, error=ErrorReply(code, reason))
     kind = EvaluateReply if isinstance(request, EvaluateRequest) else TrainReply
     return kind(request.client_id, request.round, error=ErrorReply(code, reason))

@@ -1,8 +1,10 @@
 """One synchronous round loop: the simulation, the simulated clock and the deployed server all run it.
 
-A round: a :class:`Pacer` picks who is asked (``requests``), the transport moves the messages
-(``exchange``), the pacer says which replies the round keeps and how long each took (``settle``),
-and the round logic aggregates them (:meth:`SyncServer.apply`). The pacers are
+A round: a :class:`Pacer` picks who is asked (``requests``); the round logic
+(:meth:`SyncServer.round`, a generator with no I/O) yields the requests of each of its exchanges
+(one for a plain round, several with secure aggregation); for each, the transport moves the
+messages (``exchange``) and the pacer says which replies the round keeps and how long each took
+(``settle``); the round logic then aggregates (:func:`drive`). The pacers are
 :class:`Immediate` (every client is a candidate and every reply is kept: a simulation without a
 device population), the simulated clock (``simulation/timeline.SimulatedClock``) and the
 deployed server's connected clients (``deploy/server.py``).
@@ -11,18 +13,19 @@ deployed server's connected clients (``deploy/server.py``).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
-from typing import Protocol
+from collections.abc import Callable, Generator, Sequence
+from typing import Protocol, TypeVar
 
 import numpy as np
 
 from fedloom.client.torch_work import TorchClientWork
 from fedloom.config import Config
-from fedloom.messages import Reply, TrainRequest
+from fedloom.messages import Reply, Request, TrainRequest
 from fedloom.server.sync import RoundResult, ServerState, SyncServer
 from fedloom.transport.base import Transport
 
 Step = Callable[[ServerState], tuple[RoundResult, ServerState]]
+T = TypeVar("T")
 
 
 class Pacer(Protocol):
@@ -30,7 +33,7 @@ class Pacer(Protocol):
 
     def requests(self, server: SyncServer, state: ServerState) -> tuple[list[TrainRequest], ServerState]: ...
 
-    def settle(self, requests: Sequence[TrainRequest],
+    def settle(self, requests: Sequence[Request],
                replies: Sequence[Reply]) -> tuple[list[Reply], dict[int, float]]: ...
 
 
@@ -45,13 +48,25 @@ class Immediate:
         return list(replies), {}
 
 
+def drive(exchanges: Generator[list[Request], tuple[list[Reply], dict[int, float]], T], transport: Transport,
+          pacer: Pacer) -> T:
+    """Run a round's exchanges (a generator that yields requests and receives ``(replies, durations)``) over
+    ``transport``, each paced by ``pacer``, and return what the generator returns."""
+    outgoing = next(exchanges)
+    while True:
+        replies, durations = pacer.settle(outgoing, transport.exchange(outgoing))  # type: ignore[arg-type]
+        try:
+            outgoing = exchanges.send((replies, durations))
+        except StopIteration as stop:
+            return stop.value
+
+
 def train_round(server: SyncServer, state: ServerState, transport: Transport,
                 pacer: Pacer | None = None) -> tuple[RoundResult, ServerState]:
     """One synchronous round over ``transport``, paced by ``pacer`` (default :class:`Immediate`)."""
     pacer = pacer or Immediate()
     requests, state = pacer.requests(server, state)
-    replies, durations = pacer.settle(requests, transport.exchange(requests))
-    return server.apply(state, requests, replies, durations)  # type: ignore[arg-type]
+    return drive(server.round(state, requests), transport, pacer)
 
 
 def run_rounds(step: Step, state: ServerState, rounds: int,

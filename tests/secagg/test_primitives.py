@@ -15,11 +15,14 @@ from fedloom.secagg.primitives import (
     add_mod,
     agree,
     associated_data,
+    bits_for,
     expand,
     from_field,
     generate_keypair,
+    levels_for,
     neighbours,
     open_sealed,
+    pack_words,
     private_from_bytes,
     private_to_bytes,
     quantization_step,
@@ -30,6 +33,7 @@ from fedloom.secagg.primitives import (
     sub_mod,
     thresholds,
     to_field,
+    unpack_words,
 )
 
 MASK_INFO = b"fedloom-secagg-mask|round=1"
@@ -201,44 +205,124 @@ def test_add_and_sub_are_arithmetic_modulo_2_to_the_bits(bits):
 # ------------------------------------------------------------------------------------------ fixed point
 
 
-@pytest.mark.parametrize("bits", [16, 32, 64])
+def _sum_of_copies(word, count, bits):
+    """``count`` copies of one encoding summed with add_mod, as the server would."""
+    total = np.zeros_like(word)
+    for _ in range(count):
+        add_mod(total, word, bits, out=total)
+    return total
+
+
+@pytest.mark.parametrize("bits", [16, 20, 32, 33, 64])
 @pytest.mark.parametrize("num_clients", [1, 2, 3, 5, 8, 64, 1000])
-def test_the_sum_of_num_clients_encodings_of_plus_clip_never_wraps(bits, num_clients):
-    clip = 2.5
-    if bits - (num_clients - 1).bit_length() < 10:
-        with pytest.raises(ValueError, match="too few bits"):
-            to_field(np.array([clip], np.float32), clip, bits, num_clients)
-        return
-    step = quantization_step(clip, bits, num_clients)
-    assert step <= clip / 2**8
-    x = np.array([clip, 10 * clip, -clip, -10 * clip], np.float32)
-    for rng in (None, np.random.default_rng(0)):
-        top, _, bottom, _ = (int(v) for v in to_field(x, clip, bits, num_clients, rng))
-        assert bottom == 0 and num_clients * top < 2**bits
-        assert num_clients * (top + 1) >= 2 ** (bits - 1) or bits - (num_clients - 1).bit_length() > 52
-    enc = to_field(x, clip, bits, num_clients)
-    summed = enc.copy()
-    for _ in range(num_clients - 1):
-        add_mod(summed, enc, bits, out=summed)
-    decoded = from_field(summed, clip, bits, num_clients)
-    assert decoded.tolist() == pytest.approx([num_clients * clip, num_clients * clip,
-                                              -num_clients * clip, -num_clients * clip], rel=1e-6)
+def test_the_sum_of_num_clients_encodings_of_plus_bound_never_wraps(bits, num_clients):
+    bound = 2.5
+    levels = levels_for(bits, num_clients)
+    assert num_clients * levels <= 2 ** (bits - 1) - 1  # the extreme sum fits the signed range
+    capped = levels == 2**52  # float64 stays exact
+    if not capped:
+        assert num_clients * (levels + 1) > 2 ** (bits - 1) - 1  # and no more levels would
+    step = quantization_step(bound, levels)
+    assert step == bound / levels
+    x = np.array([bound, 10 * bound, -bound, -10 * bound], np.float32)
+    for rng in (None, np.random.default_rng(0)):  # a value at +-bound is exactly a level: no rounding either way
+        enc = to_field(x, bound, levels, bits, rng)
+        assert enc.dtype == (np.uint32 if bits <= 32 else np.uint64) and enc.shape == (4,)
+        assert [int(v) for v in enc] == [levels, levels, 2**bits - levels, 2**bits - levels]  # two's complement
+    enc = to_field(x, bound, levels, bits)
+    total = _sum_of_copies(enc, num_clients, bits)
+    assert [int(v) for v in total] == [num_clients * levels] * 2 + [2**bits - num_clients * levels] * 2
+    decoded = from_field(total, bound, levels, bits)
+    assert decoded.dtype == np.float64
+    extreme = num_clients * bound
+    assert decoded.tolist() == pytest.approx([extreme, extreme, -extreme, -extreme], rel=1e-12)
+
+    # bits_for is the smallest width that holds the extreme sum: one bit fewer wraps it
+    width = bits_for(levels, num_clients)
+    assert width <= bits and (capped or width == bits)
+    for w in (width, width - 1):
+        total = _sum_of_copies(to_field(x[:1], bound, levels, w), num_clients, w)
+        wraps = from_field(total, bound, levels, w)[0] != pytest.approx(extreme, rel=1e-12)
+        assert wraps == (w < width)
+    if not capped:  # one level more than levels_for gives wraps too
+        total = _sum_of_copies(to_field(x[:1], bound, levels + 1, bits), num_clients, bits)
+        assert from_field(total, bound, levels + 1, bits)[0] < 0
+
+
+@pytest.mark.parametrize("bits", range(2, 65))
+def test_from_field_reads_a_total_of_any_width_as_twos_complement(bits):
+    half = 2 ** (bits - 1)
+    total = np.array([0, 1, half - 1, half, 2**bits - 1], np.uint32 if bits <= 32 else np.uint64)
+    assert from_field(total, 2.0, 4, bits).tolist() == [0.0, 0.5, (half - 1) / 2, -half / 2, -0.5]  # step 1/2
+
+
+def test_levels_and_bits_agree_on_small_cases():
+    assert levels_for(16, 1) == 2**15 - 1 and levels_for(16, 3) == (2**15 - 1) // 3
+    assert levels_for(64, 1) == 2**52 and levels_for(32, 1000) == (2**31 - 1) // 1000
+    assert bits_for(1, 1) == 2 and bits_for(127, 1) == 8 and bits_for(128, 1) == 9 and bits_for(10, 100) == 11
+    for levels in range(1, 40):
+        for n in range(1, 12):
+            width = bits_for(levels, n)
+            assert n * levels <= 2 ** (width - 1) - 1 < 2 ** (width - 1) <= 2 * n * levels + 1
+            assert levels_for(width, n) >= levels
 
 
 def test_rounding_is_to_the_nearest_level_or_unbiased_stochastic():
-    clip, bits = 1.0, 16
-    step = quantization_step(clip, bits, 4)
+    bound, bits = 1.0, 16
+    levels = levels_for(bits, 4)
+    step = quantization_step(bound, levels)
     x = np.random.default_rng(1).uniform(-1, 1, 10_000).astype(np.float32)
-    nearest = from_field(to_field(x, clip, bits, 4), clip, bits, 4, count=1)
-    assert np.abs(nearest.astype(np.float64) - x).max() <= step / 2 * (1 + 1e-6)
-    value = np.full(200_000, -clip + 0.3 * step, np.float32)
+    nearest = from_field(to_field(x, bound, levels, bits), bound, levels, bits)
+    assert np.abs(nearest - x).max() <= step / 2 * (1 + 1e-9)
+    assert np.abs(nearest - x).max() > step / 4  # it really is quantized at this step
+    value = np.full(200_000, -bound + 0.3 * step, np.float32)
     value64 = float(value[0])
-    stochastic = from_field(to_field(value, clip, bits, 4, np.random.default_rng(2)), clip, bits, 4, count=1)
-    se = step * np.sqrt(0.3 * 0.7) / np.sqrt(value.size)
-    assert abs(stochastic.astype(np.float64).mean() - value64) < 5 * se
-    assert abs(float(from_field(to_field(value[:1], clip, bits, 4), clip, bits, 4, count=1)[0]) - value64) > se
-    with pytest.raises(ValueError):
-        to_field(np.array([np.nan], np.float32), clip, bits, 4)
+    stochastic = from_field(to_field(value, bound, levels, bits, np.random.default_rng(2)), bound, levels, bits)
+    assert np.abs(stochastic - value64).max() < step  # one of the two neighbouring levels
+    frac = (value64 + bound) / step
+    se = step * np.sqrt(frac * (1 - frac)) / np.sqrt(value.size)
+    assert abs(stochastic.mean() - value64) < 5 * se
+    assert abs(float(from_field(to_field(value[:1], bound, levels, bits), bound, levels, bits)[0]) - value64) > 100 * se
+    positive = from_field(to_field(-value, bound, levels, bits, np.random.default_rng(3)), bound, levels, bits)
+    assert abs(positive.mean() + value64) < 5 * se
+    for bad in (np.nan, np.inf, -np.inf):
+        with pytest.raises(ValueError):
+            to_field(np.array([0.5, bad], np.float32), bound, levels, bits)
+        with pytest.raises(ValueError):
+            to_field(np.array([bad], np.float32), bound, levels, bits, np.random.default_rng(4))
+
+
+# ------------------------------------------------------------------------------------------ packing
+
+
+def _reference_pack(words, bits):
+    """Value i in bits i*bits .. i*bits + bits - 1 of one little-endian bit stream."""
+    stream = 0
+    for i, w in enumerate(words.tolist()):
+        stream |= w << (i * bits)
+    return stream.to_bytes((len(words) * bits + 7) // 8, "little")
+
+
+@pytest.mark.parametrize("bits", range(1, 33))
+def test_pack_words_round_trips_densely_and_checks_the_length(bits):
+    rng = np.random.default_rng(bits)
+    for count in (0, 1, 7, 1001):
+        words = rng.integers(0, 2**bits, count, dtype=np.uint64).astype(np.uint32)
+        if count == 1001:
+            words[:2] = (0, 2**bits - 1)  # both extremes
+        packed = pack_words(words, bits)
+        assert isinstance(packed, bytes) and len(packed) == (count * bits + 7) // 8
+        assert packed == _reference_pack(words, bits)
+        back = unpack_words(packed, bits, count)
+        assert back.dtype == np.uint32 and back.shape == (count,)
+        assert np.array_equal(back, words)
+        wrong = [packed + b"\x00"] + ([packed[:-1]] if packed else [])
+        for data in wrong:
+            with pytest.raises(ValueError):
+                unpack_words(data, bits, count)
+        if count:
+            with pytest.raises(ValueError):
+                unpack_words(packed, bits, count + 8)  # 8 more values always need more bytes
 
 
 # ------------------------------------------------------------------------------------------ masking
@@ -255,35 +339,36 @@ def _mask(i, x_enc, self_seed, pair_seeds, bits):
 @pytest.mark.parametrize("bits", [20, 32, 64])
 def test_masks_cancel_in_the_sum_and_a_dropped_clients_are_recovered(bits):
     n_clients, size, clip = 5, 1000, 1.0
+    levels = levels_for(bits, n_clients)
     rng = np.random.default_rng(bits)
     keys = [generate_keypair() for _ in range(n_clients)]
     pair = {i: {j: agree(keys[i][0], keys[j][1], MASK_INFO) for j in range(n_clients) if j != i}
             for i in range(n_clients)}
     self_seeds = [secrets.token_bytes(32) for _ in range(n_clients)]
     xs = [rng.uniform(-1.2, 1.2, size).astype(np.float32) for _ in range(n_clients)]  # some clipped
-    encoded = [to_field(x, clip, bits, n_clients) for x in xs]
+    encoded = [to_field(x, clip, levels, bits) for x in xs]
     masked = [_mask(i, encoded[i], self_seeds[i], pair[i], bits) for i in range(n_clients)]
     assert all(np.mean(masked[i] == encoded[i]) < 0.01 for i in range(n_clients))
-    step = quantization_step(clip, bits, n_clients)
+    step = quantization_step(clip, levels)
 
     def expected_sum(members):
         return np.sum([np.clip(xs[i].astype(np.float64), -clip, clip) for i in members], axis=0)
 
-    def close(decoded, expected, count):
-        return np.all(np.abs(decoded - expected) <= count * step + np.spacing(np.abs(expected).astype(np.float32)))
+    def close(decoded, expected, count):  # nearest rounding: each value off by at most step / 2
+        return np.all(np.abs(decoded - expected) <= count * (step / 2 + 4 * np.spacing(clip)))
 
     total = np.zeros(size, masked[0].dtype)
     for i in range(n_clients):
         add_mod(total, masked[i], bits, out=total)
-    with pytest.raises(SecAggError, match="masks remain"):
-        from_field(total, clip, bits, n_clients)
+    masked_sum = from_field(total, clip, levels, bits)  # the self masks are still in: noise over the whole range
+    assert np.mean(np.abs(masked_sum - expected_sum(range(n_clients))) > n_clients * step) > 0.95
     for i in range(n_clients):
         sub_mod(total, expand(self_seeds[i], size, bits), bits, out=total)
     plain = np.zeros(size, masked[0].dtype)
     for e in encoded:
         add_mod(plain, e, bits, out=plain)
     assert np.array_equal(total, plain)
-    assert close(from_field(total, clip, bits, n_clients), expected_sum(range(n_clients)), n_clients)
+    assert close(from_field(total, clip, levels, bits), expected_sum(range(n_clients)), n_clients)
 
     dropped = 2
     survivors = [i for i in range(n_clients) if i != dropped]
@@ -302,7 +387,7 @@ def test_masks_cancel_in_the_sum_and_a_dropped_clients_are_recovered(bits):
     for i in survivors:
         add_mod(plain, encoded[i], bits, out=plain)
     assert np.array_equal(total, plain)
-    decoded = from_field(total, clip, bits, n_clients, count=len(survivors))
+    decoded = from_field(total, clip, levels, bits)
     assert close(decoded, expected_sum(survivors), len(survivors))
 
 

@@ -30,7 +30,7 @@ from fedloom.errors import ConfigError, FedloomError
 from fedloom.params import Params, ParamSpec, is_finite
 from fedloom.stages.base import Context, Contribution, Measurements, Noise, SeededNoise, Stage, State, scaled
 from fedloom.stages.clipping import Clip
-from fedloom.stages.privacy import GaussianNoise, LocalNoise
+from fedloom.stages.privacy import DistributedNoise, GaussianNoise, LocalNoise
 from fedloom.stages.weighting import Weighting
 
 AggState = tuple[State, ...]
@@ -121,6 +121,24 @@ class Aggregator:
             return Aggregation(None, ids, rejected, measurements, state, "the aggregate is not finite")
         return Aggregation(value, ids, rejected, measurements, tuple(states))
 
+    def aggregate_mean(self, mean: Params, kept: Sequence[int], state: AggState, round: int,
+                       expected: int) -> Aggregation:
+        """The chain after a reducer that ran elsewhere: ``mean`` is the (weighted) mean of the updates of
+        ``kept``, summed securely (``secagg/``); the stages after the reducer transform it (DP's noise and
+        fixed denominator). The stages before it ran their client halves only: the server sees no update."""
+        states = list(state)
+        nb = len(self.before)
+        contributions = [Contribution(cid, [], 1.0, 1.0) for cid in kept]
+        ctx = self._context(round, expected, states)
+        measurements: Measurements = {}
+        value = mean
+        for j, stage in enumerate(self.after, start=nb):
+            value, states[j], m = stage.aggregate(value, contributions, states[j], ctx)
+            measurements.update({f"{stage.name}.{k}": v for k, v in m.items()})
+        if not is_finite(value):
+            return Aggregation(None, list(kept), {}, measurements, state, "the aggregate is not finite")
+        return Aggregation(value, list(kept), {}, measurements, tuple(states))
+
     def _context(self, round: int, expected: int, states: list[State]) -> Context:
         bound = next((float(st["bound"]) for s, st in zip(self.before, states) if isinstance(s, Clip)), None)
         return Context(round, max(1, expected), self.noise, bound)
@@ -151,7 +169,7 @@ def chain(*parts: Any, noise: Noise | None = None) -> Aggregator:
 
 def _check_privacy(before: tuple[Stage, ...], reducer: Reducer, after: tuple[Stage, ...]) -> None:
     """DP noise is calibrated to the sensitivity of the uniform mean of clipped updates: refuse anything else."""
-    noisy = [s for s in before + after if isinstance(s, GaussianNoise | LocalNoise)]
+    noisy = [s for s in before + after if isinstance(s, GaussianNoise | LocalNoise | DistributedNoise)]
     if not noisy:
         return
     what = noisy[0].name

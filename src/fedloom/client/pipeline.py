@@ -9,8 +9,9 @@ Every engine (sequential, vectorized, process, Ray) and the deployed client run 
 2. the client's work trains;
 3. :meth:`ClientPipeline.apply`: the update becomes a delta, FedBN's layers go back into the
    client's state (their delta is sent as zero), the client halves of the aggregator's stages
-   run in chain order (clipping, local noise, a simulated attack), and last the uplink codec
-   encodes it (with error feedback's residual kept in the state).
+   run in chain order (clipping, local or distributed noise, a simulated attack), and last the uplink
+   codec encodes it (with error feedback's residual kept in the state), or, with secure aggregation,
+   it is masked (``secagg/client.py``: its fixed-point encoding is the quantization).
 
 The values the stage halves need this round (e.g. the clip bound) arrive in the request
 (``TrainConfig.stage``). The client's state arrives in the request and leaves in the reply
@@ -47,12 +48,14 @@ class ClientPipeline:
     compression: Compression = NO_COMPRESSION
     local: tuple[int, ...] = ()
     spec: ParamSpec | None = None
+    secure: bool = False  # secure aggregation: updates leave masked (its round's keys are in the client's state)
     _decoded: list = field(default_factory=list, compare=False, repr=False)  # [payload, params]: one decode a round
 
     @property
     def stateful(self) -> bool:
         """Whether clients keep state between rounds (engines then carry it)."""
-        return bool(self.local) or (self.compression.uplink is not None and self.compression.error_feedback)
+        return (bool(self.local) or self.secure
+                or (self.compression.uplink is not None and self.compression.error_feedback))
 
     def prepare(self, request: TrainRequest | EvaluateRequest) -> TrainRequest | EvaluateRequest:
         """``request`` with the parameters the client works from: a compressed model decoded, its own layers in."""
@@ -79,7 +82,7 @@ class ClientPipeline:
         """
         codec = self.compression.uplink
         # with a compressed broadcast new parameters become a delta here: the server's copy is not what was trained
-        if not (self.stages or self.local or codec or self.compression.downlink):
+        if not (self.stages or self.local or codec or self.compression.downlink or self.secure):
             return update, request.state
         state = dict(request.state or {})
         values = update.values if update.kind == "delta" else subtract(update.values, request.params)
@@ -92,9 +95,13 @@ class ClientPipeline:
         ctx = ClientContext(request.client_id, request.round, request.params, dict(request.config.stage), self.noise)
         for stage in self.stages:
             update = stage.client(update, ctx)
+        seed = getattr(self.noise, "seed", None)
+        rng = np.random.default_rng(None if seed is None else [seed, request.round, request.client_id, 7])
+        if self.secure:
+            from fedloom.secagg.client import mask_update
+
+            return mask_update(request, update, state, rng)
         if codec is not None:
-            seed = getattr(self.noise, "seed", None)
-            rng = np.random.default_rng(None if seed is None else [seed, request.round, request.client_id, 7])
             payload, state, m = self.compression.encode_update(update.values, state, rng)
             update = Update([], update.weight, "encoded", {**update.metrics, **m}, payload)
         return update, state or None

@@ -12,6 +12,11 @@ part) and a round's worth of memory. :meth:`StateFiles.prune` keeps each client'
 at or before a checkpoint's round and anything newer; :meth:`StateFiles.rewind` drops the
 versions after it, which is how a resumed run finds the state of its checkpoint.
 
+A round of several exchanges (secure aggregation) keeps what lasts only that round (keys under
+``round/``, ``secagg/client.py``) apart, in ``round/<client>.npz``: each step reads it and writes it
+back, a train request of that round gets it besides the state made before the round, and it is
+removed when the round's last step leaves it empty.
+
 Files are written to a temporary name and renamed, so a crash leaves whole versions only; they
 are read with ``allow_pickle=False``.
 """
@@ -27,9 +32,10 @@ from pathlib import Path
 import numpy as np
 
 from fedloom.errors import StateError
-from fedloom.messages import ClientState, Reply, Request, TrainReply, TrainRequest
+from fedloom.messages import ClientState, Reply, Request, StepReply, StepRequest, TrainReply, TrainRequest
 
 _NAME = re.compile(r"^(\d+)-(\d+)\.npz$")
+ROUND = "round/"  # the keys of a client's state that last one round
 
 
 class StateFiles:
@@ -64,7 +70,29 @@ class StateFiles:
         made = [r for r in self.versions.get(client_id, ()) if round is None or r < round]
         if not made:
             return {}
-        path = self._path(client_id, made[-1])
+        return self._read(client_id, self._path(client_id, made[-1]))
+
+    def _round_path(self, client_id: int) -> Path:
+        return self.folder / "round" / f"{client_id}.npz"
+
+    def load_round(self, client_id: int, round: int) -> ClientState:
+        """What ``client_id`` keeps for the steps of ``round`` (empty when it keeps nothing for that round)."""
+        path = self._round_path(client_id)
+        if not path.exists():
+            return {}
+        state = self._read(client_id, path)
+        number = state.get(ROUND + "number")
+        return state if number is not None and int(number) == round else {}
+
+    def save_round(self, client_id: int, state: ClientState) -> None:
+        """Keep ``state`` (keys under ``round/``) for the round's next steps; an empty one removes the file."""
+        path = self._round_path(client_id)
+        if not state:
+            path.unlink(missing_ok=True)
+            return
+        self._write(path, state)
+
+    def _read(self, client_id: int, path: Path) -> ClientState:
         try:
             with np.load(path, allow_pickle=False) as f:
                 return {k: f[k] for k in f.files}
@@ -73,19 +101,21 @@ class StateFiles:
 
     def save(self, client_id: int, round: int, state: ClientState) -> None:
         """Keep ``state`` as what ``client_id`` made in ``round`` (replacing an earlier attempt at that round)."""
-        path = self._path(client_id, round)
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StateError(f"cannot create the client state folder {self.folder}: {exc.strerror or exc}") from None
-        with open(tmp, "wb") as f:
-            np.savez(f, **state)
-        os.replace(tmp, path)
+        self._write(self._path(client_id, round), state)
         rounds = self.versions.setdefault(client_id, [])
         if round not in rounds:
             rounds.append(round)
             rounds.sort()
+
+    def _write(self, path: Path, state: ClientState) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StateError(f"cannot create the client state folder {path.parent}: {exc.strerror or exc}") from None
+        with open(tmp, "wb") as f:
+            np.savez(f, **state)
+        os.replace(tmp, path)
 
     def prune(self, round: int, keep: int = 1) -> None:
         """Drop versions no read for a round after ``round`` can need: each client keeps its newest ``keep``
@@ -110,16 +140,30 @@ class StateFiles:
 
 
 def with_state(request: Request, files: StateFiles) -> Request:
-    """``request`` carrying its client's state: for training, the newest made before its round; for evaluation,
-    the newest."""
-    train = isinstance(request, TrainRequest)
-    return replace(request, state=files.load(request.client_id, request.round if train else None))
+    """``request`` carrying its client's state: for training, the newest made before its round (and what the client
+    keeps for that round's steps); for evaluation, the newest; for a step, what it keeps for the round's steps."""
+    cid = request.client_id
+    if isinstance(request, StepRequest):
+        return replace(request, state=files.load_round(cid, request.round))
+    if isinstance(request, TrainRequest):
+        return replace(request, state={**files.load(cid, request.round), **files.load_round(cid, request.round)})
+    return replace(request, state=files.load(cid))
 
 
 def keep_state(request: Request, reply: Reply, files: StateFiles) -> Reply:
-    """Save the state a train reply brings back (as made in its request's round), and the reply without it."""
-    if not isinstance(reply, TrainReply) or reply.state is None:
+    """Save the state a train or step reply brings back (as made in its request's round), and the reply without it.
+
+    What lasts one round (keys under ``round/``) goes apart (:meth:`StateFiles.save_round`); the rest is a
+    version of the client's state, saved when it holds anything or the client had state before.
+    """
+    if not isinstance(reply, TrainReply | StepReply) or reply.state is None:
         return reply
-    if reply.error is None and reply.client_id == request.client_id:
-        files.save(request.client_id, request.round, reply.state)
+    cid = request.client_id
+    if reply.error is None and reply.client_id == cid:
+        this_round = {k: v for k, v in reply.state.items() if k.startswith(ROUND)}
+        if isinstance(reply, StepReply) or this_round or files.load_round(cid, request.round):
+            files.save_round(cid, this_round)
+        lasting = {k: v for k, v in reply.state.items() if not k.startswith(ROUND)}
+        if isinstance(reply, TrainReply) and (lasting or cid in files.clients):
+            files.save(cid, request.round, lasting)
     return replace(reply, state=None)

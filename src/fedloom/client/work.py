@@ -17,6 +17,7 @@ from fedloom.messages import (
     Evaluation,
     Reply,
     Request,
+    StepRequest,
     TrainConfig,
     TrainReply,
     TrainRequest,
@@ -55,7 +56,12 @@ def _error(exc: BaseException) -> ErrorReply:
 
 def handle(request: Request, work: ClientWork, data: ClientDataset, pipeline: ClientPipeline = NO_STAGES) -> Reply:
     """Run one request against a client's work and data, with ``pipeline`` around a training (see
-    ``client/pipeline.py``); any failure becomes an error reply. A train reply carries the client's new state."""
+    ``client/pipeline.py``); any failure becomes an error reply. A train reply carries the client's new state.
+    A step of a round of several exchanges (secure aggregation, ``secagg/client.py``) needs neither work nor data."""
+    if isinstance(request, StepRequest):
+        from fedloom.secagg.client import client_step
+
+        return client_step(request)
     if isinstance(request, TrainRequest):
         try:
             request = pipeline.prepare(request)

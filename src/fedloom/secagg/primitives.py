@@ -21,8 +21,9 @@ Pieces, and the round of [B17] that uses each:
   survivor or s_u^SK of a dropped client, never both).
 - :func:`expand`: the PRG, AES-256-CTR keystream to n words modulo 2**bits. Round 2 (masks), round 4
   (the server recomputes the masks it must remove).
-- :func:`to_field`, :func:`from_field`: fixed point, float32 in [-clip, clip] to integers with headroom
-  so a sum never wraps. Round 2 (encode before masking), after round 4 (decode the sum).
+- :func:`to_field`, :func:`from_field`: fixed point, floats in [-bound, bound] to signed integers modulo
+  2**bits with levels few enough (:func:`levels_for`) that a sum never wraps; :func:`pack_words` sends them at
+  their width. Round 2 (encode before masking), after round 4 (decode the sum).
 - :func:`add_mod`, :func:`sub_mod`: vector arithmetic in Z_(2**bits). Rounds 2 and 4.
 - :func:`neighbours`, :func:`thresholds`, :func:`secagg_plus_parameters`: the SecAgg+ graph ([B20]; a
   Harary graph on a seeded random permutation) and its degree k and threshold t. Before round 0: who
@@ -55,8 +56,8 @@ Security notes.
 - PRG: AES-256-CTR with a fixed all-zero counter block. That is safe because each seed is used for one
   vector only (a fresh b_u per round; s_uv via HKDF with a per-purpose, per-round ``info``). Never
   expand one seed for two different vectors: two inputs masked with the same mask leak their difference.
-- Fixed point: values are clipped to [-clip, clip] first, so a client cannot push the sum past the
-  headroom and wrap it. With stochastic rounding the encoding is unbiased.
+- Fixed point: values are clipped to [-bound, bound] first, so a client cannot push the sum past the
+  range and wrap it. With stochastic rounding the encoding is unbiased.
 - The SecAgg+ graph is public and must be drawn from a seed fixed after the set of clients (and any
   corruption) is fixed: [B20]'s analysis assumes the adversary cannot choose its clients' positions.
 """
@@ -97,9 +98,13 @@ __all__ = [
     "reconstruct",
     "expand",
     "word_dtype",
+    "levels_for",
+    "bits_for",
     "quantization_step",
     "to_field",
     "from_field",
+    "pack_words",
+    "unpack_words",
     "add_mod",
     "sub_mod",
     "neighbours",
@@ -115,7 +120,6 @@ SHARE_BYTES = (PRIME.bit_length() + 7) // 8  # 66: one share, big-endian
 MAX_SECRET_BYTES = 32
 
 _MAX_VALUE_BITS = 52  # float64 holds every integer below 2**53 exactly
-_MIN_LEVELS = 512  # step = 2 clip / (levels - 1) must not exceed clip / 2**8
 
 
 class SecAggError(FedloomError):
@@ -345,82 +349,94 @@ def expand(seed: bytes, n: int, bits: int) -> np.ndarray:
 # 5. Fixed-point encoding
 
 
-def _encoding(clip: float, bits: int, num_clients: int) -> tuple[int, float]:
-    """(top level L, step) of the encoding: levels 0..L stand for -clip + level * step."""
-    bits = _check_int(bits, "bits", 1, 64)
+def levels_for(bits: int, num_clients: int) -> int:
+    """The most levels L per sign that ``num_clients`` values in [-L, L] can have and still sum without wrapping
+    modulo 2**bits as signed numbers: num_clients * L <= 2**(bits - 1) - 1 (at most 2**52: float64 stays exact)."""
+    bits = _check_int(bits, "bits", 2, 64)
     num_clients = _check_int(num_clients, "num_clients", 1)
-    clip = float(clip)
-    if not (math.isfinite(clip) and clip > 0):
-        raise ValueError(f"clip must be a positive finite number, got {clip}")
-    headroom = (num_clients - 1).bit_length()  # ceil(log2(num_clients))
-    value_bits = min(bits - headroom, _MAX_VALUE_BITS)
-    top = (1 << value_bits) - 1 if value_bits > 0 else 0
-    if top + 1 < _MIN_LEVELS:
-        raise ValueError(f"too few bits for this many clients: {bits} bits less {headroom} bits of headroom for "
-                         f"{num_clients} clients leave {max(value_bits, 0)} bits per value, whose step "
-                         f"would be coarser than clip / 2**8 (at least {headroom + 10} bits are needed)")
-    return top, 2.0 * clip / top
+    return min(((1 << (bits - 1)) - 1) // num_clients, 1 << _MAX_VALUE_BITS)
 
 
-def quantization_step(clip: float, bits: int, num_clients: int) -> float:
-    """The resolution of :func:`to_field`: 2 * clip / (2**v - 1), v = min(bits - ceil(log2(num_clients)), 52)."""
-    return _encoding(clip, bits, num_clients)[1]
+def bits_for(levels: int, num_clients: int) -> int:
+    """The fewest bits whose signed range holds the sum of ``num_clients`` values in [-levels, levels]."""
+    levels = _check_int(levels, "levels", 1)
+    num_clients = _check_int(num_clients, "num_clients", 1)
+    return (num_clients * levels).bit_length() + 1
 
 
-def to_field(x: np.ndarray, clip: float, bits: int, num_clients: int,
-             rng: np.random.Generator | None = None) -> np.ndarray:
-    """Encode float values as integers modulo 2**bits so that num_clients of them sum without wrapping.
+def quantization_step(bound: float, levels: int) -> float:
+    """The resolution of :func:`to_field`: bound / levels."""
+    bound = float(bound)
+    if not (math.isfinite(bound) and bound > 0):
+        raise ValueError(f"bound must be a positive finite number, got {bound}")
+    return bound / _check_int(levels, "levels", 1)
 
-    Each value is clipped to [-clip, clip], shifted by +clip and divided by the step
-    (:func:`quantization_step`), giving a level in 0..L, L = 2**v - 1 with
-    v = min(bits - ceil(log2(num_clients)), 52): the ceil(log2(num_clients)) top bits are headroom, so a sum
-    of num_clients levels is at most num_clients * L < 2**bits (the cap at 52 keeps float64 exact, and is
-    far finer than float32). Rounding is to the nearest level when ``rng`` is None (error <= step / 2), or
-    stochastic with ``rng`` (floor(q + U[0, 1)): unbiased, error < step). Raises ValueError on non-finite
-    values or when the step would exceed clip / 2**8 (too few bits for this many clients).
+
+def to_field(x: np.ndarray, bound: float, levels: int, bits: int, rng: np.random.Generator | None = None) -> np.ndarray:
+    """Encode float values as signed integers modulo 2**bits (two's complement): round(x / step), step = bound / levels.
+
+    Each value is clipped to [-bound, bound] first, so its level is in [-levels, levels] and a sum of
+    n <= (2**(bits - 1) - 1) / levels encodings never wraps (:func:`levels_for` picks the levels for n).
+    Rounding is to the nearest level when ``rng`` is None (error <= step / 2), or stochastic with ``rng``
+    (floor(q + U[0, 1)): unbiased, error < step). Raises ValueError on non-finite values.
     Returns uint32 (bits <= 32) or uint64, of x's shape.
     """
-    top, step = _encoding(clip, bits, num_clients)
+    step = quantization_step(bound, levels)
     x = np.asarray(x)
     if x.dtype.kind != "f":
         raise TypeError(f"x must be a float array, got {x.dtype}")
     if not np.isfinite(x).all():
         raise ValueError("x has NaN or infinite values")
-    clip = float(clip)
-    q = np.clip(x.astype(np.float64), -clip, clip)
-    q += clip
+    q = np.clip(x.astype(np.float64), -float(bound), float(bound))
     q /= step
     q += 0.5 if rng is None else rng.random(q.shape)
     np.floor(q, out=q)
-    np.clip(q, 0, top, out=q)
-    return q.astype(word_dtype(bits))
+    np.clip(q, -levels, levels, out=q)
+    words = q.astype(np.int64).view(np.uint64)  # two's complement
+    dtype = word_dtype(bits)
+    if bits < 64:
+        words &= np.uint64((1 << bits) - 1)
+    return words.astype(dtype, copy=False)
 
 
-def from_field(total: np.ndarray, clip: float, bits: int, num_clients: int, count: int | None = None) -> np.ndarray:
-    """Decode the sum of ``count`` encodings (made by :func:`to_field` with this clip, bits and num_clients)
-    into the float32 sum of the values.
+def from_field(total: np.ndarray, bound: float, levels: int, bits: int) -> np.ndarray:
+    """The float64 sum of the values whose encodings (:func:`to_field`, same bound, levels and bits) summed to
+    ``total`` modulo 2**bits: the signed reading of ``total`` times the step, exact in integers before one rounding.
 
-    ``num_clients`` must be the one the encodings were made with (it sets the step); ``count`` is how many
-    were summed, the survivors' count (default num_clients). Each encoding carries an offset of +clip,
-    so the result is total * step - count * clip, computed exactly in integers before one rounding.
-    Raises :class:`SecAggError` when a value exceeds count * L: the masks were not all removed, or the
-    count is wrong.
+    Right only when no more than (2**(bits - 1) - 1) / levels encodings were summed and every mask was removed;
+    a mask left in gives values spread over the whole range.
     """
-    top, step = _encoding(clip, bits, num_clients)
-    count = num_clients if count is None else _check_int(count, "count", 1, num_clients)
+    step = quantization_step(bound, levels)
     total = np.asarray(total)
     if total.dtype.kind != "u":
         raise TypeError(f"total must be an unsigned integer array, got {total.dtype}")
-    wide = total.astype(np.uint64)
-    limit = count * top
-    if wide.size and int(wide.max()) > limit:
-        raise SecAggError(f"a summed value exceeds {count} encodings: masks remain or the count is wrong")
-    wide -= np.uint64(limit // 2)  # wraps to a negative int64 below the centre
-    centred = wide.view(np.int64).astype(np.float64)
-    if limit % 2:
-        centred -= 0.5
-    centred *= step
-    return centred.astype(np.float32)
+    shift = np.uint64(64 - bits)  # sign-extend from ``bits`` to 64 bits
+    wide = (total.astype(np.uint64) << shift).view(np.int64) >> np.int64(shift)
+    return wide.astype(np.float64) * step
+
+
+def pack_words(words: np.ndarray, bits: int) -> bytes:
+    """Values modulo 2**bits as ``ceil(n * bits / 8)`` bytes, little endian, densely packed (bits <= 32)."""
+    bits = _check_int(bits, "bits", 1, 32)
+    if bits in (8, 16, 32):
+        return np.ascontiguousarray(words, dtype=f"<u{bits // 8}").tobytes()
+    from fedloom.compression.codecs import pack_bits
+
+    return pack_bits(words, bits).tobytes()
+
+
+def unpack_words(data: bytes, bits: int, count: int) -> np.ndarray:
+    """The ``count`` values :func:`pack_words` packed, as :func:`word_dtype` words; ValueError unless ``data`` is
+    exactly their length."""
+    bits = _check_int(bits, "bits", 1, 32)
+    count = _check_int(count, "count", 0)
+    if len(data) != (count * bits + 7) // 8:
+        raise ValueError(f"{count} values of {bits} bits take {(count * bits + 7) // 8} bytes, got {len(data)}")
+    if bits in (8, 16, 32):
+        return np.frombuffer(data, dtype=f"<u{bits // 8}").astype(np.uint32)
+    from fedloom.compression.codecs import unpack_bits
+
+    return unpack_bits(np.frombuffer(data, np.uint8), bits, count).astype(np.uint32)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from fedloom.aggregation.aggregator import Aggregator, chain
 from fedloom.aggregation.reducers import weighted_mean
 from fedloom.compression.updates import NO_COMPRESSION, Compression
 from fedloom.messages import EvaluateConfig, TrainConfig
+from fedloom.secagg.protocol import SecureAggregation
 from fedloom.server.optimizers import ServerOptimizer, sgd
 from fedloom.server.selection import ClientSelector, UniformSelector
 from fedloom.stages.weighting import Weighting
@@ -23,7 +24,8 @@ class Strategy:
     ``min_updates`` is the number of valid updates a round needs to be applied;
     ``evaluate_clients`` clients (0 = none) run federated evaluation after each evaluated round.
     ``compression`` holds the codecs: updates are decoded at the door, the broadcast model encoded
-    once per version (its rounding seeded by ``seed``).
+    once per version (its rounding seeded by ``seed``). ``secure``: secure aggregation's settings
+    (``secagg/``): the server then sees only the sum of a round's updates.
     """
 
     clients_per_round: int
@@ -36,3 +38,4 @@ class Strategy:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     compression: Compression = NO_COMPRESSION
     seed: int = 0
+    secure: SecureAggregation | None = None

@@ -10,7 +10,7 @@ selector's memory, e.g. Oort's utilities, travels in :class:`ServerState` too).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -18,8 +18,17 @@ import numpy as np
 
 from fedloom.aggregation.aggregator import AggState
 from fedloom.errors import FedloomError, RoundError
-from fedloom.messages import EvaluateReply, EvaluateRequest, Evaluation, TrainReply, TrainRequest, Update
-from fedloom.params import Params, ParamSpec, is_finite
+from fedloom.messages import (
+    EvaluateReply,
+    EvaluateRequest,
+    Evaluation,
+    Reply,
+    Request,
+    TrainReply,
+    TrainRequest,
+    Update,
+)
+from fedloom.params import Params, ParamSpec, is_finite, unflatten
 from fedloom.seeding import keyed_rng
 from fedloom.server.optimizers import OptState
 from fedloom.server.selection import ClientFeedback
@@ -126,6 +135,56 @@ class SyncServer:
         payload = c.encode_model(state.params, self.strategy.seed, state.round) if c.downlink is not None else b""
         return ([TrainRequest(cid, rnd, state.params, config, payload) for cid in chosen],
                 replace(state, selection=selection))
+
+    def round(self, state: ServerState, requests: Sequence[TrainRequest]) -> Generator[
+            list[Request], tuple[list[Reply], dict[int, float]], tuple[RoundResult, ServerState]]:
+        """A round's exchanges with no I/O: yields the requests of each exchange, receives ``(replies, durations)``
+        (the durations the transport or clock measured), returns the round's result and the next state.
+
+        One exchange (the train requests) for a plain round; with secure aggregation, the steps of
+        ``secagg/protocol.py`` around the training. ``rounds.train_round`` drives it over any transport.
+        """
+        secure = self.strategy.secure
+        if secure is None:
+            replies, durations = yield list(requests)
+            return self.apply(state, requests, replies, durations)  # type: ignore[arg-type]
+        masked = secure.payload_bytes(ParamSpec.of(state.params).num_elements)
+
+        def check(request: TrainRequest, reply: TrainReply) -> TrainReply:
+            return check_reply(request, reply, compression=self.strategy.compression, masked_bytes=masked)  # type: ignore[return-value]
+
+        dim = ParamSpec.of(state.params).num_elements + 1
+        outcome = yield from secure.round(state.round + 1, requests, dim, check)
+        rnd, expected = state.round + 1, min(len(requests), self.strategy.clients_per_round)
+        seen = {cid: m.get("examples", 0.0) for cid, m in outcome.metrics.items() if "loss" in m}
+        examples = sum(seen.values())
+        loss = sum(outcome.metrics[c]["loss"] * n for c, n in seen.items()) / examples if examples else math.nan
+        updates = {cid: Update([], 1.0, "masked", m) for cid, m in outcome.metrics.items()}
+        selection = self.strategy.selector.observe(state.selection,
+                                                   _feedback(rnd, requests, updates, outcome.durations))
+        problem, params, opt_state, aggregation = outcome.problem, state.params, state.opt_state, state.aggregation
+        measurements = dict(outcome.measurements)
+        if not problem and len(outcome.survivors) < max(1, self.strategy.min_updates):
+            problem = (f"{len(outcome.survivors)} valid updates, fewer than "
+                       f"server.min_updates={self.strategy.min_updates}")
+        if not problem:
+            total = outcome.total
+            weight = total[-1] / secure.bound
+            mean = unflatten((total[:-1] / weight) if weight > 0 else total[:-1] * 0, ParamSpec.of(state.params))
+            agg = self.strategy.aggregator.aggregate_mean(mean, outcome.survivors, state.aggregation, rnd, expected)
+            measurements.update(agg.measurements)
+            problem = agg.problem
+            if not problem:
+                params, opt_state = self.strategy.optimizer.update(agg.delta, state.params, state.opt_state)
+                aggregation = agg.state
+                if not is_finite(params):
+                    problem, params, opt_state = ("the server optimizer's step is not finite", state.params,
+                                                  state.opt_state)
+                    aggregation = state.aggregation
+        kept = list(outcome.survivors) if not outcome.problem else []
+        result = RoundResult(rnd, [r.client_id for r in requests], kept, outcome.rejected, loss, examples,
+                             measurements, problem, outcome.metrics)
+        return result, ServerState(rnd, params, opt_state, selection, aggregation)
 
     def apply(self, state: ServerState, requests: Sequence[TrainRequest], replies: Sequence[TrainReply],
               durations: Mapping[int, float] | None = None) -> tuple[RoundResult, ServerState]:

@@ -20,6 +20,8 @@ from fedloom.messages import (
     Evaluation,
     Reply,
     Request,
+    StepReply,
+    StepRequest,
     TrainReply,
     TrainRequest,
     Update,
@@ -54,7 +56,7 @@ def check_update(update: Update, spec: ParamSpec, client_id: int, max_examples: 
     stage = "validate"
     if not isinstance(update, Update):
         raise InvalidUpdateError(f"expected an Update, got {type(update).__name__}", client_id=client_id, stage=stage)
-    if update.kind not in ("delta", "params"):
+    if update.kind not in ("delta", "params", "masked"):
         raise InvalidUpdateError(f"unknown update kind {update.kind!r}", client_id=client_id, stage=stage)
     _count("weight", update.weight, max_examples, client_id, positive=True)
     metrics = update.metrics
@@ -70,6 +72,8 @@ def check_update(update: Update, spec: ParamSpec, client_id: int, max_examples: 
     if metrics.get("loss_sq", 0.0) < 0:
         raise InvalidUpdateError(f"metric 'loss_sq' must be >= 0, got {metrics['loss_sq']!r}", client_id=client_id,
                                  stage=stage)
+    if update.kind == "masked":  # its length was checked where it was let in (:func:`decoded`)
+        return
     try:
         spec.check(update.values, client_id=client_id, stage=stage)
     except ShapeError as exc:
@@ -107,12 +111,25 @@ def _a(cls: type) -> str:
     return f"{'an' if cls.__name__[0] in 'AEIOU' else 'a'} {cls.__name__}"
 
 
-_ANSWERS = {TrainRequest: TrainReply, EvaluateRequest: EvaluateReply}
+_ANSWERS = {TrainRequest: TrainReply, EvaluateRequest: EvaluateReply, StepRequest: StepReply}
 
 
-def decoded(update: Update, spec: ParamSpec, client_id: int, compression: Compression) -> Update:
+def decoded(update: Update, spec: ParamSpec, client_id: int, compression: Compression,
+            masked_bytes: int = 0) -> Update:
     """A compressed update as the delta it holds; a dense one where the run compresses, or a compressed one where it
-    does not, is refused. Decoding checks the payload's lengths, index ranges and bit widths."""
+    does not, is refused. Decoding checks the payload's lengths, index ranges and bit widths.
+
+    With secure aggregation (``masked_bytes``: the length of a masked update) only masked updates of that
+    length are let in, and stay masked; without, a masked update is refused."""
+    if masked_bytes or update.kind == "masked":
+        if not (masked_bytes and update.kind == "masked"):
+            why = (f"this run aggregates securely; a {update.kind!r} update is refused" if masked_bytes
+                   else "a masked update, but this run does not aggregate securely")
+            raise InvalidUpdateError(why, client_id=client_id, stage="decode")
+        if not isinstance(update.payload, bytes) or len(update.payload) != masked_bytes or update.values:
+            raise InvalidUpdateError(f"a masked update must hold exactly {masked_bytes} bytes and no arrays",
+                                     client_id=client_id, stage="decode")
+        return update
     codec = compression.uplink
     if update.kind != "encoded":
         if codec is not None:
@@ -129,13 +146,15 @@ def decoded(update: Update, spec: ParamSpec, client_id: int, compression: Compre
 
 
 def check_reply(request: Request, reply: Reply, max_examples: float | None = None,
-                compression: Compression = NO_COMPRESSION) -> Reply:
+                compression: Compression = NO_COMPRESSION, masked_bytes: int = 0) -> Reply:
     """``reply`` as the server uses it (a compressed update decoded); raise unless it is a usable answer to ``request``.
 
     :class:`InvalidReplyError` when it is the wrong kind of message or addressed to another
     client or round; :class:`InvalidUpdateError` when what it reports is unusable
     (:func:`decoded`, :func:`check_update`, :func:`check_evaluation`). An error reply of the right kind
     passes: a client may say that it failed. ``max_examples`` bounds the example counts a client may claim.
+    A step's reply must answer the same step (its values are the protocol's to check); ``masked_bytes``: see
+    :func:`decoded`.
     """
     expected = _ANSWERS[type(request)]
     cid = request.client_id
@@ -145,13 +164,16 @@ def check_reply(request: Request, reply: Reply, max_examples: float | None = Non
     if reply.client_id != cid or reply.round != request.round:
         raise InvalidReplyError(f"the reply is addressed to client {reply.client_id}, round {reply.round}; "
                                 f"the task was client {cid}, round {request.round}", client_id=cid, stage="validate")
-    if reply.error is not None:
+    if isinstance(reply, StepReply) and reply.step != request.step:  # type: ignore[union-attr]
+        raise InvalidReplyError(f"the reply answers step {reply.step[:64]!r}; the task was {request.step!r}",  # type: ignore[union-attr]
+                                client_id=cid, stage="validate")
+    if reply.error is not None or isinstance(reply, StepReply):
         return reply
     if isinstance(reply, TrainReply):
         if reply.update is None:
             raise InvalidReplyError("the reply holds neither an update nor an error", client_id=cid, stage="validate")
         spec = ParamSpec.of(request.params)
-        update = decoded(reply.update, spec, cid, compression)
+        update = decoded(reply.update, spec, cid, compression, masked_bytes)
         check_update(update, spec, cid, max_examples)
         return reply if update is reply.update else replace(reply, update=update)
     if reply.evaluation is None:

@@ -10,6 +10,15 @@
   Gaussian mechanism of multiplier ``z``.
 * :class:`LocalNoise`: local DP; each client adds noise of std ``z * C`` to its clipped update
   before sending it, so no one, the server included, sees an update without noise.
+* :class:`DistributedNoise`: distributed DP under secure aggregation (the server never sees an update to
+  add noise to, nor the sum before it holds the noise): each client adds its share, std
+  ``z * C / sqrt(m)``, to its clipped update before masking, ``m`` the fewest survivors a round is
+  applied with (``secagg.dropout_fraction`` sets it); the sum of ``s >= m`` shares has std
+  ``z * C * sqrt(s / m) >= z * C``, DP-FedAvg's noise on the sum, so the accountant counts ``z``.
+  A round with more survivors than ``m`` carries more noise than it needs (``sqrt(s / m)``); one with
+  fewer is not applied. As in Kairouz et al. 2021 ("The Distributed Discrete Gaussian Mechanism for
+  Federated Learning with Secure Aggregation") but with continuous Gaussian shares rounded to the
+  fixed point afterwards, so the guarantee is DP-FedAvg's up to that rounding (see the docs).
 * :class:`Accountant`: the privacy spent, with the ``dp-accounting`` package's RDP accountant,
   for the sampling the run really uses: a fixed number of clients drawn without replacement
   (``SampledWithoutReplacementDpEvent``, neighbouring datasets differ by replacing one client, so
@@ -171,6 +180,45 @@ class LocalNoise(Stage):
         rounds = int(state["rounds"]) + 1
         measurements = {} if self.accountant is None else {"epsilon": self.accountant.epsilon(rounds)}
         return {"rounds": np.array(rounds, np.int64)}, measurements
+
+    def stop_reason(self, state: State) -> str | None:
+        return _over_budget(self.accountant, self.budget, state)
+
+
+@dataclass(frozen=True, repr=False)
+class DistributedNoise(Stage):
+    """Distributed DP: each client adds noise of std ``multiplier * C / sqrt(shares)`` to its clipped update; the
+    server scales the securely summed mean to the fixed denominator (see the module docstring)."""
+
+    multiplier: float = 1.0
+    shares: int = 1
+    accountant: Accountant | None = None
+    budget: float = 0.0
+    name = "distributed_noise"
+    acts_on = "aggregate"
+
+    def init(self, spec: ParamSpec) -> State:
+        return {"rounds": np.array(0, np.int64)}
+
+    def std(self, bound: float) -> float:
+        """A client's share of the noise, for clip bound ``bound``."""
+        return self.multiplier * bound / self.shares ** 0.5
+
+    def client(self, update: Update, ctx: ClientContext) -> Update:
+        std = self.std(ctx.broadcast["clip.bound"])
+        values = [(a + ctx.noise.normal(a.shape, std, (ctx.round, ctx.client_id, 13, i))).astype(a.dtype)
+                  for i, a in enumerate(update.values)]
+        return Update(values, update.weight, update.kind, dict(update.metrics))
+
+    def aggregate(self, value: Params, kept: list[Contribution], state: State,
+                  ctx: Context) -> tuple[Params, State, Measurements]:
+        total = scaled(value, len(kept) / ctx.expected)  # the fixed-denominator mean: sum / expected
+        rounds = int(state["rounds"]) + 1
+        measurements = {"noise_std": self.multiplier * (ctx.clip_bound or 0.0) * (len(kept) / self.shares) ** 0.5
+                        / ctx.expected}
+        if self.accountant is not None:
+            measurements["epsilon"] = self.accountant.epsilon(rounds)
+        return total, {"rounds": np.array(rounds, np.int64)}, measurements
 
     def stop_reason(self, state: State) -> str | None:
         return _over_budget(self.accountant, self.budget, state)

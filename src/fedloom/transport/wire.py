@@ -40,6 +40,8 @@ from fedloom.messages import (
     EvaluateReply,
     EvaluateRequest,
     Evaluation,
+    StepReply,
+    StepRequest,
     TrainConfig,
     TrainReply,
     TrainRequest,
@@ -55,7 +57,9 @@ Chunk = pb.Chunk
 MiB = 1 << 20
 DEFAULT_CHUNK_BYTES = 1 * MiB
 ZLIB_LEVEL = 1  # fast; model weights rarely compress much, sparse/quantized ones do at any level
-UPDATE_KINDS = ("delta", "params", "encoded")
+UPDATE_KINDS = ("delta", "params", "encoded", "masked")
+PAYLOAD_KINDS = ("encoded", "masked")  # updates whose bytes are in the payload, not in tensors
+MAX_NAME = 64  # characters of a step's name or of one of its value names
 
 
 
@@ -353,8 +357,8 @@ def _decode_train_reply(data: bytes, limits: Limits) -> TrainReply:
         return TrainReply(0, 0, error=_error_reply(body.error))
     u = body.update
     _require(u.kind in UPDATE_KINDS, f"update kind must be one of {', '.join(UPDATE_KINDS)}, got {u.kind!r}")
-    _require((u.kind == "encoded") == bool(u.payload) and not (u.payload and len(u.values)),
-             "an update carries either tensors (delta, params) or a payload (encoded)")
+    _require((u.kind in PAYLOAD_KINDS) == bool(u.payload) and not (u.payload and len(u.values)),
+             "an update carries either tensors (delta, params) or a payload (encoded, masked)")
     update = Update(_decode_tensors(u.values, limits), u.weight, u.kind, dict(u.metrics), u.payload)
     return TrainReply(0, 0, update=update)
 
@@ -393,10 +397,48 @@ def _decode_evaluate_reply(data: bytes, limits: Limits) -> EvaluateReply:
     return EvaluateReply(0, 0, evaluation=Evaluation(e.loss, e.accuracy, e.num_examples))
 
 
+def _check_step(kind: str, body: Any) -> dict[str, bytes]:
+    _require(0 < len(body.step) <= MAX_NAME, f"{kind} step name must have 1 to {MAX_NAME} characters")
+    _require(all(0 < len(k) <= MAX_NAME for k in body.values),
+             f"{kind} value names must have 1 to {MAX_NAME} characters")
+    return dict(body.values)
+
+
+def _encode_step_request(m: StepRequest) -> bytes:
+    return pb.StepBody(step=m.step, values=m.values).SerializeToString()
+
+
+def _decode_step_request(data: bytes, limits: Limits) -> StepRequest:
+    body = parse_message(pb.StepBody, data, limits, "step_request")
+    _require(not body.HasField("error"), "step_request carries an error")
+    return StepRequest(0, 0, body.step, _check_step("step_request", body))
+
+
+def _encode_step_reply(m: StepReply) -> bytes:
+    body = pb.StepBody(step=m.step)
+    if m.error is not None:
+        _require(not m.values, "step_reply has both values and an error")
+        body.error.CopyFrom(_error_msg(m.error))
+    else:
+        body.values.update(m.values)
+    return body.SerializeToString()
+
+
+def _decode_step_reply(data: bytes, limits: Limits) -> StepReply:
+    body = parse_message(pb.StepBody, data, limits, "step_reply")
+    values = _check_step("step_reply", body)
+    if body.HasField("error"):
+        _require(not values, "step_reply has both values and an error")
+        return StepReply(0, 0, body.step, error=_error_reply(body.error))
+    return StepReply(0, 0, body.step, values)
+
+
 register("train_request", TrainRequest, _encode_train_request, _decode_train_request)
 register("train_reply", TrainReply, _encode_train_reply, _decode_train_reply)
 register("evaluate_request", EvaluateRequest, _encode_evaluate_request, _decode_evaluate_request)
 register("evaluate_reply", EvaluateReply, _encode_evaluate_reply, _decode_evaluate_reply)
+register("step_request", StepRequest, _encode_step_request, _decode_step_request)
+register("step_reply", StepReply, _encode_step_reply, _decode_step_reply)
 
 
 # ---------------------------------------------------------------------------------------- encodings

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rfedloom.proto\x12\nfedloom.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xe6\x01\n\x0eTrainConfigMsg\x12\n\n\x02lr\x18\x01 \x01(\x01\x12\x12\n\nbatch_size\x18\x02 \x01(\x03\x12\x14\n\x0clocal_epochs\x18\x03 \x01(\x03\x12\x11\n\tmax_steps\x18\x04 \x01(\x03\x12\n\n\x02mu\x18\x05 \x01(\x01\x12\x0c\n\x04seed\x18\x06 \x01(\x03\x12\r\n\x05round\x18\x07 \x01(\x03\x12\x34\n\x05stage\x18\x08 \x03(\x0b\x32%.fedloom.v1.TrainConfigMsg.StageEntry\x1a,\n\nStageEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"s\n\x10TrainRequestBody\x12\"\n\x06params\x18\x01 \x03(\x0b\x32\x12.fedloom.v1.Tensor\x12*\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x1a.fedloom.v1.TrainConfigMsg\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\"(\n\x08\x45rrorMsg\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xc3\x01\n\tUpdateMsg\x12\"\n\x06values\x18\x01 \x03(\x0b\x32\x12.fedloom.v1.Tensor\x12\x0e\n\x06weight\x18\x02 \x01(\x01\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x33\n\x07metrics\x18\x04 \x03(\x0b\x32\".fedloom.v1.UpdateMsg.MetricsEntry\x12\x0f\n\x07payload\x18\x05 \x01(\x0c\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"j\n\x0eTrainReplyBody\x12\'\n\x06update\x18\x01 \x01(\x0b\x32\x15.fedloom.v1.UpdateMsgH\x00\x12%\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x14.fedloom.v1.ErrorMsgH\x00\x42\x08\n\x06result\"M\n\x13\x45valuateRequestBody\x12\"\n\x06params\x18\x01 \x03(\x0b\x32\x12.fedloom.v1.Tensor\x12\x12\n\nbatch_size\x18\x02 \x01(\x05\"E\n\rEvaluationMsg\x12\x0c\n\x04loss\x18\x01 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x02 \x01(\x01\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x03\"u\n\x11\x45valuateReplyBody\x12/\n\nevaluation\x18\x01 \x01(\x0b\x32\x19.fedloom.v1.EvaluationMsgH\x00\x12%\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x14.fedloom.v1.ErrorMsgH\x00\x42\x08\n\x06result\"n\n\x08\x45nvelope\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x11\n\tclient_id\x18\x03 \x01(\x03\x12\r\n\x05round\x18\x04 \x01(\x04\x12\x10\n\x08\x65ncoding\x18\x05 \x01(\t\x12\x0f\n\x07payload\x18\x06 \x01(\x0c\"[\n\x05\x43hunk\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x12\n\ntotal_size\x18\x02 \x01(\x04\x12\r\n\x05index\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0c\n\x04last\x18\x05 \x01(\x08\"1\n\x0bJoinRequest\x12\x13\n\x0b\x63lient_name\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\"i\n\tJoinReply\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\x03\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x14.fedloom.v1.ErrorMsg\x12\x13\n\x0bheartbeat_s\x18\x04 \x01(\x04\".\n\x0bPullRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x0e\n\x06wait_s\x18\x02 \x01(\r\"B\n\tPushReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12#\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x14.fedloom.v1.ErrorMsg\"#\n\x10HeartbeatRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\"D\n\x0eHeartbeatReply\x12\r\n\x05known\x18\x01 \x01(\x08\x12#\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x14.fedloom.v1.ErrorMsg2\xf5\x01\n\nFederation\x12\x36\n\x04Join\x12\x17.fedloom.v1.JoinRequest\x1a\x15.fedloom.v1.JoinReply\x12\x34\n\x04Pull\x12\x17.fedloom.v1.PullRequest\x1a\x11.fedloom.v1.Chunk0\x01\x12\x32\n\x04Push\x12\x11.fedloom.v1.Chunk\x1a\x15.fedloom.v1.PushReply(\x01\x12\x45\n\tHeartbeat\x12\x1c.fedloom.v1.HeartbeatRequest\x1a\x1a.fedloom.v1.HeartbeatReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rfedloom.proto\x12\nfedloom.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xe6\x01\n\x0eTrainConfigMsg\x12\n\n\x02lr\x18\x01 \x01(\x01\x12\x12\n\nbatch_size\x18\x02 \x01(\x03\x12\x14\n\x0clocal_epochs\x18\x03 \x01(\x03\x12\x11\n\tmax_steps\x18\x04 \x01(\x03\x12\n\n\x02mu\x18\x05 \x01(\x01\x12\x0c\n\x04seed\x18\x06 \x01(\x03\x12\r\n\x05round\x18\x07 \x01(\x03\x12\x34\n\x05stage\x18\x08 \x03(\x0b\x32%.fedloom.v1.TrainConfigMsg.StageEntry\x1a,\n\nStageEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"s\n\x10TrainRequestBody\x12\"\n\x06params\x18\x01 \x03(\x0b\x32\x12.fedloom.v1.Tensor\x12*\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x1a.fedloom.v1.TrainConfigMsg\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\"(\n\x08\x45rrorMsg\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xc3\x01\n\tUpdateMsg\x12\"\n\x06values\x18\x01 \x03(\x0b\x32\x12.fedloom.v1.Tensor\x12\x0e\n\x06weight\x18\x02 \x01(\x01\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x33\n\x07metrics\x18\x04 \x03(\x0b\x32\".fedloom.v1.UpdateMsg.MetricsEntry\x12\x0f\n\x07payload\x18\x05 \x01(\x0c\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"j\n\x0eTrainReplyBody\x12\'\n\x06update\x18\x01 \x01(\x0b\x32\x15.fedloom.v1.UpdateMsgH\x00\x12%\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x14.fedloom.v1.ErrorMsgH\x00\x42\x08\n\x06result\"M\n\x13\x45valuateRequestBody\x12\"\n\x06params\x18\x01 \x03(\x0b\x32\x12.fedloom.v1.Tensor\x12\x12\n\nbatch_size\x18\x02 \x01(\x05\"E\n\rEvaluationMsg\x12\x0c\n\x04loss\x18\x01 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x02 \x01(\x01\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x03\"u\n\x11\x45valuateReplyBody\x12/\n\nevaluation\x18\x01 \x01(\x0b\x32\x19.fedloom.v1.EvaluationMsgH\x00\x12%\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x14.fedloom.v1.ErrorMsgH\x00\x42\x08\n\x06result\"\x9e\x01\n\x08StepBody\x12\x0c\n\x04step\x18\x01 \x01(\t\x12\x30\n\x06values\x18\x02 \x03(\x0b\x32 .fedloom.v1.StepBody.ValuesEntry\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x14.fedloom.v1.ErrorMsg\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"n\n\x08\x45nvelope\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x11\n\tclient_id\x18\x03 \x01(\x03\x12\r\n\x05round\x18\x04 \x01(\x04\x12\x10\n\x08\x65ncoding\x18\x05 \x01(\t\x12\x0f\n\x07payload\x18\x06 \x01(\x0c\"[\n\x05\x43hunk\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x12\n\ntotal_size\x18\x02 \x01(\x04\x12\r\n\x05index\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0c\n\x04last\x18\x05 \x01(\x08\"1\n\x0bJoinRequest\x12\x13\n\x0b\x63lient_name\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\"i\n\tJoinReply\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\x03\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x14.fedloom.v1.ErrorMsg\x12\x13\n\x0bheartbeat_s\x18\x04 \x01(\x04\".\n\x0bPullRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x0e\n\x06wait_s\x18\x02 \x01(\r\"B\n\tPushReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12#\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x14.fedloom.v1.ErrorMsg\"#\n\x10HeartbeatRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\"D\n\x0eHeartbeatReply\x12\r\n\x05known\x18\x01 \x01(\x08\x12#\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x14.fedloom.v1.ErrorMsg2\xf5\x01\n\nFederation\x12\x36\n\x04Join\x12\x17.fedloom.v1.JoinRequest\x1a\x15.fedloom.v1.JoinReply\x12\x34\n\x04Pull\x12\x17.fedloom.v1.PullRequest\x1a\x11.fedloom.v1.Chunk0\x01\x12\x32\n\x04Push\x12\x11.fedloom.v1.Chunk\x1a\x15.fedloom.v1.PushReply(\x01\x12\x45\n\tHeartbeat\x12\x1c.fedloom.v1.HeartbeatRequest\x1a\x1a.fedloom.v1.HeartbeatReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,6 +36,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRAINCONFIGMSG_STAGEENTRY']._serialized_options = b'8\001'
   _globals['_UPDATEMSG_METRICSENTRY']._loaded_options = None
   _globals['_UPDATEMSG_METRICSENTRY']._serialized_options = b'8\001'
+  _globals['_STEPBODY_VALUESENTRY']._loaded_options = None
+  _globals['_STEPBODY_VALUESENTRY']._serialized_options = b'8\001'
   _globals['_TENSOR']._serialized_start=29
   _globals['_TENSOR']._serialized_end=81
   _globals['_TRAINCONFIGMSG']._serialized_start=84
@@ -58,22 +60,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EVALUATIONMSG']._serialized_end=929
   _globals['_EVALUATEREPLYBODY']._serialized_start=931
   _globals['_EVALUATEREPLYBODY']._serialized_end=1048
-  _globals['_ENVELOPE']._serialized_start=1050
-  _globals['_ENVELOPE']._serialized_end=1160
-  _globals['_CHUNK']._serialized_start=1162
-  _globals['_CHUNK']._serialized_end=1253
-  _globals['_JOINREQUEST']._serialized_start=1255
-  _globals['_JOINREQUEST']._serialized_end=1304
-  _globals['_JOINREPLY']._serialized_start=1306
-  _globals['_JOINREPLY']._serialized_end=1411
-  _globals['_PULLREQUEST']._serialized_start=1413
-  _globals['_PULLREQUEST']._serialized_end=1459
-  _globals['_PUSHREPLY']._serialized_start=1461
-  _globals['_PUSHREPLY']._serialized_end=1527
-  _globals['_HEARTBEATREQUEST']._serialized_start=1529
-  _globals['_HEARTBEATREQUEST']._serialized_end=1564
-  _globals['_HEARTBEATREPLY']._serialized_start=1566
-  _globals['_HEARTBEATREPLY']._serialized_end=1634
-  _globals['_FEDERATION']._serialized_start=1637
-  _globals['_FEDERATION']._serialized_end=1882
+  _globals['_STEPBODY']._serialized_start=1051
+  _globals['_STEPBODY']._serialized_end=1209
+  _globals['_STEPBODY_VALUESENTRY']._serialized_start=1164
+  _globals['_STEPBODY_VALUESENTRY']._serialized_end=1209
+  _globals['_ENVELOPE']._serialized_start=1211
+  _globals['_ENVELOPE']._serialized_end=1321
+  _globals['_CHUNK']._serialized_start=1323
+  _globals['_CHUNK']._serialized_end=1414
+  _globals['_JOINREQUEST']._serialized_start=1416
+  _globals['_JOINREQUEST']._serialized_end=1465
+  _globals['_JOINREPLY']._serialized_start=1467
+  _globals['_JOINREPLY']._serialized_end=1572
+  _globals['_PULLREQUEST']._serialized_start=1574
+  _globals['_PULLREQUEST']._serialized_end=1620
+  _globals['_PUSHREPLY']._serialized_start=1622
+  _globals['_PUSHREPLY']._serialized_end=1688
+  _globals['_HEARTBEATREQUEST']._serialized_start=1690
+  _globals['_HEARTBEATREQUEST']._serialized_end=1725
+  _globals['_HEARTBEATREPLY']._serialized_start=1727
+  _globals['_HEARTBEATREPLY']._serialized_end=1795
+  _globals['_FEDERATION']._serialized_start=1798
+  _globals['_FEDERATION']._serialized_end=2043
 # @@protoc_insertion_point(module_scope)

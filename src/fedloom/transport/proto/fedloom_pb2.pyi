@@ -117,6 +117,23 @@ class EvaluateReplyBody(_message.Message):
     error: ErrorMsg
     def __init__(self, evaluation: _Optional[_Union[EvaluationMsg, _Mapping]] = ..., error: _Optional[_Union[ErrorMsg, _Mapping]] = ...) -> None: ...
 
+class StepBody(_message.Message):
+    __slots__ = ("step", "values", "error")
+    class ValuesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    step: str
+    values: _containers.ScalarMap[str, bytes]
+    error: ErrorMsg
+    def __init__(self, step: _Optional[str] = ..., values: _Optional[_Mapping[str, bytes]] = ..., error: _Optional[_Union[ErrorMsg, _Mapping]] = ...) -> None: ...
+
 class Envelope(_message.Message):
     __slots__ = ("kind", "task_id", "client_id", "round", "encoding", "payload")
     KIND_FIELD_NUMBER: _ClassVar[int]
