@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from fedloom.hetero.profiles import REFERENCE_FLOPS, DeviceProfile, task_duration
-from fedloom.messages import ErrorReply, TrainReply, TrainRequest
+from fedloom.messages import Reply, Request, TrainReply, TrainRequest, error_reply
 from fedloom.seeding import keyed_rng
 from fedloom.transport import wire
 
@@ -31,7 +31,7 @@ def flops_per_sample(num_params: int, targets_per_sample: int) -> float:
     return 6.0 * num_params * max(1, targets_per_sample)
 
 
-def message_bytes(message: TrainRequest | TrainReply) -> int:
+def message_bytes(message: Request | Reply) -> int:
     """Size of the message as the gRPC deployment encodes it."""
     return wire.message_size(message)
 
@@ -61,7 +61,7 @@ def shrink_to_deadline(requests: Sequence[TrainRequest], profiles: Sequence[Devi
 class RoundClock:
     """What a round cost in simulated time and traffic, and which replies it keeps."""
 
-    replies: list[TrainReply]  # the kept ones unchanged; the rest turned into error replies saying why
+    replies: list[Reply]  # the kept ones unchanged; the rest turned into error replies saying why
     end_s: float
     durations: dict[int, float]  # what the server measures: kept clients' round trips; how long it waited for
     # those it did not keep (a lower bound); nothing for clients that failed at once
@@ -70,9 +70,14 @@ class RoundClock:
     bytes_up: int
 
 
-def run_clock(t0: float, requests: Sequence[TrainRequest], replies: Sequence[TrainReply],
-              profiles: Sequence[DeviceProfile], flops: float, k: int, deadline_s: float, seed: int) -> RoundClock:
-    """Simulate the round's trips from ``t0`` and keep the first ``k`` arrivals before the deadline."""
+def run_clock(t0: float, requests: Sequence[Request], replies: Sequence[Reply],
+              profiles: Sequence[DeviceProfile], flops: float, k: int, deadline_s: float, seed: int,
+              step: int = 0) -> RoundClock:
+    """Simulate the round's trips from ``t0`` and keep the first ``k`` arrivals before the deadline.
+
+    A round of several exchanges (secure aggregation) runs this once per exchange: ``step`` numbers
+    the exchanges of a round (0 the training), so that a device may drop out at any of them.
+    """
     deadline = t0 + deadline_s if deadline_s > 0 else math.inf
     arrivals: list[tuple[float, int]] = []
     fates: dict[int, str] = {}
@@ -82,13 +87,14 @@ def run_clock(t0: float, requests: Sequence[TrainRequest], replies: Sequence[Tra
         profile = profiles[req.client_id]
         d_bytes = message_bytes(req)
         down += d_bytes
-        if rep.error is not None or rep.update is None:
+        train = isinstance(rep, TrainReply)
+        if rep.error is not None or (train and rep.update is None):
             fates[i] = f"{rep.error.code}: {rep.error.reason}" if rep.error else "no update"
             continue
         u_bytes = message_bytes(rep)
-        samples = rep.update.metrics.get("examples", rep.update.weight)
+        samples = rep.update.metrics.get("examples", rep.update.weight) if train else 0  # type: ignore[union-attr]
         duration = task_duration(profile, flops, samples, d_bytes, u_bytes)
-        rng = keyed_rng(seed, req.round, req.client_id, 2)
+        rng = keyed_rng(seed, req.round, req.client_id, 2, *((step,) if step else ()))
         if rng.random_sample() < profile.dropout_p:
             fates[i] = "dropped: the device left mid-task"
             last_event = max(last_event, min(deadline, t0 + rng.random_sample() * duration))
@@ -108,10 +114,9 @@ def run_clock(t0: float, requests: Sequence[TrainRequest], replies: Sequence[Tra
         end = deadline  # the server waits out the deadline for clients that never come
     else:
         end = max([t for t, _ in arrivals] + [last_event])
-    out = [rep if i in kept else TrainReply(rep.client_id, rep.round, error=ErrorReply("not_kept", fates[i]))
-           for i, rep in enumerate(replies)]
+    out = [rep if i in kept else error_reply(requests[i], "not_kept", fates[i]) for i, rep in enumerate(replies)]
     durations = {requests[i].client_id: t - t0 for t, i in arrivals if i in kept}
     for i, req in enumerate(requests):
-        if i not in kept and (replies[i].error is None and replies[i].update is not None):
+        if i not in kept and replies[i].error is None and getattr(replies[i], "update", True) is not None:
             durations[req.client_id] = end - t0
     return RoundClock(out, end, durations, len(requests), down, up)

@@ -54,7 +54,7 @@ def _writable(arrays: Params, memo: dict[int, Params]) -> Params:
 def writable_requests(requests: list[Request]) -> list[Request]:
     """Requests whose parameters torch may wrap safely (all of a round's requests share one copy)."""
     memo: dict[int, Params] = {}
-    return [replace(r, params=_writable(r.params, memo)) for r in requests]
+    return [replace(r, params=_writable(r.params, memo)) if hasattr(r, "params") else r for r in requests]
 
 
 def writable_replies(replies: list[Reply]) -> list[Reply]:

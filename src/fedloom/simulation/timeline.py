@@ -21,8 +21,9 @@ from fedloom.data.dataset import FederatedDataset
 from fedloom.errors import ConfigError, RoundError
 from fedloom.hetero.clock import flops_per_sample, message_bytes, run_clock, shrink_to_deadline
 from fedloom.hetero.profiles import DeviceProfile, load_population, mobile, silo, task_duration
-from fedloom.messages import ErrorReply, Reply, TrainReply, TrainRequest
+from fedloom.messages import ErrorReply, Reply, Request, StepRequest, TrainReply, TrainRequest
 from fedloom.params import Params
+from fedloom.secagg.protocol import STEPS
 from fedloom.seeding import keyed_rng
 from fedloom.server.asynchronous import AsyncServer, AsyncState
 from fedloom.server.sync import RoundResult, ServerState, SyncServer
@@ -87,11 +88,15 @@ class SimulatedClock:
                                           [self.full_steps[r.client_id] for r in requests])
         return requests, state
 
-    def settle(self, requests: Sequence[TrainRequest],
+    def settle(self, requests: Sequence[Request],
                replies: Sequence[Reply]) -> tuple[list[Reply], dict[int, float]]:
-        """The pacer's second half: the first ``clients_per_round`` arrivals before the deadline, and the time."""
-        tick = run_clock(self.now, requests, replies, self.profiles, self.flops, self.k,  # type: ignore[arg-type]
-                         self.cfg.hetero.deadline_s, self.cfg.run.seed)
+        """The pacer's second half: the first ``clients_per_round`` arrivals before the deadline, and the time.
+
+        A step of a secure round (``StepRequest``) keeps every arrival before the deadline; each step costs the
+        time of its messages' real sizes, and a device may drop out at any step."""
+        step = STEPS.index(requests[0].step) + 1 if requests and isinstance(requests[0], StepRequest) else 0
+        tick = run_clock(self.now, requests, replies, self.profiles, self.flops, len(requests) if step else self.k,
+                         self.cfg.hetero.deadline_s, self.cfg.run.seed, step)
         self.now = tick.end_s
         self.trips += tick.trips
         self.bytes_down += tick.bytes_down

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from fedloom.messages import Reply, Request, TrainReply, TrainRequest
+from fedloom.messages import Reply, Request, StepReply, StepRequest, TrainReply, TrainRequest
 from fedloom.transport.base import Transport
 from fedloom.transport.wire import message_size
 
@@ -26,8 +26,9 @@ class Metered:
 
     def exchange(self, requests: Sequence[Request]) -> list[Reply]:
         replies = self.engine.exchange(requests)
-        self.bytes_down += sum(message_size(r) for r in requests if isinstance(r, TrainRequest))
-        self.bytes_up += sum(message_size(r) for r in replies if isinstance(r, TrainReply) and r.update is not None)
+        self.bytes_down += sum(message_size(r) for r in requests if isinstance(r, TrainRequest | StepRequest))
+        self.bytes_up += sum(message_size(r) for r in replies if (isinstance(r, TrainReply) and r.update is not None)
+                             or (isinstance(r, StepReply) and r.error is None))
         return replies
 
     def close(self) -> None:
