@@ -52,7 +52,10 @@ def drive(exchanges: Generator[list[Request], tuple[list[Reply], dict[int, float
           pacer: Pacer) -> T:
     """Run a round's exchanges (a generator that yields requests and receives ``(replies, durations)``) over
     ``transport``, each paced by ``pacer``, and return what the generator returns."""
-    outgoing = next(exchanges)
+    try:
+        outgoing = next(exchanges)
+    except StopIteration as stop:  # done before any exchange (a secure round with too few clients)
+        return stop.value
     while True:
         replies, durations = pacer.settle(outgoing, transport.exchange(outgoing))  # type: ignore[arg-type]
         try:

@@ -29,7 +29,7 @@ from fedloom.data.dataset import ClientDataset
 from fedloom.deploy.security import channel_credentials
 from fedloom.deploy.service import MAX_POLL_S, SESSION_KEY, STATUS_KEY, TOKEN_KEY, limits
 from fedloom.errors import ClientRefused, ConfigError, FedloomError, WireError
-from fedloom.messages import Reply, Request
+from fedloom.messages import ErrorReply, Reply, Request, StepReply
 from fedloom.transport import wire
 from fedloom.transport.proto import fedloom_pb2 as pb
 from fedloom.transport.proto import fedloom_pb2_grpc as pb_grpc
@@ -125,9 +125,16 @@ def serve_client(work: ClientWork, local: ClientDataset, cfg: Config, address: s
                             continue
                         try:
                             env = wire.from_chunks(itertools.chain([first], call), lim)
-                            request = wire.from_envelope(env, lim)
-                        except WireError as exc:  # a task this client cannot read: say so, keep polling
+                        except WireError as exc:  # not even an envelope: nothing to answer
                             log.warning("the server sent a task this client cannot read: %s", exc)
+                            continue
+                        try:
+                            request = wire.from_envelope(env, lim)
+                        except WireError as exc:  # an unknown or malformed task: answer it with the reason
+                            log.warning("the server sent a task this client cannot read: %s", exc)
+                            done += _push(stub, meta, env.task_id, StepReply(
+                                env.client_id, env.round, env.kind[:64] or "unknown",
+                                error=ErrorReply(exc.code, f"the client cannot read a {env.kind[:64]!r} task: {exc}")))
                             continue
                         unsent = (env.task_id, _handled(request, work, data, pipeline, states))
                         done += _push(stub, meta, *unsent)

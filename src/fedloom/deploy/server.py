@@ -189,6 +189,9 @@ def serve(cfg: Config, *, on_round: Callable[[dict[str, float]], None] | None = 
                      state.round)
         loop = LoopThread()
         service = FederationService(store, cfg)
+        if server.strategy.secure is not None:  # only masked updates of this length are let in
+            service.dispatcher.masked_bytes = server.strategy.secure.payload_bytes(
+                sum(p.size for p in state.params))
         completed = False
         try:
             try:

@@ -104,21 +104,23 @@ def _share(request: StepRequest, state: ClientState) -> dict[str, bytes]:
     peers = ids_from_bytes(request.values.get("peers", b""), "peers")
     if not set(peers) <= plan.graph()[u]:
         raise SecAggError("the peers sent are not all this client's neighbours in the round's graph")
-    if len(peers) < plan.threshold:
-        raise SecAggError(f"{len(peers)} neighbours advertised keys, fewer than the threshold {plan.threshold}")
+    if len(peers) + 1 < plan.threshold:
+        raise SecAggError(f"{len(peers)} neighbours advertised keys: with this client, fewer than the threshold "
+                          f"{plan.threshold}")
     keys = request.values.get("keys", b"")
     if len(keys) != 2 * KEY_BYTES * len(peers):
         raise SecAggError(f"expected {len(peers)} pairs of public keys, got {len(keys)} bytes")
     b = os.urandom(KEY_BYTES)
     s_sk = _bytes(state, "s_sk")
-    s_shares, b_shares = share(s_sk, plan.threshold, peers), share(b, plan.threshold, peers)
+    s_shares, b_shares = share(s_sk, plan.threshold, [*peers, u]), share(b, plan.threshold, [*peers, u])
     c_sk = private_from_bytes(_bytes(state, "c_sk"))
     sealed = []
     for i, v in enumerate(peers):
         key = agree(c_sk, keys[2 * KEY_BYTES * i:2 * KEY_BYTES * i + KEY_BYTES], encrypt_info(request.round))
         plain = struct.pack(">QQ", u, v) + s_shares[v] + b_shares[v]
         sealed.append(seal(key, plain, associated_data(u, v, request.round, b"share")))
-    _put(state, b=b, peers=ids_to_bytes(peers), peer_keys=keys)
+    _put(state, b=b, peers=ids_to_bytes(peers), peer_keys=keys, own_b=b_shares[u])  # its own share of s^SK is never
+    # revealed (the server asks for it only of a dropped client), so it is not kept
     return {"to": ids_to_bytes(peers), "sealed": b"".join(sealed)}
 
 
@@ -131,8 +133,9 @@ def _collect(request: StepRequest, state: ClientState) -> dict[str, bytes]:
     peers = ids_from_bytes(_bytes(state, "peers"), "peers")
     if not set(senders) <= set(peers):
         raise SecAggError("shares arrived from clients that are not this client's peers")
-    if len(senders) < plan.threshold:
-        raise SecAggError(f"{len(senders)} neighbours shared their keys, fewer than the threshold {plan.threshold}")
+    if len(senders) + 1 < plan.threshold:
+        raise SecAggError(f"{len(senders)} neighbours shared their keys: with this client, fewer than the threshold "
+                          f"{plan.threshold}")
     blob = request.values.get("sealed", b"")
     if len(blob) != SEALED_BYTES * len(senders):
         raise SecAggError(f"expected {len(senders)} sealed shares of {SEALED_BYTES} bytes, got {len(blob)} bytes")
@@ -163,7 +166,8 @@ def _unmask(request: StepRequest, state: ClientState) -> dict[str, bytes]:
     def pick(held: bytes, ids: list[int]) -> bytes:
         return b"".join(held[SHARE_BYTES * senders.index(v):SHARE_BYTES * (senders.index(v) + 1)] for v in ids)
 
-    values = {"b_ids": ids_to_bytes(b_ids), "b_shares": pick(held_b, b_ids),
+    values = {"b_ids": ids_to_bytes([*b_ids, request.client_id]),
+              "b_shares": pick(held_b, b_ids) + _bytes(state, "own_b"),
               "s_ids": ids_to_bytes(s_ids), "s_shares": pick(held_s, s_ids)}
     for k in [k for k in state if k.startswith(PREFIX)]:
         del state[k]  # the round is over for this client: no second unmasking

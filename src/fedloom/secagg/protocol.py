@@ -9,8 +9,9 @@ each):
    degree and seed, the threshold, the fixed-point encoding); each client answers two fresh X25519
    public keys (c for encryption, s for masks).
 2. ``secagg.share`` (U1): each client gets its neighbours' keys, Shamir-shares its self-mask seed b_u
-   and its mask key s_u^SK among them (threshold t) and answers one AES-GCM-sealed share pair per
-   neighbour, which the server cannot open.
+   and its mask key s_u^SK among them and itself (threshold t; as in [B17], which shares among all of
+   U1, the client keeps its own share) and answers one AES-GCM-sealed share pair per neighbour, which
+   the server cannot open.
 3. ``secagg.collect`` (U2): each client gets the sealed shares its neighbours in U2 made for it, keeps
    them, and from then on masks with exactly those neighbours. ([B17] sends these with round 2's
    request; here they come first so that the training itself is an ordinary train request.)
@@ -19,7 +20,7 @@ each):
    "masked"``, ``client.mask_update``). A deadline or over-selection keeps the first arrivals; the
    rest count as dropped (U3 are the masked inputs kept).
 5. ``secagg.unmask`` (U3): each survivor gets U3 and answers, for each neighbour v it holds shares
-   of, the share of b_v when v is in U3, else of s_v^SK; never both.
+   of, the share of b_v when v is in U3, else of s_v^SK (never both), and its own share of b_u.
 
 The server rebuilds b_v for every v in U3 and s_v^SK for every v in U2 \\ U3 from t shares each,
 removes the self masks and the dropped clients' pairwise masks from the sum of the masked inputs,
@@ -245,8 +246,9 @@ class SecureAggregation:
         ``(replies, durations)``, returns the unmasked sum. ``check(request, reply)`` is the server's door
         for the masked train replies (it raises with the reason to refuse one)."""
         out = _Round(self, rnd, list(requests), dim)
-        if len(requests) < 2:
-            return out.abort(f"secure aggregation needs at least 2 clients, {len(requests)} were asked")
+        if len(requests) < 3:
+            return out.abort(f"secure aggregation needs at least 3 clients, {len(requests)} were asked; nothing was "
+                             "sent")
         plan = out.plan = self.plan(rnd, [r.client_id for r in requests], dim)
         asked = out.ask(ADVERTISE, plan.clients, lambda u: plan.values())
         keys = out.take(ADVERTISE, asked, (yield asked)[0], _advertised)
@@ -280,6 +282,8 @@ class SecureAggregation:
         if why := out.short(masked, "sent masked inputs", need=max(plan.threshold, self.min_survivors)):
             return out.abort(why)
         survivors = sorted(masked)
+        if why := out.unrecoverable(survivors, set(sealed) - set(masked), inbox):
+            return out.abort(why)
         asked = out.ask(UNMASK, survivors, lambda u: {"survivors": ids_to_bytes(survivors)})
         shares = out.take(UNMASK, asked, (yield asked)[0], lambda q, r: _revealed(q, r, inbox))
         return out.unmask(masked, shares, keys, set(sealed) - set(masked), inbox)
@@ -330,7 +334,7 @@ def _revealed(request: StepRequest, reply: StepReply,
     s = ids_from_bytes(s_ids, "s_ids")
     held = set(inbox.get(request.client_id, {}))
     survivors = set(ids_from_bytes(request.values["survivors"], "survivors"))
-    if set(b) != held & survivors or set(s) != held - survivors:
+    if set(b) != (held | {request.client_id}) & survivors or set(s) != held - survivors:
         raise SecAggError("shares revealed for other clients than the survivors and dropped clients it holds shares of")
     return {"b": dict(zip(b, _blobs(b_shares, SHARE_BYTES, len(b), "b shares"))),
             "s": dict(zip(s, _blobs(s_shares, SHARE_BYTES, len(s), "s shares")))}
@@ -394,6 +398,20 @@ class _Round:
         if len(answered) < need:
             return (f"secure aggregation aborted: {len(answered)} clients {what}, fewer than the {need} needed; "
                     "nothing was unmasked")
+        return ""
+
+    def unrecoverable(self, survivors: list[int], dropped: set[int], inbox: dict[int, dict[int, bytes]]) -> str:
+        """Why unmasking cannot succeed even if every survivor answers: a secret it must rebuild (a survivor's
+        self-mask seed, a dropped client's mask key) has fewer than t shares among the survivors, who alone are
+        asked (a survivor's own share of its seed counts); then nobody is asked to reveal anything."""
+        plan = self.plan
+        assert plan is not None
+        for v in [*survivors, *sorted(dropped)]:
+            holders = sum(v in inbox[u] or u == v for u in survivors)  # a survivor holds a share of its own
+            if holders < plan.threshold:
+                return (f"secure aggregation aborted: {holders} of the {len(survivors)} clients that sent masked "
+                        f"inputs hold shares of client {v}'s secrets, fewer than the threshold {plan.threshold}; "
+                        "nothing was unmasked")
         return ""
 
     def abort(self, why: str) -> SecureSum:

@@ -88,9 +88,11 @@ class Dispatcher:
     may claim (see :func:`~fedloom.server.validation.check_reply`).
     """
 
-    def __init__(self, max_examples: float | None = None, compression: Compression = NO_COMPRESSION):
+    def __init__(self, max_examples: float | None = None, compression: Compression = NO_COMPRESSION,
+                 masked_bytes: int = 0):
         self.max_examples = max_examples
         self.compression = compression  # a compressed update is decoded here once, to check it
+        self.masked_bytes = masked_bytes  # secure aggregation: the length of a masked update (else 0)
         self._queues: dict[int, deque[Task]] = {}
         self._wake: dict[int, asyncio.Event] = {}
         self._open: dict[str, tuple[Task, asyncio.Future[Reply]]] = {}  # awaited task id -> task, its reply
@@ -177,7 +179,8 @@ class Dispatcher:
 
         A reply to another client's task, or to a task not awaited, is refused and changes nothing.
         A reply that does not answer its task (kind, round, shapes, impossible numbers) is refused
-        and closes the task: the round records the reason.
+        and closes the task: the round records the reason. An error reply of any kind (a client that
+        could not read its task says so in a step reply) answers the task with the client's reason.
         """
         self.seen(client_id)
         found = self._open.get(task_id)
@@ -185,8 +188,12 @@ class Dispatcher:
             return ErrorReply("not_awaited", f"no task {task_id[:64]!r} of this client is awaited "
                                              "(it may have timed out)")
         request = found[0].request
+        error = getattr(reply, "error", None)
+        if isinstance(error, ErrorReply) and getattr(reply, "round", None) == request.round:
+            self._answer(task_id, error_reply(request, error.code[:64], error.reason[:2000]))
+            return None
         try:
-            check_reply(request, reply, self.max_examples, self.compression)  # the round decodes it again
+            check_reply(request, reply, self.max_examples, self.compression, self.masked_bytes)  # checked again later
         except FedloomError as exc:
             self._answer(task_id, error_reply(request, exc.code, f"refused by the server: {exc.message}"))
             return ErrorReply(exc.code, exc.message)
