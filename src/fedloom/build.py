@@ -216,7 +216,7 @@ def build_secure(cfg: Config, num_clients: int, deployed: bool = False) -> Secur
     elif s.aggregation == "sync":
         most = math.ceil(cfg.hetero.over_select * s.clients_per_round)
     else:
-        most = async_buffer(cfg)
+        most = secure_cohort(cfg)
     most = max(3, min(most, num_clients))
     need = survivors_needed(cfg)
     std = 0.0
@@ -268,6 +268,14 @@ def async_buffer(cfg: Config) -> int:
     """FedBuff's buffer size (default half of ``clients_per_round``); FedAsync's is one."""
     s = cfg.server
     return 1 if s.aggregation == "fedasync" else (s.buffer_size or max(1, s.clients_per_round // 2))
+
+
+def secure_cohort(cfg: Config) -> int:
+    """FedBuff with secure aggregation: the clients of one buffer's cohort, enough that ``buffer_size`` of them arrive
+    when ``secagg.dropout_fraction`` drop (at most ``concurrency``)."""
+    k = async_buffer(cfg)
+    slots = cfg.server.concurrency or cfg.server.clients_per_round
+    return max(k, min(slots, math.ceil(k / (1 - cfg.secagg.dropout_fraction) - 1e-9)))
 
 
 def async_server(cfg: Config, strategy: Strategy) -> AsyncServer:

@@ -84,8 +84,10 @@ def _round_state(state: ClientState, rnd: int, needs: str, step: str) -> Plan:
 
 def _advertise(request: StepRequest, state: ClientState) -> dict[str, bytes]:
     plan = Plan.from_values(request.values)
-    if plan.round != request.round or request.client_id not in plan.clients:
-        raise SecAggError(f"the plan is for round {plan.round} and does not name client {request.client_id}")
+    if plan.round != request.round:
+        raise SecAggError(f"the plan is for round {plan.round}, the request for round {request.round}")
+    if request.client_id not in plan.clients:
+        raise SecAggError(f"the plan of round {plan.round} does not name client {request.client_id}")
     for k in [k for k in state if k.startswith(PREFIX)]:
         del state[k]  # a new round: whatever an unfinished one left is dropped
     c_sk, c_pk = generate_keypair()

@@ -34,7 +34,8 @@ import numpy as np
 from fedloom.aggregation.aggregator import AggState
 from fedloom.errors import ConfigError, FedloomError
 from fedloom.messages import TrainReply, TrainRequest
-from fedloom.params import Params, ParamSpec
+from fedloom.params import Params, ParamSpec, unflatten
+from fedloom.secagg.protocol import SecureSum
 from fedloom.server.optimizers import OptState
 from fedloom.server.strategy import Strategy
 from fedloom.server.validation import check_reply, to_delta
@@ -93,14 +94,17 @@ class AsyncServer:
 
     def request(self, state: AsyncState, client_id: int, dispatch: int) -> TrainRequest:
         """A task on the current model; ``dispatch`` (1, 2, ...) numbers tasks and seeds the client's shuffle.
-        With a downlink codec the model travels encoded, once per model version."""
+        With a downlink codec the model travels encoded, once per model version. The stages' client halves get
+        what they need (the clip bound) as in a synchronous round."""
         payload = b""
         if self.strategy.compression.downlink is not None:
             if self._broadcast[0] != state.version:
                 self._broadcast = (state.version, self.strategy.compression.encode_model(
                     state.params, self.strategy.seed, state.version))
             payload = self._broadcast[1]
-        return TrainRequest(client_id, dispatch, state.params, replace(self.strategy.train, round=dispatch), payload)
+        stage = self.strategy.aggregator.broadcast(state.aggregation)
+        config = replace(self.strategy.train, round=dispatch, stage=stage)
+        return TrainRequest(client_id, dispatch, state.params, config, payload)
 
     def receive(self, state: AsyncState, request: TrainRequest, version_sent: int,
                 reply: TrainReply) -> tuple[Arrival, AsyncState]:
@@ -128,3 +132,23 @@ class AsyncServer:
         params, opt_state = self.strategy.optimizer.update(agg.delta, state.params, state.opt_state)
         return (Arrival(cid, tau, True, aggregated=True, train_loss=loss, measurements=agg.measurements,
                         refused=agg.rejected), AsyncState(state.version + 1, params, opt_state, agg.state))
+
+    def receive_sum(self, state: AsyncState, version_sent: int,
+                    outcome: SecureSum) -> tuple[float, dict[str, float], str, AsyncState]:
+        """Apply a buffer summed securely (``simulation/timeline.SecureAsyncRun``): its updates were all trained on
+        ``version_sent``, so they share one staleness factor, applied to their mean as the aggregator applies
+        each update's. Returns the factor, the aggregator's measurements, why nothing was applied (or "") and the
+        next state."""
+        factor = self.staleness(state.version - version_sent)
+        secure = self.strategy.secure
+        assert secure is not None
+        if outcome.problem or outcome.total is None:
+            return factor, {}, outcome.problem, replace(state, version=state.version + 1)
+        weight = outcome.total[-1] / secure.bound
+        mean = unflatten(outcome.total[:-1] * (factor / weight if weight > 0 else 0.0), ParamSpec.of(state.params))
+        agg = self.strategy.aggregator.aggregate_mean(mean, outcome.survivors, state.aggregation, state.version + 1,
+                                                      self.buffer_size)
+        if agg.delta is None:
+            return factor, agg.measurements, agg.problem, replace(state, version=state.version + 1)
+        params, opt_state = self.strategy.optimizer.update(agg.delta, state.params, state.opt_state)
+        return factor, agg.measurements, "", AsyncState(state.version + 1, params, opt_state, agg.state)

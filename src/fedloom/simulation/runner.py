@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedloom.build import async_server, build_clients, build_strategy, client_pipeline
+from fedloom.build import async_server, build_clients, build_strategy, client_pipeline, secure_cohort
 from fedloom.checkpoint import mismatch, ragged_selection, restore_state, state_arrays, state_names
 from fedloom.client.pipeline import ClientPipeline
 from fedloom.client.state import StateFiles
@@ -45,7 +45,7 @@ from fedloom.simulation.report import (
     read_metrics,
     write_metrics,
 )
-from fedloom.simulation.timeline import AsyncRun, AsyncSnapshot, SimulatedClock
+from fedloom.simulation.timeline import AsyncRun, AsyncSnapshot, SecureAsyncRun, SimulatedClock
 from fedloom.transport.base import Transport
 from fedloom.transport.inprocess import InProcessTransport
 from fedloom.transport.metered import Metered, traffic_columns
@@ -206,6 +206,10 @@ def _run(cfg: Config, run_dir: Path | None, start: float, progress: bool, own: t
     clock = SimulatedClock.create(cfg, dataset, work) if cfg.hetero.population else None
     saved: dict[str, np.ndarray] = {}  # a resumed asynchronous run's tasks in flight
     if resume and run_dir is not None:
+        if cfg.server.aggregation != "sync" and strategy.secure is not None:
+            raise ConfigError("resume", "a secure FedBuff run cannot be resumed: the cohorts in flight when it stopped "
+                                        "held their round's keys in memory, and their clients' masked updates cannot "
+                                        "be asked for again; start it anew")
         state, saved = read_checkpoint(run_dir / CHECKPOINT, state, names, clock)
         if (cfg.server.aggregation != "sync") != bool(saved):
             raise ConfigError("server.aggregation", f"{run_dir} was not a {cfg.server.aggregation} run: resume it with "
@@ -228,7 +232,10 @@ def _run(cfg: Config, run_dir: Path | None, start: float, progress: bool, own: t
             outputs.close("FAILED")
         raise
     stream = None
-    if cfg.server.aggregation != "sync":
+    if cfg.server.aggregation != "sync" and strategy.secure is not None:
+        stream = SecureAsyncRun(cfg, clock, async_server(cfg, strategy), transport, params,  # type: ignore[arg-type]
+                                secure_cohort(cfg))
+    elif cfg.server.aggregation != "sync":
         aserver = async_server(cfg, strategy)
         stream = AsyncRun(cfg, clock, aserver, transport, params, launch=not saved)  # type: ignore[arg-type]
         if saved:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
@@ -198,6 +199,166 @@ class AsyncRun:
             if request is not None:
                 self.in_flight.add(request.client_id)
             heapq.heappush(self.events, (at, seq, request, reply, version))
+
+
+class SecureAsyncRun(AsyncRun):
+    """FedBuff with each buffer summed securely (Nguyen et al. 2022, section 5; ``secagg/``): buffers of cohorts.
+
+    The server cannot scale or drop one masked update, and the masks of a buffer must cancel among
+    exactly its members, so a buffer is one cohort: ``cohort`` clients chosen together when that many
+    slots are free, who exchange keys (the protocol's first three steps, on the clock) and are sent the
+    same model version. Each trains and uploads its masked update in its own time; the first
+    ``buffer_size`` arrivals close the buffer (the rest of the cohort counts as dropped, and its late
+    updates are discarded), the survivors unmask, and the sum is applied with the staleness factor of
+    the version the cohort was sent (one factor for the whole buffer). Deviation from FedBuff: a client
+    is dispatched with its cohort, not the moment its slot frees, and a buffer never mixes cohorts.
+    """
+
+    def __init__(self, cfg: Config, clock: SimulatedClock, server: AsyncServer, transport: Transport,
+                 params: Params, cohort: int):
+        super().__init__(cfg, clock, server, transport, params, launch=False)
+        self.cohort = cohort
+        self.slots = cfg.server.concurrency or cfg.server.clients_per_round
+        self.open: dict[int, _Cohort] = {}
+        self.late: dict[int, str] = {}  # refused since the last update: members whose buffer had closed
+        self._launch()
+
+    def _step(self, requests: list, replies: list, step: int) -> list:
+        """One setup or unmasking exchange on the clock: every arrival before the deadline is kept."""
+        c = self.clock
+        tick = run_clock(c.now, requests, replies, c.profiles, c.flops, len(requests), self.cfg.hetero.deadline_s,
+                         self.cfg.run.seed, step)
+        c.now = tick.end_s
+        c.trips += tick.trips
+        c.bytes_down += tick.bytes_down
+        c.bytes_up += tick.bytes_up
+        return tick.replies
+
+    def _launch(self) -> None:
+        """Start cohorts while ``cohort`` slots are free and that many idle clients are available (else wait)."""
+        c = self.clock
+        while self.slots - len(self.in_flight) >= self.cohort:
+            idle = [i for i in range(len(c.profiles)) if i not in self.in_flight]
+            ready = [i for i in idle if c.profiles[i].availability.is_available(c.now)]
+            if len(ready) < self.cohort:
+                later = [c.profiles[i].availability.next_available(c.now) for i in idle]
+                nxt = min((t for t in later if t > c.now), default=math.inf)
+                if math.isfinite(nxt):
+                    self._push(nxt, None, None, -1)
+                return
+            rnd = self.dispatched + 1
+            self.dispatched += self.cohort
+            order = keyed_rng(self.cfg.run.seed, rnd, 3).permutation(len(ready))[: self.cohort]
+            members = sorted(ready[i] for i in order)
+            requests = [self.server.request(self.state, cid, rnd) for cid in members]
+            self.in_flight.update(members)
+            self._start(rnd, requests)
+
+    def _start(self, rnd: int, requests: list[TrainRequest]) -> None:
+        secure = self.server.strategy.secure
+        assert secure is not None
+        dim = sum(p.size for p in self.state.params) + 1
+        masked = secure.payload_bytes(dim - 1)
+        compression = self.server.strategy.compression
+
+        def check(request: TrainRequest, reply: TrainReply) -> TrainReply:
+            from fedloom.server.validation import check_reply
+
+            return check_reply(request, reply, compression=compression, masked_bytes=masked)  # type: ignore[return-value]
+
+        cohort = _Cohort(secure.round(rnd, requests, dim, check), self.state.version, requests)
+        try:
+            outgoing = next(cohort.exchanges)
+            for step in (1, 2, 3):  # advertise, share, collect
+                outgoing = cohort.exchanges.send((self._step(outgoing, self.transport.exchange(outgoing), step), {}))
+        except StopIteration as stop:  # the cohort could not set up its keys: its slots free at once
+            self.in_flight.difference_update(r.client_id for r in requests)
+            self.late.update({cid: why for cid, why in stop.value.rejected.items()})
+            return
+        for r in requests:
+            if r not in outgoing:
+                self.in_flight.discard(r.client_id)
+        cohort.training = list(outgoing)
+        c = self.clock
+        for request, reply in zip(outgoing, self.transport.exchange(outgoing)):
+            cid, profile = request.client_id, c.profiles[request.client_id]
+            down, up = message_bytes(request), message_bytes(reply) if reply.update is not None else 0
+            samples = reply.update.metrics.get("examples", 0.0) if reply.update is not None else 0
+            duration = task_duration(profile, c.flops, samples, down, up)
+            rng = keyed_rng(self.cfg.run.seed, rnd, cid, 2)
+            if rng.random_sample() < profile.dropout_p:
+                reply = TrainReply(cid, rnd, error=ErrorReply(DROPPED, "the device left mid-task"))
+                up, duration = 0, duration * rng.random_sample()
+            c.trips += 1
+            c.bytes_down += down
+            c.bytes_up += up
+            self._push(c.now + duration, request, reply, self.state.version)
+        self.open[rnd] = cohort
+
+    def next_update(self) -> tuple[RoundResult, ServerState]:
+        """Process arrivals until a cohort's buffer closes and is applied."""
+        while True:
+            if not self.events:
+                raise RoundError("no client can be reached any more: every device is gone for good")
+            at, _, request, reply, _ = heapq.heappop(self.events)
+            self.clock.now = at
+            if request is None:
+                self._launch()
+                continue
+            self.in_flight.discard(request.client_id)
+            cohort = self.open.get(request.round)
+            if cohort is None:  # its buffer closed before it arrived
+                self.late[request.client_id] = "not_kept: its cohort's buffer closed before it arrived"
+                self._launch()
+                continue
+            cohort.arrived[request.client_id] = reply  # type: ignore[assignment]
+            if not cohort.full(self.server.buffer_size):
+                continue
+            del self.open[request.round]
+            return self._close(cohort)
+
+    def _close(self, cohort: _Cohort) -> tuple[RoundResult, ServerState]:
+        kept = [cid for cid, r in cohort.arrived.items() if r.error is None][: self.server.buffer_size]
+        late = TrainReply(0, 0, error=ErrorReply("not_kept", "its buffer closed without it"))
+        replies = [cohort.arrived[r.client_id] if r.client_id in kept or (
+                   r.client_id in cohort.arrived and cohort.arrived[r.client_id].error is not None)
+                   else replace(late, client_id=r.client_id, round=r.round) for r in cohort.training]
+        try:
+            outgoing = cohort.exchanges.send((replies, {}))
+            cohort.exchanges.send((self._step(outgoing, self.transport.exchange(outgoing), 4), {}))
+            raise RoundError("the secure round did not end after unmasking")
+        except StopIteration as stop:
+            outcome = stop.value
+        factor, measurements, problem, self.state = self.server.receive_sum(self.state, cohort.version, outcome)
+        self._launch()
+        metrics = outcome.metrics
+        seen = {cid: m.get("examples", 0.0) for cid, m in metrics.items() if "loss" in m}
+        examples = sum(seen.values())
+        loss = sum(metrics[c]["loss"] * n for c, n in seen.items()) / examples if examples else math.nan
+        refused = {**self.late, **outcome.rejected}
+        self.late = {}
+        result = RoundResult(self.state.version, [r.client_id for r in cohort.requests],
+                             [] if problem else list(outcome.survivors), refused, loss, float(examples),
+                             {**outcome.measurements, **measurements, "staleness_factor": factor}, problem,
+                             {} if problem else metrics)
+        return result, ServerState(self.state.version, self.state.params, self.state.opt_state,
+                                   aggregation=self.state.aggregation)
+
+
+@dataclass
+class _Cohort:
+    """One secure buffer in flight: its protocol (paused at the training), the version it was sent, its members."""
+
+    exchanges: Any
+    version: int
+    requests: list[TrainRequest]
+    training: list[TrainRequest] = field(default_factory=list)  # the members still in when training began
+    arrived: dict[int, TrainReply] = field(default_factory=dict)
+
+    def full(self, buffer_size: int) -> bool:
+        """Its buffer closes: ``buffer_size`` valid updates arrived, or every member that trains has reported."""
+        valid = sum(r.error is None for r in self.arrived.values())
+        return valid >= buffer_size or len(self.arrived) == len(self.training)
 
 
 DROPPED = "dropped"
