@@ -31,7 +31,8 @@ class Running:
         self.loop = LoopThread()
         self.service = FederationService(self.store, cfg)
         port = self.loop.call(self.service.start("127.0.0.1:0", None))
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        self.address = f"127.0.0.1:{port}"
+        self.channel = grpc.insecure_channel(self.address)
         self.stub = pb_grpc.FederationStub(self.channel)
         self.transport = DeployedTransport(self.loop, self.service.dispatcher, 20.0, 20.0, 1 << 20)
         self.pool = ThreadPoolExecutor(2)
@@ -235,3 +236,47 @@ def test_settings_the_server_cannot_take_are_refused_before_anything_starts(tmp_
         serve(cfg)
     assert e.value.key == key
     assert not (tmp_path / "state").exists() and not (tmp_path / "x.token").exists()
+
+
+def test_a_task_a_client_cannot_read_gets_an_error_reply_and_the_client_carries_on(running, monkeypatch, tmp_path):
+    """A real client (``serve_client``) sent a message kind it does not know, and a step it does not know, answers
+    each with an error reply at once; it neither crashes nor leaves the round waiting, and its next task is done."""
+    from fedloom.client.pipeline import ClientPipeline
+    from fedloom.client.state import StateFiles
+    from fedloom.data.dataset import ClientDataset
+    from fedloom.deploy import service as svc
+    from fedloom.deploy.client import serve_client
+    from fedloom.messages import StepRequest
+
+    def encode(task):  # a server from the future: a kind of message this client's version has never heard of
+        env = wire.to_envelope(task.request, task_id=task.task_id)
+        if getattr(task.request, "step", "") == "future":
+            env.kind = "secagg.consistency_check"
+        return list(wire.to_chunks(env))
+
+    monkeypatch.setattr(svc, "_encode", encode)
+    cfg = load_config(None, ["deploy.tls=false", 'deploy.name="c0"'])
+    data = ClientDataset(0, np.zeros((2, 3), np.float32), np.zeros(2, np.int64), np.zeros((1, 3), np.float32),
+                         np.zeros(1, np.int64))
+    stop = threading.Event()
+    client = threading.Thread(target=serve_client, daemon=True, args=(None, data, cfg, running.address,
+                                                                      running.tokens[0]),
+                              kwargs={"stop": stop, "pipeline": ClientPipeline(secure=True),
+                                      "states": StateFiles(tmp_path / "c0")})
+    client.start()
+    try:
+        end = time.monotonic() + 20
+        while 0 not in running.transport.connected():
+            assert time.monotonic() < end, "the client never joined"
+            time.sleep(0.05)
+        t = time.monotonic()
+        (unknown,) = running.ask(StepRequest(0, 1, "future")).result(timeout=15)
+        (unstep,) = running.ask(StepRequest(0, 1, "secagg.gossip")).result(timeout=15)
+        assert time.monotonic() - t < 10  # answered, not timed out
+        assert unknown.error.code == "bad_message" and "secagg.consistency_check" in unknown.error.reason
+        assert unstep.error.code == "unknown_step" and "secagg.gossip" in unstep.error.reason
+        (out_of_order,) = running.ask(StepRequest(0, 1, "secagg.unmask")).result(timeout=15)
+        assert out_of_order.error.code == "secagg" and "holds no secure-aggregation keys" in out_of_order.error.reason
+        assert client.is_alive()
+    finally:
+        stop.set()
