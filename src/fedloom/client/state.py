@@ -110,10 +110,10 @@ class StateFiles:
     def _write(self, path: Path, state: ClientState) -> None:
         tmp = path.with_name(path.name + ".tmp")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise StateError(f"cannot create the client state folder {path.parent}: {exc.strerror or exc}") from None
-        with open(tmp, "wb") as f:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:  # its own eyes only
             np.savez(f, **state)
         os.replace(tmp, path)
 

@@ -45,7 +45,7 @@ from fedloom.transport.metered import Metered, traffic_columns
 log = logging.getLogger("fedloom")
 
 # Settings a run's checkpoints depend on: changed between restarts, the saved state cannot be resumed.
-FIXED_SETTINGS = ("model", "server.optimizer", "aggregation", "privacy")
+FIXED_SETTINGS = ("model", "server.optimizer", "aggregation", "privacy", "secagg")
 
 
 def _check_config(cfg: Config) -> None:
