@@ -48,11 +48,13 @@ Security notes.
 - Shamir: information-theoretic; any t - 1 shares are independent of the secret. The field is
   GF(p), p = 2**521 - 1, a Mersenne prime (proved prime in 1952: no constant to verify, unlike an
   ad hoc prime just above 2**256). A 32-byte secret needs p > 2**256; the wider field costs 66-byte shares
-  instead of 33, trivial next to a masked model, and buys a check: a wrong reconstruction (inconsistent
-  shares, a wrong threshold) is a uniform field element, which fits in the secret's 32 bytes with
-  probability 2**-265, so :func:`reconstruct` detects it instead of returning garbage. This is not a
-  verifiable secret sharing: it does not say which share was bad, and does not resist a malicious
-  dealer. Python integers are not constant time; the arithmetic's timing may leak on a shared host.
+  instead of 33, trivial next to a masked model, and buys a check: a reconstruction from unrelated
+  shares or with a wrong threshold is a uniform field element, which fits in the secret's 32 bytes with
+  probability 2**-265, so :func:`reconstruct` detects it instead of returning garbage. A share off by a
+  small amount (a flipped bit, a client's deliberate offset) is not detected this way: it moves the
+  secret by that amount times a small Lagrange coefficient, which still fits; the protocol checks that
+  two sets of t shares agree when more than t arrive (``protocol.py``). This is not a verifiable secret
+  sharing: it does not say which share was bad, and does not resist a malicious dealer. Python integers are not constant time; the arithmetic's timing may leak on a shared host.
 - PRG: AES-256-CTR with a fixed all-zero counter block. That is safe because each seed is used for one
   vector only (a fresh b_u per round; s_uv via HKDF with a per-purpose, per-round ``info``). Never
   expand one seed for two different vectors: two inputs masked with the same mask leak their difference.

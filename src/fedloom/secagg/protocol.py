@@ -349,6 +349,7 @@ class _Round:
         self.metrics: dict[int, dict[str, float]] = {}
         self.durations: dict[int, float] = {}
         self.plan: Plan | None = None
+        self.total: np.ndarray | None = None  # the sum of the masked inputs taken so far
 
     def ask(self, step: str, clients: Sequence[int], values: Callable[[int], dict[str, bytes]]) -> list[StepRequest]:
         return [StepRequest(u, self.rnd, step, values(u)) for u in clients]
@@ -369,12 +370,16 @@ class _Round:
                     self.rejected[u] = f"secagg_bad_reply: at {step}: {exc}"
         return out
 
-    def take_masked(self, asked: list[TrainRequest], replies: list[Reply], check: Check) -> dict[int, np.ndarray]:
+    def take_masked(self, asked: list[TrainRequest], replies: list[Reply], check: Check) -> dict[int, bool]:
+        """The clients whose masked inputs are valid; their sum (modulo 2**bits) is kept as they come, so the
+        server holds one vector, not one per client."""
         plan = self.plan
         assert plan is not None
-        out = {}
+        out: dict[int, bool] = {}
         for q, r in zip(asked, replies):
             u = q.client_id
+            if u in out:
+                continue  # a second answer of the same client: its input is summed once
             try:
                 r = check(q, r)
             except Exception as exc:  # noqa: BLE001 - the door's refusal, with its code
@@ -384,10 +389,15 @@ class _Round:
                 self.rejected[u] = f"{r.error.code}: {r.error.reason}"
                 continue
             try:
-                out[u] = unpack_words(r.update.payload, plan.bits, plan.dim)
+                words = unpack_words(r.update.payload, plan.bits, plan.dim)
             except ValueError as exc:
                 self.rejected[u] = f"secagg_bad_reply: the masked input: {exc}"
                 continue
+            if self.total is None:
+                self.total = words.astype(word_dtype(plan.bits), copy=True)
+            else:
+                add_mod(self.total, words.astype(word_dtype(plan.bits), copy=False), plan.bits, out=self.total)
+            out[u] = True
             self.metrics[u] = dict(r.update.metrics)
         return out
 
@@ -406,7 +416,7 @@ class _Round:
         asked (a survivor's own share of its seed counts); then nobody is asked to reveal anything."""
         plan = self.plan
         assert plan is not None
-        for v in [*survivors, *sorted(dropped)]:
+        for v in [*survivors, *sorted(masked_with(dropped, survivors, inbox))]:
             holders = sum(v in inbox[u] or u == v for u in survivors)  # a survivor holds a share of its own
             if holders < plan.threshold:
                 return (f"secure aggregation aborted: {holders} of the {len(survivors)} clients that sent masked "
@@ -417,7 +427,7 @@ class _Round:
     def abort(self, why: str) -> SecureSum:
         return SecureSum(None, [], self.rejected, {}, self.durations, why)
 
-    def unmask(self, masked: dict[int, np.ndarray], shares: dict[int, dict[str, dict[int, bytes]]],
+    def unmask(self, masked: dict[int, bool], shares: dict[int, dict[str, dict[int, bytes]]],
                keys: dict[int, tuple[bytes, bytes]], dropped: set[int],
                inbox: dict[int, dict[int, bytes]]) -> SecureSum:
         """Rebuild the survivors' self-mask seeds and the dropped clients' mask keys, then remove their masks."""
@@ -426,19 +436,23 @@ class _Round:
         t, bits, graph = plan.threshold, plan.bits, plan.graph()
         seeds: dict[int, bytes] = {}
         mask_keys: dict[int, bytes] = {}
-        for v, kind, into in [(v, "b", seeds) for v in masked] + [(v, "s", mask_keys) for v in dropped]:
+        needed = masked_with(dropped, list(masked), inbox)  # a dropped client no survivor masked with needs nothing
+        for v, kind, into in [(v, "b", seeds) for v in masked] + [(v, "s", mask_keys) for v in sorted(needed)]:
             got = {u: s[kind][v] for u, s in shares.items() if v in s[kind]}
             if len(got) < t:
                 return self.abort(f"secure aggregation aborted: {len(got)} shares to unmask client {v} arrived, fewer "
                                   f"than the threshold {t}; nothing was unmasked")
             try:
-                into[v] = reconstruct(got, t, KEY_BYTES)
+                into[v] = reconstruct(got, t, KEY_BYTES)  # from the t smallest ids
+                # a share off by a little (a flipped bit, a malicious client's offset) shifts the secret by a little,
+                # which still fits in its bytes: the surplus shares must rebuild the same one
+                if len(got) > t and reconstruct(dict(sorted(got.items())[-t:]), t, KEY_BYTES) != into[v]:
+                    raise SecAggError("two sets of t shares rebuild different secrets")
             except SecAggError as exc:
                 return self.abort(f"secure aggregation aborted: client {v}'s shares are inconsistent ({exc}); nothing "
                                   "was unmasked")
-        total = np.zeros(plan.dim, word_dtype(bits))
-        for y in masked.values():
-            add_mod(total, y, bits, out=total)
+        total = self.total
+        assert total is not None
         for seed in seeds.values():
             sub_mod(total, expand(seed, plan.dim, bits), bits, out=total)
         for v, secret in mask_keys.items():
@@ -452,6 +466,11 @@ class _Round:
                          {u: self.metrics[u] for u in survivors}, self.durations,
                          measurements={"secagg.survivors": float(len(survivors)), "secagg.dropped": float(len(dropped)),
                                        "secagg.degree": float(plan.degree), "secagg.threshold": float(t)})
+
+
+def masked_with(dropped: set[int], survivors: list[int], inbox: dict[int, dict[int, bytes]]) -> set[int]:
+    """The dropped clients some survivor masked with (its shares reached that survivor): their keys must be rebuilt."""
+    return {v for v in dropped if any(v in inbox.get(u, {}) for u in survivors)}
 
 
 def open_share(private_c: bytes, peer_c_pk: bytes, blob: bytes, sender: int, recipient: int,

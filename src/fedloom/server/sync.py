@@ -182,7 +182,9 @@ class SyncServer:
                                                   state.opt_state)
                     aggregation = state.aggregation
         kept = list(outcome.survivors) if not outcome.problem else []
-        result = RoundResult(rnd, [r.client_id for r in requests], kept, outcome.rejected, loss, examples,
+        rejected = {u: why for u, why in outcome.rejected.items() if u not in kept}  # a survivor that failed to
+        measurements["secagg.unmask_failed"] = float(len(outcome.rejected) - len(rejected))  # unmask: its input is in
+        result = RoundResult(rnd, [r.client_id for r in requests], kept, rejected, loss, examples,
                              measurements, problem, outcome.metrics)
         return result, ServerState(rnd, params, opt_state, selection, aggregation)
 

@@ -335,7 +335,8 @@ class SecureAsyncRun(AsyncRun):
         seen = {cid: m.get("examples", 0.0) for cid, m in metrics.items() if "loss" in m}
         examples = sum(seen.values())
         loss = sum(metrics[c]["loss"] * n for c, n in seen.items()) / examples if examples else math.nan
-        refused = {**self.late, **outcome.rejected}
+        refused = {**self.late, **{u: why for u, why in outcome.rejected.items()
+                                   if problem or u not in outcome.survivors}}
         self.late = {}
         result = RoundResult(self.state.version, [r.client_id for r in cohort.requests],
                              [] if problem else list(outcome.survivors), refused, loss, float(examples),
