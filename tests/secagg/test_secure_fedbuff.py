@@ -31,3 +31,12 @@ def test_secure_fedbuff_learns_from_buffers_of_one_cohort_each(tmp_path):
 def test_fedasync_is_refused_with_secure_aggregation():
     with pytest.raises(ConfigError, match="no sum to hide it in"):
         load_config(None, [*BASE, 'server.aggregation="fedasync"'])
+
+
+def test_cohorts_that_cannot_exchange_keys_spend_their_buffer_instead_of_stalling_the_run():
+    # no device answers within a deadline of 0.1 ms: every cohort's key exchange fails
+    cfg = load_config(None, [*BASE, "run.rounds=3", "hetero.deadline_s=0.0001"])
+    run = simulate(cfg, progress=False, write=False)
+    assert [r["round"] for r in run.history] == [1, 2, 3]
+    assert all(r["unchanged"] == 1 and r["accepted"] == 0 for r in run.history)
+    assert "model left unchanged" not in run.failed and "secure aggregation aborted" in run.failed

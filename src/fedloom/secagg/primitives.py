@@ -54,7 +54,8 @@ Security notes.
   small amount (a flipped bit, a client's deliberate offset) is not detected this way: it moves the
   secret by that amount times a small Lagrange coefficient, which still fits; the protocol checks that
   two sets of t shares agree when more than t arrive (``protocol.py``). This is not a verifiable secret
-  sharing: it does not say which share was bad, and does not resist a malicious dealer. Python integers are not constant time; the arithmetic's timing may leak on a shared host.
+  sharing: it does not say which share was bad, and does not resist a malicious dealer. Python integers
+  are not constant time; the arithmetic's timing may leak on a shared host.
 - PRG: AES-256-CTR with a fixed all-zero counter block. That is safe because each seed is used for one
   vector only (a fresh b_u per round; s_uv via HKDF with a per-purpose, per-round ``info``). Never
   expand one seed for two different vectors: two inputs masked with the same mask leak their difference.

@@ -24,7 +24,7 @@ from fedloom.hetero.clock import flops_per_sample, message_bytes, run_clock, shr
 from fedloom.hetero.profiles import DeviceProfile, load_population, mobile, silo, task_duration
 from fedloom.messages import ErrorReply, Reply, Request, StepRequest, TrainReply, TrainRequest
 from fedloom.params import Params
-from fedloom.secagg.protocol import STEPS
+from fedloom.secagg.protocol import STEPS, SecureSum
 from fedloom.seeding import keyed_rng
 from fedloom.server.asynchronous import AsyncServer, AsyncState
 from fedloom.server.sync import RoundResult, ServerState, SyncServer
@@ -221,6 +221,7 @@ class SecureAsyncRun(AsyncRun):
         self.slots = cfg.server.concurrency or cfg.server.clients_per_round
         self.open: dict[int, _Cohort] = {}
         self.late: dict[int, str] = {}  # refused since the last update: members whose buffer had closed
+        self.failed: list[tuple[_Cohort, SecureSum]] = []  # cohorts whose key exchange failed, not yet reported
         self._launch()
 
     def _step(self, requests: list, replies: list, step: int) -> list:
@@ -237,7 +238,7 @@ class SecureAsyncRun(AsyncRun):
     def _launch(self) -> None:
         """Start cohorts while ``cohort`` slots are free and that many idle clients are available (else wait)."""
         c = self.clock
-        while self.slots - len(self.in_flight) >= self.cohort:
+        while self.slots - len(self.in_flight) >= self.cohort and not self.failed:
             idle = [i for i in range(len(c.profiles)) if i not in self.in_flight]
             ready = [i for i in idle if c.profiles[i].availability.is_available(c.now)]
             if len(ready) < self.cohort:
@@ -271,9 +272,9 @@ class SecureAsyncRun(AsyncRun):
             outgoing = next(cohort.exchanges)
             for step in (1, 2, 3):  # advertise, share, collect
                 outgoing = cohort.exchanges.send((self._step(outgoing, self.transport.exchange(outgoing), step), {}))
-        except StopIteration as stop:  # the cohort could not set up its keys: its slots free at once
+        except StopIteration as stop:  # the cohort could not set up its keys: its slots free, its buffer is spent
             self.in_flight.difference_update(r.client_id for r in requests)
-            self.late.update({cid: why for cid, why in stop.value.rejected.items()})
+            self.failed.append((cohort, stop.value))
             return
         for r in requests:
             if r not in outgoing:
@@ -296,8 +297,14 @@ class SecureAsyncRun(AsyncRun):
         self.open[rnd] = cohort
 
     def next_update(self) -> tuple[RoundResult, ServerState]:
-        """Process arrivals until a cohort's buffer closes and is applied."""
+        """Process arrivals until a cohort's buffer closes and is applied (or a cohort fails to set up its keys:
+        its buffer is spent, and the next cohort starts after it is reported)."""
         while True:
+            if self.failed:
+                cohort, outcome = self.failed.pop(0)
+                result = self._result(cohort, outcome, *self.server.receive_sum(self.state, cohort.version, outcome))
+                self._launch()
+                return result
             if not self.events:
                 raise RoundError("no client can be reached any more: every device is gone for good")
             at, _, request, reply, _ = heapq.heappop(self.events)
@@ -329,8 +336,13 @@ class SecureAsyncRun(AsyncRun):
             raise RoundError("the secure round did not end after unmasking")
         except StopIteration as stop:
             outcome = stop.value
-        factor, measurements, problem, self.state = self.server.receive_sum(self.state, cohort.version, outcome)
+        result = self._result(cohort, outcome, *self.server.receive_sum(self.state, cohort.version, outcome))
         self._launch()
+        return result
+
+    def _result(self, cohort: _Cohort, outcome: SecureSum, factor: float, measurements: dict[str, float],
+                problem: str, state: AsyncState) -> tuple[RoundResult, ServerState]:
+        self.state = state
         metrics = outcome.metrics
         seen = {cid: m.get("examples", 0.0) for cid, m in metrics.items() if "loss" in m}
         examples = sum(seen.values())
