@@ -223,9 +223,11 @@ def build_secure(cfg: Config, num_clients: int, deployed: bool = False) -> Secur
     if p.noise_multiplier:
         std = p.noise_multiplier * p.clip / (1.0 if p.local else math.sqrt(need))
     up = cfg.compression.uplink
+    # over-selection drops the slowest clients by design: they count among the dropouts SecAgg+ must survive
+    dropout = 1 - (1 - g.dropout_fraction) / (cfg.hetero.over_select if s.aggregation == "sync" else 1.0)
     return SecureAggregation.for_run(
         g.mode, g.bits, int(up[7:]) if up.startswith("uniform") else 0, p.clip + NOISE_MARGIN * std, most,
-        threshold=g.threshold, corrupt_fraction=g.corrupt_fraction, dropout_fraction=g.dropout_fraction,
+        threshold=g.threshold, corrupt_fraction=g.corrupt_fraction, dropout_fraction=dropout,
         weight_cap=a.max_weight if a.weighting == "capped" else 0.0, min_survivors=need,
         seed=None if deployed else cfg.run.seed)
 

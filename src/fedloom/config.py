@@ -466,6 +466,11 @@ def _check_secagg(cfg: Config) -> None:
         why = ("server.aggregation", "fedasync applies each update alone: there is no sum to hide it in (use fedbuff)")
     elif (s.clients_per_round if s.aggregation == "sync" else (s.buffer_size or max(1, s.clients_per_round // 2))) < 3:
         why = ("server.clients_per_round", "secure aggregation needs at least 3 clients per round (per buffer)")
+    elif s.aggregation == "fedbuff" and (s.buffer_size or 0) > (s.concurrency or s.clients_per_round):
+        why = ("server.buffer_size", "secure FedBuff sums each buffer over one cohort of clients training at once: "
+                                     "buffer_size must not exceed server.concurrency (or clients_per_round)")
+    elif g.mode == "secagg+" and (bad := _secagg_plus_unfit(g, s.clients_per_round)):
+        why = ("secagg.corrupt_fraction", bad)
     elif c.uplink != "none" and not (c.uplink.startswith("uniform") and c.uplink[7:].isdigit()):
         why = ("compression.uplink", f"secure aggregation sums updates in its own fixed-point integers; {c.uplink} "
                                      "cannot be summed masked. A uniformB codec is (its levels are the fixed point)")
@@ -474,6 +479,21 @@ def _check_secagg(cfg: Config) -> None:
                                              "residual to feed back")
     if why:
         raise ConfigError(*why)
+
+
+def _secagg_plus_unfit(g: SecAggConfig, n: int) -> str:
+    """Why SecAgg+ has no secure and correct degree and threshold for ``n`` clients at these fractions (or "")."""
+    if g.corrupt_fraction + g.dropout_fraction >= 1:
+        return "corrupt_fraction + dropout_fraction must be below 1: no threshold is both secure and reachable"
+    if n < 4:
+        return ""
+    from fedloom.secagg.primitives import secagg_plus_parameters
+
+    try:
+        secagg_plus_parameters(n, g.corrupt_fraction, g.dropout_fraction)
+    except ValueError as exc:
+        return str(exc)
+    return ""
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -143,3 +143,33 @@ def test_a_mobile_population_run_goes_through_dropouts_and_records_each_rounds_s
             assert row["accepted"] == 0 and "secagg.survivors" not in row
     assert sum(row.get("rejected.secagg_dropped", 0) for row in secure.history) > 0  # devices left mid-protocol
     assert secure.history[-1]["sim_time_s"] > 0
+
+
+def test_a_secure_run_resumes_to_the_same_model_bit_for_bit(tmp_path):
+    # the keys are fresh each round and their masks cancel exactly: only the seeded rounding decides the sum
+    whole = simulate(config("run.rounds=4", SECURE, f'run.out_dir="{tmp_path}"'), progress=False)
+    half = simulate(config("run.rounds=2", SECURE, f'run.out_dir="{tmp_path}"'), progress=False)
+    resumed = simulate(config("run.rounds=4", SECURE), progress=False, resume=half.run_dir)
+    assert all(np.array_equal(a, b) for a, b in zip(whole.params, resumed.params))
+    assert [r["round"] for r in resumed.history] == [1, 2, 3, 4]
+
+
+def test_local_noise_under_secure_aggregation_is_accounted_and_budgeted():
+    cfg = config("run.rounds=5", SECURE, "privacy.noise_multiplier=1.0", "privacy.local=true", "privacy.clip=1.0",
+                 "privacy.epsilon_budget=22")
+    result = simulate(cfg, progress=False, write=False)
+    spent = [row["local_noise.epsilon"] for row in result.history]
+    assert spent == sorted(spent) and spent[0] > 0
+    assert result.stopped.startswith("privacy budget") and len(spent) < 5
+
+
+@pytest.mark.parametrize("setting, key, words", [
+    (['server.aggregation="fedbuff"', 'hetero.population="silo"', "server.buffer_size=12",
+      "server.concurrency=10"], "server.buffer_size", "must not exceed server.concurrency"),
+    (["secagg.corrupt_fraction=0.6", "secagg.dropout_fraction=0.5"], "secagg.corrupt_fraction", "below 1"),
+    (["secagg.corrupt_fraction=0.9", "secagg.dropout_fraction=0.05"], "secagg.corrupt_fraction", "no degree"),
+])
+def test_secagg_plus_settings_that_cannot_hold_are_refused_when_read(setting, key, words):
+    with pytest.raises(ConfigError) as err:
+        config(SECURE, *setting)
+    assert err.value.key == key and words in str(err.value)

@@ -125,13 +125,18 @@ class Aggregator:
                        expected: int) -> Aggregation:
         """The chain after a reducer that ran elsewhere: ``mean`` is the (weighted) mean of the updates of
         ``kept``, summed securely (``secagg/``); the stages after the reducer transform it (DP's noise and
-        fixed denominator). The stages before it ran their client halves only: the server sees no update."""
+        fixed denominator). The stages before it ran their client halves; of their server halves only those
+        that need no single update observe the round (local DP's accountant): the server sees no update."""
         states = list(state)
         nb = len(self.before)
         contributions = [Contribution(cid, [], 1.0, 1.0) for cid in kept]
         ctx = self._context(round, expected, states)
         measurements: Measurements = {}
         value = mean
+        for i, stage in enumerate(self.before):
+            if stage.blind:
+                states[i], m = stage.observe(value, contributions, states[i], ctx)
+                measurements.update({f"{stage.name}.{k}": v for k, v in m.items()})
         for j, stage in enumerate(self.after, start=nb):
             value, states[j], m = stage.aggregate(value, contributions, states[j], ctx)
             measurements.update({f"{stage.name}.{k}": v for k, v in m.items()})

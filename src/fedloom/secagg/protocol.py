@@ -462,7 +462,13 @@ class _Round:
                     mask = expand(agree(private, keys[u][1], mask_info(self.rnd, u, v)), plan.dim, bits)
                     (sub_mod if pair_sign(u, v) > 0 else add_mod)(total, mask, bits, out=total)
         survivors = sorted(masked)
-        return SecureSum(from_field(total, plan.bound, plan.levels, bits), survivors, self.rejected,
+        summed = from_field(total, plan.bound, plan.levels, bits)
+        weight = summed[-1] / plan.bound  # each client's weight is in (0, 1]: anything else is a wrapped sum
+        if not 0 < weight <= len(survivors) * (1 + 1e-6) + plan.bound / plan.levels:
+            return self.abort(f"secure aggregation aborted: the unmasked weights sum to {weight:.4g}, outside (0, "
+                              f"{len(survivors)}]: a client sent a vector outside the fixed point's range, so the sum "
+                              "wrapped; it is not applied")
+        return SecureSum(summed, survivors, self.rejected,
                          {u: self.metrics[u] for u in survivors}, self.durations,
                          measurements={"secagg.survivors": float(len(survivors)), "secagg.dropped": float(len(dropped)),
                                        "secagg.degree": float(plan.degree), "secagg.threshold": float(t)})

@@ -34,7 +34,7 @@ import numpy as np
 from fedloom.aggregation.aggregator import AggState
 from fedloom.errors import ConfigError, FedloomError
 from fedloom.messages import TrainReply, TrainRequest
-from fedloom.params import Params, ParamSpec, unflatten
+from fedloom.params import Params, ParamSpec, is_finite, unflatten
 from fedloom.secagg.protocol import SecureSum
 from fedloom.server.optimizers import OptState
 from fedloom.server.strategy import Strategy
@@ -151,4 +151,7 @@ class AsyncServer:
         if agg.delta is None:
             return factor, agg.measurements, agg.problem, replace(state, version=state.version + 1)
         params, opt_state = self.strategy.optimizer.update(agg.delta, state.params, state.opt_state)
+        if not is_finite(params):
+            return factor, agg.measurements, "the server optimizer's step is not finite", replace(
+                state, version=state.version + 1)
         return factor, agg.measurements, "", AsyncState(state.version + 1, params, opt_state, agg.state)

@@ -224,16 +224,16 @@ class SecureAsyncRun(AsyncRun):
         self.failed: list[tuple[_Cohort, SecureSum]] = []  # cohorts whose key exchange failed, not yet reported
         self._launch()
 
-    def _step(self, requests: list, replies: list, step: int) -> list:
-        """One setup or unmasking exchange on the clock: every arrival before the deadline is kept."""
+    def _step(self, requests: list, replies: list, step: int, t0: float) -> tuple[list, float]:
+        """One setup or unmasking exchange from ``t0``: every arrival before the deadline is kept; returns the kept
+        replies and when the exchange ends (the clock itself moves with the events, which other cohorts share)."""
         c = self.clock
-        tick = run_clock(c.now, requests, replies, c.profiles, c.flops, len(requests), self.cfg.hetero.deadline_s,
+        tick = run_clock(t0, requests, replies, c.profiles, c.flops, len(requests), self.cfg.hetero.deadline_s,
                          self.cfg.run.seed, step)
-        c.now = tick.end_s
         c.trips += tick.trips
         c.bytes_down += tick.bytes_down
         c.bytes_up += tick.bytes_up
-        return tick.replies
+        return tick.replies, tick.end_s
 
     def _launch(self) -> None:
         """Start cohorts while ``cohort`` slots are free and that many idle clients are available (else wait)."""
@@ -268,10 +268,12 @@ class SecureAsyncRun(AsyncRun):
             return check_reply(request, reply, compression=compression, masked_bytes=masked)  # type: ignore[return-value]
 
         cohort = _Cohort(secure.round(rnd, requests, dim, check), self.state.version, requests)
+        t = self.clock.now
         try:
             outgoing = next(cohort.exchanges)
             for step in (1, 2, 3):  # advertise, share, collect
-                outgoing = cohort.exchanges.send((self._step(outgoing, self.transport.exchange(outgoing), step), {}))
+                replies, t = self._step(outgoing, self.transport.exchange(outgoing), step, t)
+                outgoing = cohort.exchanges.send((replies, {}))
         except StopIteration as stop:  # the cohort could not set up its keys: its slots free, its buffer is spent
             self.in_flight.difference_update(r.client_id for r in requests)
             self.failed.append((cohort, stop.value))
@@ -293,7 +295,7 @@ class SecureAsyncRun(AsyncRun):
             c.trips += 1
             c.bytes_down += down
             c.bytes_up += up
-            self._push(c.now + duration, request, reply, self.state.version)
+            self._push(t + duration, request, reply, self.state.version)
         self.open[rnd] = cohort
 
     def next_update(self) -> tuple[RoundResult, ServerState]:
@@ -308,7 +310,7 @@ class SecureAsyncRun(AsyncRun):
             if not self.events:
                 raise RoundError("no client can be reached any more: every device is gone for good")
             at, _, request, reply, _ = heapq.heappop(self.events)
-            self.clock.now = at
+            self.clock.now = max(self.clock.now, at)  # an unmasking may have run past it: time never goes back
             if request is None:
                 self._launch()
                 continue
@@ -332,7 +334,8 @@ class SecureAsyncRun(AsyncRun):
                    else replace(late, client_id=r.client_id, round=r.round) for r in cohort.training]
         try:
             outgoing = cohort.exchanges.send((replies, {}))
-            cohort.exchanges.send((self._step(outgoing, self.transport.exchange(outgoing), 4), {}))
+            unmasked, self.clock.now = self._step(outgoing, self.transport.exchange(outgoing), 4, self.clock.now)
+            cohort.exchanges.send((unmasked, {}))
             raise RoundError("the secure round did not end after unmasking")
         except StopIteration as stop:
             outcome = stop.value

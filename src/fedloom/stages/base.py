@@ -125,6 +125,7 @@ class Stage:
 
     name = "stage"
     acts_on = "update"
+    blind = False  # before the reducer: its ``observe`` needs no single update (it runs under secure aggregation)
 
     def init(self, spec: ParamSpec) -> State:
         return {}

@@ -165,6 +165,7 @@ class LocalNoise(Stage):
     accountant: Accountant | None = None
     budget: float = 0.0
     name = "local_noise"
+    blind = True
 
     def init(self, spec: ParamSpec) -> State:
         return {"rounds": np.array(0, np.int64)}
