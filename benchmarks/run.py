@@ -12,6 +12,7 @@
     python -m benchmarks.run privacy     # DP-FedAvg at epsilon 1, 4, 8 against no DP (benchmarks/privacy.py)
     python -m benchmarks.run codecs      # encode + decode speed of each codec, 10M values (benchmarks/codecs.py)
     python -m benchmarks.run compression # accuracy against uplink bytes per codec (benchmarks/compression.py)
+    python -m benchmarks.run secagg      # secure aggregation's round against a plain one (benchmarks/secagg.py)
 
 Each implementation runs in its own child process of this script (so start-up and peak memory are
 its own): imports, data, one untimed warm-up round, then ``--repeat`` timed runs, of which the
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run")
     parser.add_argument("workload", choices=sorted([*WORKLOADS, "load", "hetero", "attacks", "robust",
                                                     "aggregation-cost", "privacy", "codecs",
-                                                    "compression"]))
+                                                    "compression", "secagg"]))
     parser.add_argument("--repeat", type=int, help="timed runs per implementation (default: the workload's)")
     parser.add_argument("--only", help="run one implementation in this process (used by the parent)")
     parser.add_argument("--implementations", help="comma-separated subset to run after plain-pytorch "
@@ -112,6 +113,11 @@ def main(argv: list[str] | None = None) -> None:
 
         run_compression(args.figure, _subset(args.tasks), budget=args.budget or 1200,
                         schemes=_subset(args.implementations))
+        return
+    if args.workload == "secagg":
+        from benchmarks.secagg import run_secagg
+
+        run_secagg(_subset(args.tasks), repeat=args.repeat or 3)
         return
     if args.workload == "aggregation-cost":
         from benchmarks.robust import run_cost

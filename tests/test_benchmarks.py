@@ -112,3 +112,19 @@ def test_the_compression_benchmark_prints_the_named_fields_from_the_runs_bytes(t
     assert 3.5 < records[1]["ratio"] < 4.0 and records[2]["ratio"] > 30  # the runs' own encoded bytes
     plot(records, str(tmp_path / "c.png"))
     assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_the_secagg_benchmark_prints_the_named_fields_and_the_secure_sum_matches(capsys):
+    import json
+
+    from benchmarks.secagg import FIELDS, run_secagg
+
+    # one of the 5 clients drops after sharing its keys; the child process asserts that the secure round's new model
+    # is the plain round's within the fixed-point step (else it fails and the line is an error)
+    (record,) = run_secagg(["5:1000:0.2"], repeat=1)
+    out = capsys.readouterr()
+    assert [json.loads(line) for line in out.out.splitlines()] == [{k: record[k] for k in FIELDS}]
+    assert (record["n"], record["d"], record["dropout"], record["dropped"]) == (5, 1000, 0.2, 1)
+    assert record["max_abs_error"] <= 1e-6 and (record["degree"], record["threshold"]) == (2, 2)
+    assert record["server_s"] > 0 and record["client_s"] > 0 and record["ratio"] > 0 and record["cpu_ratio"] > 0
+    assert 1 < record["bytes_ratio"] < 2 and record["plain_bytes_up"] > 4 * 1000  # float32 values and the envelope
