@@ -216,13 +216,13 @@ def mask_update(request: TrainRequest, update: Update, state: ClientState,
     values[-1] = w * plan.bound
     bits, u = plan.bits, request.client_id
     words = to_field(values, plan.bound, plan.levels, bits, rng)
-    add_mod(words, expand(_bytes(state, "b"), plan.dim, bits), bits, out=words)
+    add_mod(words, expand(_bytes(state, "b"), plan.dim, bits, reuse=True), bits, out=words)
     s_sk = private_from_bytes(_bytes(state, "s_sk"))
     peers, keys = ids_from_bytes(_bytes(state, "peers"), "peers"), _bytes(state, "peer_keys")
     for v in ids_from_bytes(_bytes(state, "from"), "from"):
         j = peers.index(v)
         s_pk = keys[2 * KEY_BYTES * j + KEY_BYTES:2 * KEY_BYTES * (j + 1)]
-        mask = expand(agree(s_sk, s_pk, mask_info(request.round, u, v)), plan.dim, bits)
+        mask = expand(agree(s_sk, s_pk, mask_info(request.round, u, v)), plan.dim, bits, reuse=True)
         (add_mod if pair_sign(u, v) > 0 else sub_mod)(words, mask, bits, out=words)
     state[PREFIX + "masked"] = np.array(1, np.int64)
     metrics = {k: v for k, v in update.metrics.items() if k in ("loss", "loss_sq", "examples")}

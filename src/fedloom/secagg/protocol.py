@@ -454,12 +454,12 @@ class _Round:
         total = self.total
         assert total is not None
         for seed in seeds.values():
-            sub_mod(total, expand(seed, plan.dim, bits), bits, out=total)
+            sub_mod(total, expand(seed, plan.dim, bits, reuse=True), bits, out=total)
         for v, secret in mask_keys.items():
             private = private_from_bytes(secret)
             for u in graph[v]:
                 if u in masked and v in inbox.get(u, {}):  # u masked with v: v's shares reached u
-                    mask = expand(agree(private, keys[u][1], mask_info(self.rnd, u, v)), plan.dim, bits)
+                    mask = expand(agree(private, keys[u][1], mask_info(self.rnd, u, v)), plan.dim, bits, reuse=True)
                     (sub_mod if pair_sign(u, v) > 0 else add_mod)(total, mask, bits, out=total)
         survivors = sorted(masked)
         summed = from_field(total, plan.bound, plan.levels, bits)
