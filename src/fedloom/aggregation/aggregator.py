@@ -88,7 +88,6 @@ class Aggregator:
                   expected: int) -> Aggregation:
         """Run the chain over one round's (or one buffer's) accepted updates; see the module docstring."""
         states = list(state)
-        nb = len(self.before)
         kept, rejected = [], {}
         for c in contributions:
             try:
@@ -109,17 +108,7 @@ class Aggregator:
             return Aggregation(None, ids, rejected, {}, state, f"{reducer_name(self.reducer)}: {exc.message}")
         if any(c.scale != 1.0 for c in kept):
             value = scaled(value, sum(weights) / sum(c.weight for c in kept))
-        measurements: Measurements = {}
-        ctx = self._context(round, expected, states)
-        for i, stage in enumerate(self.before):
-            states[i], m = stage.observe(value, kept, states[i], ctx)
-            measurements.update({f"{stage.name}.{k}": v for k, v in m.items()})
-        for j, stage in enumerate(self.after, start=nb):
-            value, states[j], m = stage.aggregate(value, kept, states[j], ctx)
-            measurements.update({f"{stage.name}.{k}": v for k, v in m.items()})
-        if not is_finite(value):
-            return Aggregation(None, ids, rejected, measurements, state, "the aggregate is not finite")
-        return Aggregation(value, ids, rejected, measurements, tuple(states))
+        return self._finish(value, kept, states, state, rejected, self._context(round, expected, states))
 
     def aggregate_mean(self, mean: Params, kept: Sequence[int], state: AggState, round: int,
                        expected: int) -> Aggregation:
@@ -128,21 +117,25 @@ class Aggregator:
         fixed denominator). The stages before it ran their client halves; of their server halves only those
         that need no single update observe the round (local DP's accountant): the server sees no update."""
         states = list(state)
-        nb = len(self.before)
         contributions = [Contribution(cid, [], 1.0, 1.0) for cid in kept]
-        ctx = self._context(round, expected, states)
+        return self._finish(mean, contributions, states, state, {}, self._context(round, expected, states), blind=True)
+
+    def _finish(self, value: Params, kept: list[Contribution], states: list[State], state: AggState,
+                rejected: dict[int, str], ctx: Context, blind: bool = False) -> Aggregation:
+        """After the reducer: the stages before it observe the aggregate (with ``blind``, only those that need no
+        single update), the stages after it transform it; an aggregate that is not finite is not applied."""
         measurements: Measurements = {}
-        value = mean
         for i, stage in enumerate(self.before):
-            if stage.blind:
-                states[i], m = stage.observe(value, contributions, states[i], ctx)
+            if stage.blind or not blind:
+                states[i], m = stage.observe(value, kept, states[i], ctx)
                 measurements.update({f"{stage.name}.{k}": v for k, v in m.items()})
-        for j, stage in enumerate(self.after, start=nb):
-            value, states[j], m = stage.aggregate(value, contributions, states[j], ctx)
+        for j, stage in enumerate(self.after, start=len(self.before)):
+            value, states[j], m = stage.aggregate(value, kept, states[j], ctx)
             measurements.update({f"{stage.name}.{k}": v for k, v in m.items()})
+        ids = [c.client_id for c in kept]
         if not is_finite(value):
-            return Aggregation(None, list(kept), {}, measurements, state, "the aggregate is not finite")
-        return Aggregation(value, list(kept), {}, measurements, tuple(states))
+            return Aggregation(None, ids, rejected, measurements, state, "the aggregate is not finite")
+        return Aggregation(value, ids, rejected, measurements, tuple(states))
 
     def _context(self, round: int, expected: int, states: list[State]) -> Context:
         bound = next((float(st["bound"]) for s, st in zip(self.before, states) if isinstance(s, Clip)), None)

@@ -40,6 +40,7 @@ import numpy as np
 
 from fedloom.errors import ConfigError
 from fedloom.messages import Reply, Request, StepReply, StepRequest, TrainReply, TrainRequest
+from fedloom.params import Params, ParamSpec, unflatten
 from fedloom.secagg.primitives import (
     KEY_BYTES,
     NONCE_BYTES,
@@ -54,6 +55,7 @@ from fedloom.secagg.primitives import (
     from_field,
     levels_for,
     neighbours,
+    open_sealed,
     private_from_bytes,
     reconstruct,
     secagg_plus_parameters,
@@ -301,6 +303,12 @@ class SecureSum:
     problem: str = ""
     measurements: dict[str, float] = field(default_factory=dict)
 
+    def mean(self, bound: float, spec: ParamSpec, factor: float = 1.0) -> Params:
+        """``factor`` times the weighted mean of the survivors' updates: the sum over its weight coordinate."""
+        assert self.total is not None
+        weight = self.total[-1] / bound
+        return unflatten(self.total[:-1] * (factor / weight if weight > 0 else 0.0), spec)
+
 
 # -- checking the clients' answers -----------------------------------------------------------
 
@@ -482,8 +490,6 @@ def masked_with(dropped: set[int], survivors: list[int], inbox: dict[int, dict[i
 def open_share(private_c: bytes, peer_c_pk: bytes, blob: bytes, sender: int, recipient: int,
                rnd: int) -> tuple[bytes, bytes]:
     """The (s^SK share, b share) that ``sender`` sealed for ``recipient`` in round ``rnd``."""
-    from fedloom.secagg.primitives import open_sealed
-
     key = agree(private_from_bytes(private_c), peer_c_pk, encrypt_info(rnd))
     plain = open_sealed(key, blob, associated_data(sender, recipient, rnd, b"share"))
     head = struct.pack(">QQ", sender, recipient)

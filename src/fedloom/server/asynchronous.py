@@ -34,7 +34,7 @@ import numpy as np
 from fedloom.aggregation.aggregator import AggState
 from fedloom.errors import ConfigError, FedloomError
 from fedloom.messages import TrainReply, TrainRequest
-from fedloom.params import Params, ParamSpec, is_finite, unflatten
+from fedloom.params import Params, ParamSpec, is_finite
 from fedloom.secagg.protocol import SecureSum
 from fedloom.server.optimizers import OptState
 from fedloom.server.strategy import Strategy
@@ -144,8 +144,7 @@ class AsyncServer:
         assert secure is not None
         if outcome.problem or outcome.total is None:
             return factor, {}, outcome.problem, replace(state, version=state.version + 1)
-        weight = outcome.total[-1] / secure.bound
-        mean = unflatten(outcome.total[:-1] * (factor / weight if weight > 0 else 0.0), ParamSpec.of(state.params))
+        mean = outcome.mean(secure.bound, ParamSpec.of(state.params), factor)
         agg = self.strategy.aggregator.aggregate_mean(mean, outcome.survivors, state.aggregation, state.version + 1,
                                                       self.buffer_size)
         if agg.delta is None:

@@ -28,12 +28,12 @@ from fedloom.messages import (
     TrainRequest,
     Update,
 )
-from fedloom.params import Params, ParamSpec, is_finite, unflatten
+from fedloom.params import Params, ParamSpec, is_finite
 from fedloom.seeding import keyed_rng
 from fedloom.server.optimizers import OptState
 from fedloom.server.selection import ClientFeedback
 from fedloom.server.strategy import Strategy
-from fedloom.server.validation import check_reply, to_delta
+from fedloom.server.validation import check_reply, masked_door, to_delta
 from fedloom.stages.base import Contribution
 
 
@@ -71,6 +71,13 @@ class FederatedEvaluation:
     accuracy: float
     num_clients: int
     num_examples: int
+
+
+def mean_loss(metrics: Mapping[int, Mapping[str, float]]) -> tuple[float, float]:
+    """The example-weighted mean of the reported losses (NaN without any), and the examples they stand for."""
+    seen = {cid: m.get("examples", 0.0) for cid, m in metrics.items() if "loss" in m}
+    examples = sum(seen.values())
+    return (sum(metrics[c]["loss"] * n for c, n in seen.items()) / examples if examples else math.nan), examples
 
 
 def _finite(value: object) -> float | None:
@@ -148,17 +155,11 @@ class SyncServer:
         if secure is None:
             replies, durations = yield list(requests)
             return self.apply(state, requests, replies, durations)  # type: ignore[arg-type]
-        masked = secure.payload_bytes(ParamSpec.of(state.params).num_elements)
-
-        def check(request: TrainRequest, reply: TrainReply) -> TrainReply:
-            return check_reply(request, reply, compression=self.strategy.compression, masked_bytes=masked)  # type: ignore[return-value]
-
-        dim = ParamSpec.of(state.params).num_elements + 1
-        outcome = yield from secure.round(state.round + 1, requests, dim, check)
+        size = ParamSpec.of(state.params).num_elements
+        check = masked_door(self.strategy.compression, secure.payload_bytes(size))
+        outcome = yield from secure.round(state.round + 1, requests, size + 1, check)
         rnd, expected = state.round + 1, min(len(requests), self.strategy.clients_per_round)
-        seen = {cid: m.get("examples", 0.0) for cid, m in outcome.metrics.items() if "loss" in m}
-        examples = sum(seen.values())
-        loss = sum(outcome.metrics[c]["loss"] * n for c, n in seen.items()) / examples if examples else math.nan
+        loss, examples = mean_loss(outcome.metrics)
         updates = {cid: Update([], 1.0, "masked", m) for cid, m in outcome.metrics.items()}
         selection = self.strategy.selector.observe(state.selection,
                                                    _feedback(rnd, requests, updates, outcome.durations))
@@ -168,9 +169,7 @@ class SyncServer:
             problem = (f"{len(outcome.survivors)} valid updates, fewer than "
                        f"server.min_updates={self.strategy.min_updates}")
         if not problem:
-            total = outcome.total
-            weight = total[-1] / secure.bound
-            mean = unflatten((total[:-1] / weight) if weight > 0 else total[:-1] * 0, ParamSpec.of(state.params))
+            mean = outcome.mean(secure.bound, ParamSpec.of(state.params))
             agg = self.strategy.aggregator.aggregate_mean(mean, outcome.survivors, state.aggregation, rnd, expected)
             measurements.update(agg.measurements)
             problem = agg.problem
@@ -232,9 +231,7 @@ class SyncServer:
         agg = self.strategy.aggregator.aggregate(contributions, state.aggregation, rnd, expected)
         rejected = {**rejected, **agg.rejected}
         kept = {cid: updates[cid] for cid in agg.kept}
-        seen = {cid: u.metrics.get("examples", u.weight) for cid, u in kept.items() if "loss" in u.metrics}
-        examples = sum(seen.values())
-        loss = sum(kept[cid].metrics["loss"] * n for cid, n in seen.items()) / examples if examples else math.nan
+        loss, examples = mean_loss({cid: {"examples": u.weight, **u.metrics} for cid, u in kept.items()})
         selection = self.strategy.selector.observe(state.selection, _feedback(rnd, requests, kept, durations))
         problem = agg.problem
         if not problem and len(kept) < max(1, self.strategy.min_updates):

@@ -10,6 +10,7 @@ transport is checked before it is aggregated.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import replace
 
 from fedloom.compression.updates import NO_COMPRESSION, Compression
@@ -181,6 +182,12 @@ def check_reply(request: Request, reply: Reply, max_examples: float | None = Non
                                 stage="validate")
     check_evaluation(reply.evaluation, cid, max_examples)
     return reply
+
+
+def masked_door(compression: Compression, masked_bytes: int) -> Callable[[TrainRequest, TrainReply], TrainReply]:
+    """:func:`check_reply` for the train replies of a secure round: masked updates of ``masked_bytes`` only."""
+    return lambda request, reply: check_reply(request, reply, compression=compression,  # type: ignore[return-value]
+                                              masked_bytes=masked_bytes)
 
 
 def to_delta(update: Update, sent: Params) -> Params:

@@ -27,7 +27,8 @@ from fedloom.params import Params
 from fedloom.secagg.protocol import STEPS, SecureSum
 from fedloom.seeding import keyed_rng
 from fedloom.server.asynchronous import AsyncServer, AsyncState
-from fedloom.server.sync import RoundResult, ServerState, SyncServer
+from fedloom.server.sync import RoundResult, ServerState, SyncServer, mean_loss
+from fedloom.server.validation import masked_door
 from fedloom.transport.base import Transport
 
 
@@ -259,14 +260,7 @@ class SecureAsyncRun(AsyncRun):
         secure = self.server.strategy.secure
         assert secure is not None
         dim = sum(p.size for p in self.state.params) + 1
-        masked = secure.payload_bytes(dim - 1)
-        compression = self.server.strategy.compression
-
-        def check(request: TrainRequest, reply: TrainReply) -> TrainReply:
-            from fedloom.server.validation import check_reply
-
-            return check_reply(request, reply, compression=compression, masked_bytes=masked)  # type: ignore[return-value]
-
+        check = masked_door(self.server.strategy.compression, secure.payload_bytes(dim - 1))
         cohort = _Cohort(secure.round(rnd, requests, dim, check), self.state.version, requests)
         t = self.clock.now
         try:
@@ -347,9 +341,7 @@ class SecureAsyncRun(AsyncRun):
                 problem: str, state: AsyncState) -> tuple[RoundResult, ServerState]:
         self.state = state
         metrics = outcome.metrics
-        seen = {cid: m.get("examples", 0.0) for cid, m in metrics.items() if "loss" in m}
-        examples = sum(seen.values())
-        loss = sum(metrics[c]["loss"] * n for c, n in seen.items()) / examples if examples else math.nan
+        loss, examples = mean_loss(metrics)
         refused = {**self.late, **{u: why for u, why in outcome.rejected.items()
                                    if problem or u not in outcome.survivors}}
         self.late = {}

@@ -11,9 +11,10 @@ from fedloom.transport.wire import message_size
 
 
 class Metered:
-    """A transport that counts the bytes of the train requests it sends and the updates it gets back, each as the
-    gRPC deployment encodes it (``wire.message_size``, chunk framing aside): the traffic of a deployed run and of a
-    simulation without a simulated clock (whose devices count their own)."""
+    """A transport that counts the bytes of the train requests it sends and the updates it gets back (and a secure
+    round's step messages, both ways), each as the gRPC deployment encodes it (``wire.message_size``, chunk framing
+    aside): the traffic of a deployed run and of a simulation without a simulated clock (whose devices count their
+    own)."""
 
     engine: Transport
 
