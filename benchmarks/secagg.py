@@ -44,6 +44,14 @@ taken in CPU seconds of the process (the ``cpu_*`` fields and ``cpu_ratio``, fro
 the least CPU on its critical path): on a shared machine the wall-clock figures include time the machine
 gave other work, the CPU figures do not. The secure sum is checked against the plain one: their new
 global models must agree within the fixed-point step (bound / levels) and float32 rounding.
+
+The work no implementation of the protocol avoids. ``masks`` is how many masks of d words the server
+regenerated to unmask (``secagg.masks``: each survivor's self mask, each pair mask a survivor shared with
+a dropped client); ``mask_s`` is one of them (an AES-CTR expansion subtracted from a sum) timed alone in
+this process on one core, the fastest of 40; ``mask_work_s`` = masks x mask_s, and ``mask_work_ratio`` is
+that over the plain round's critical path. The secure server does this besides what the plain one does
+(encoding the model for each client, decoding the updates, aggregating), so a ``ratio`` of 1.5 needs
+``mask_work_ratio`` well under 0.5 on one core.
 """
 
 from __future__ import annotations
@@ -221,6 +229,20 @@ def check_sum(plain: dict, secure: dict, side: Side, n: int, dropped: frozenset[
     return error
 
 
+def mask_seconds(d: int, bits: int, count: int = 40) -> float:
+    """One mask's part of the unmasking on one core: an AES-CTR expansion of d words subtracted from a sum
+    (the fastest of ``count``, with the server's own functions)."""
+    from fedloom.secagg.primitives import KEY_BYTES, expand, sub_mod, word_dtype
+
+    total = np.zeros(d, word_dtype(bits))
+    times = []
+    for i in range(count):
+        t0 = time.perf_counter()
+        sub_mod(total, expand(i.to_bytes(KEY_BYTES, "little"), d, bits, reuse=True), bits, out=total)
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
 def measure(n: int, d: int, dropout: float, repeat: int = REPEAT, mode: str = "secagg+") -> dict:
     """One point, both rounds, in this process: its full record (see the module docstring)."""
     count = math.floor(dropout * n + 1e-9)
@@ -256,6 +278,10 @@ def measure(n: int, d: int, dropout: float, repeat: int = REPEAT, mode: str = "s
                   max_abs_error=float(f"{error:.3g}"), step=float(f"{s.bound / s.levels:.3g}"),  # type: ignore
                   repeat=repeat, plain_peak_rss_mb=round(plain_rss, 1),
                   peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+    masks = int(secure["result"].measurements["secagg.masks"])  # the unmasking's unavoidable work
+    one = float(f"{mask_seconds(d, s.bits):.3g}")  # type: ignore[attr-defined]
+    record.update(masks=masks, mask_s=one, mask_work_s=float(f"{masks * one:.3g}"),
+                  mask_work_ratio=round(masks * one / plain["critical_s"], 2))
     return record
 
 

@@ -126,5 +126,7 @@ def test_the_secagg_benchmark_prints_the_named_fields_and_the_secure_sum_matches
     assert [json.loads(line) for line in out.out.splitlines()] == [{k: record[k] for k in FIELDS}]
     assert (record["n"], record["d"], record["dropout"], record["dropped"]) == (5, 1000, 0.2, 1)
     assert record["max_abs_error"] <= 1e-6 and (record["degree"], record["threshold"]) == (2, 2)
+    # the masks the server regenerated: the 4 survivors' own, and the dropped client's with its 2 neighbours
+    assert record["masks"] == 4 + 2 and 0 < record["mask_work_s"] == pytest.approx(6 * record["mask_s"], rel=0.01)
     assert record["server_s"] > 0 and record["client_s"] > 0 and record["ratio"] > 0 and record["cpu_ratio"] > 0
     assert 1 < record["bytes_ratio"] < 2 and record["plain_bytes_up"] > 4 * 1000  # float32 values and the envelope

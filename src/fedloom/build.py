@@ -21,6 +21,7 @@ from fedloom.compression.updates import Compression, compression
 from fedloom.config import Config
 from fedloom.data.dataset import FederatedDataset
 from fedloom.data.readers import read_files, read_hf
+from fedloom.data.site import load_site
 from fedloom.errors import ConfigError, DataError
 from fedloom.messages import EvaluateConfig, TrainConfig
 from fedloom.models import build_model
@@ -54,6 +55,8 @@ def load_dataset(cfg: Config) -> FederatedDataset:
     from fedloom import data as fd
 
     d, seed = cfg.data, cfg.run.seed
+    if d.dataset == "site":
+        return load_site(cfg)
     if d.loader:
         return user_data(d.loader, d, seed)
     if d.dataset == "shakespeare":
@@ -75,18 +78,24 @@ def load_dataset(cfg: Config) -> FederatedDataset:
 
 def model_factory(cfg: Config, dataset: FederatedDataset) -> Callable[[], nn.Module]:
     """A zero-argument function building the config's model (``model.factory``'s, or a built-in one fitted to
-    this dataset's inputs)."""
+    this dataset's inputs, or to ``model.input_shape`` and ``model.num_classes`` for a server that holds no data)."""
     sample = next((c.x_train for c in dataset.clients if c.num_train), None)
-    if sample is None:
-        raise DataError(f"dataset {dataset.name!r} has no training samples")
     m = cfg.model
+    if sample is not None and m.input_shape and list(sample.shape[1:]) != m.input_shape:
+        raise DataError(f"dataset {dataset.name!r} has samples of shape {list(sample.shape[1:])}, but "
+                        f"model.input_shape is {m.input_shape}")
     if m.factory:
         return user_model(m.factory, dataset)
+    if sample is None and not m.input_shape and m.name != "char_lstm":
+        if dataset.clients:
+            raise DataError(f"dataset {dataset.name!r} has no training samples")
+        raise ConfigError("model.input_shape", "a server that holds no data builds the model from the config: give "
+                                               "one sample's shape")
     if (dataset.vocab is not None) != (m.name == "char_lstm"):
         raise ConfigError("model.name", f"{m.name!r} does not fit the {dataset.name!r} data, which is "
                                         f"{'character' if dataset.vocab is not None else 'feature'} data; "
                                         "char_lstm is for character data, the others for feature data")
-    input_shape = tuple(sample.shape[1:])
+    input_shape = tuple(m.input_shape) if sample is None else tuple(sample.shape[1:])
     return lambda: build_model(m.name, input_shape, dataset.num_classes, hidden=tuple(m.hidden), channels=m.channels,
                                embed_dim=m.embed_dim, hidden_size=m.hidden_size, num_layers=m.num_layers)
 

@@ -80,8 +80,9 @@ def _server(args: argparse.Namespace) -> int:
 
     def show(row: dict[str, float]) -> None:
         fed = f", federated accuracy {row['fed_accuracy']:.4f}" if "fed_accuracy" in row else ""
-        print(f"round {int(row['round'])}: test accuracy {row['test_accuracy']:.4f}, loss {row['test_loss']:.4f}, "
-              f"{int(row['accepted'])} updates{fed}", flush=True)
+        central = (f"test accuracy {row['test_accuracy']:.4f}, loss {row['test_loss']:.4f}, "
+                   if "test_accuracy" in row else "")  # a server of sites without deploy.test_data has none
+        print(f"round {int(row['round'])}: {central}{int(row['accepted'])} updates{fed}", flush=True)
 
     signal.signal(signal.SIGTERM, _interrupt)  # stop as on Ctrl-C: the clients are not told that the run is over
     try:

@@ -14,7 +14,7 @@ from typing import Any
 
 from fedloom.errors import ConfigError
 
-DATASETS = ("shakespeare", "synthetic", "digits", "breast_cancer", "leaf", "files", "hf")
+DATASETS = ("shakespeare", "synthetic", "digits", "breast_cancer", "leaf", "files", "hf", "site")
 PARTITIONS = ("natural", "iid", "dirichlet", "dirichlet_balanced", "shards", "classes", "lognormal", "power_law")
 MODELS = ("logreg", "mlp", "cnn", "char_lstm")
 OPTIMIZERS = ("sgd", "momentum", "adagrad", "adam", "yogi")
@@ -50,7 +50,8 @@ class RunConfig:
 class DataConfig:
     dataset: str = _f("shakespeare", "shakespeare | synthetic | digits | breast_cancer | leaf | files (your CSV, "
                                      "Parquet or .npz: data.path) | hf (a Hugging Face dataset saved to disk: "
-                                     "data.path)", DATASETS)
+                                     "data.path) | site (a deployed site's own data only: data.path or "
+                                     "data.loader; docs/deployment.md)", DATASETS)
     partition: str = _f("natural", "natural (one client per role/user) | iid | dirichlet | dirichlet_balanced (equal "
                                    "sizes) | shards | classes (classes_per_client each) | lognormal | power_law "
                                    "(quantity skew: size_skew)", PARTITIONS)
@@ -71,7 +72,9 @@ class DataConfig:
     train_fraction: float = _f(0.8, "share of each client's samples for training; the rest is its test split", "0..1")
     seq_len: int = _f(80, "characters per input window for shakespeare", ">=1")
     loader: str = _f("", "your data: 'package.module:function' returning a FederatedDataset or (x, y, client_ids) "
-                         "arrays; empty = data.dataset")
+                         "arrays (site: this site's (x, y)); empty = data.dataset")
+    vocab: str = _f("", "site, leaf: the characters of a text model's vocabulary, the same at every site (character i "
+                        "has id i); empty = leaf: every character of its files")
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,10 @@ class ModelConfig:
     channels: int = _f(16, "cnn: channels of the first convolution", ">=1")
     factory: str = _f("", "your model: 'package.module:function' returning an nn.Module (given the FederatedDataset "
                           "if it takes an argument); empty = model.name")
+    input_shape: list[int] = _f([], "one sample's shape (features: [30]; images: [1, 28, 28]), for a server that "
+                                    "holds no data (data.dataset = \"site\"); empty = the data's")
+    num_classes: int = _f(0, "classes the model predicts, for sites that each see only some of them; 0 = the data's "
+                             "(char_lstm: the vocabulary's size)", ">=0")
     batchnorm: str = _f("global", "BatchNorm layers: global (aggregated like every parameter, running statistics "
                                   "included) | local (FedBN, Li et al. 2021: each client keeps its own; evaluation is "
                                   "federated)", ("global", "local"))
@@ -246,7 +253,11 @@ class DeployConfig:
     key: str = _f("", "this process's private key (PEM)")
     name: str = _f("", "client: its enrolled name")
     token_file: str = _f("", "client: file holding its enrolment token")
-    client_index: int = _f(0, "client: which client of the configured dataset holds this process's data", ">=0")
+    client_index: int = _f(0, "client: which client of the configured dataset holds this process's data (not with "
+                              "data.dataset = \"site\": the site's data is all its own)", ">=0")
+    test_data: str = _f("", "server: its own test set for centralised evaluation (CSV, Parquet, .npz, LEAF .json or a "
+                            "folder of .txt, read as a site's data); empty = the dataset's held-out splits (site: "
+                            "none, so evaluation is federated)")
     reconnect_s: float = _f(3600.0, "client: how long it keeps trying to reach a server that is down before it "
                                     "gives up (exit 2); 0 = forever", ">=0")
     client_state_dir: str = _f("", "client: folder of what it keeps between rounds (error feedback, FedBN's layers); "
@@ -341,7 +352,9 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
 def _check_whole(cfg: Config) -> Config:
     """Checks that involve more than one field."""
     d = cfg.data
-    if not d.loader:
+    if d.dataset == "site":
+        _check_site(cfg)
+    elif not d.loader:
         _check_dataset(cfg)
     if cfg.server.aggregation != "sync" and not cfg.hetero.population:
         raise ConfigError("hetero.population", f"{cfg.server.aggregation} runs on the simulated clock: name a device "
@@ -375,6 +388,21 @@ def _check_dataset(cfg: Config) -> None:
     if not cfg.model.factory and text is not None and text != (cfg.model.name == "char_lstm"):
         raise ConfigError("model.name", f"{cfg.model.name!r} does not fit dataset {d.dataset!r}; "
                                         "char_lstm is for character data, the others for feature data")
+
+
+def _check_site(cfg: Config) -> None:
+    """A site's data sets neither the classes nor (on a server that holds none) the inputs: the config does."""
+    m = cfg.model
+    if m.factory:
+        return
+    if m.name == "char_lstm" and not cfg.data.vocab:
+        raise ConfigError("data.vocab", "char_lstm on sites' own text needs the vocabulary every site shares (the "
+                                        "characters, in id order)")
+    if m.name != "char_lstm" and not m.num_classes:
+        raise ConfigError("model.num_classes", "each site sees only its own labels: give the number of classes")
+    if m.num_classes and m.name == "char_lstm" and m.num_classes != len(cfg.data.vocab):
+        raise ConfigError("model.num_classes", f"char_lstm predicts the vocabulary's {len(cfg.data.vocab)} "
+                                               f"characters, not {m.num_classes}; leave it 0")
 
 
 def _check_aggregation(cfg: Config) -> None:

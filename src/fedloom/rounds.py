@@ -144,10 +144,11 @@ class Failures:
 
 
 def round_metrics(result: RoundResult, state: ServerState, server: SyncServer, transport: Transport,
-                  work: TorchClientWork, test: tuple[np.ndarray, np.ndarray], cfg: Config,
+                  work: TorchClientWork, test: tuple[np.ndarray, np.ndarray] | None, cfg: Config,
                   evaluate: bool) -> dict[str, float]:
     """A round's metrics row: training counts and loss; with ``evaluate``, centralised and federated evaluation
-    (with FedBN's local layers the federated one is the run's test accuracy: each client tests with its own)."""
+    (with FedBN's local layers the federated one is the run's test accuracy: each client tests with its own; a
+    server without a ``test`` set has only the federated one)."""
     row: dict[str, float] = {
         "round": state.round, "train_loss": result.train_loss, "clients": len(result.selected),
         "accepted": len(result.accepted), "rejected": len(result.rejected), "examples": result.examples,
@@ -160,7 +161,7 @@ def round_metrics(result: RoundResult, state: ServerState, server: SyncServer, t
         row["unchanged"] = 1
     if evaluate:
         local = cfg.model.batchnorm == "local"  # FedBN: the server's model lacks the clients' own layers
-        if not local:
+        if not local and test is not None:
             central = work.evaluate_params(state.params, test[0], test[1], cfg.eval.batch_size)
             row.update(test_loss=central.loss, test_accuracy=central.accuracy)
         asked = server.evaluate_requests(state, cfg.run.seed)

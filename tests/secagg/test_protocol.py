@@ -158,6 +158,7 @@ def test_the_unmasked_sum_is_the_plain_sum_exactly_in_fixed_point_integers(mode,
     assert_exact_sum(out, levels, list(range(n)))
     assert out.rejected == {}
     assert out.measurements["secagg.survivors"] == n and out.measurements["secagg.dropped"] == 0
+    assert out.measurements["secagg.masks"] == n  # no dropout: only the self masks are removed
     assert set(out.metrics) == set(range(n)) and out.metrics[0]["loss"] == 0.5  # metrics travel in the clear
     # every masked input the server held was the fixed-point width, nothing else
     payloads = [r.update.payload for r in transport.answers(TRAIN).values()]
@@ -255,6 +256,7 @@ def test_exactly_t_survivors_unmask_and_one_fewer_aborts_with_nothing_revealed()
     out = secure_round(settings, Scripted(deltas, drop={TRAIN: {0, 1, 2}}), n)
     assert_exact_sum(out, levels, [3, 4, 5])
     assert out.measurements["secagg.dropped"] == 3
+    assert out.measurements["secagg.masks"] == 3 + 3 * 3  # the survivors' self masks, each dropped one's pair masks
     # one of them silent at unmasking: t - 1 shares of each seed arrive
     transport = Scripted(deltas, drop={TRAIN: {0, 1, 2}, UNMASK: {5}})
     out = secure_round(settings, transport, n)

@@ -156,7 +156,16 @@ def serve_client(work: ClientWork, local: ClientDataset, cfg: Config, address: s
 
 
 def run_client(cfg: Config, address: str | None = None) -> int:
-    """Load this client's data and model from ``cfg`` and take part in the run until it finishes."""
+    """Load this client's data and model from ``cfg`` and take part in the run until it finishes.
+
+    With ``data.dataset = "site"`` the client reads only its own data (``data/site.py``); otherwise it loads the
+    configured federation and keeps client ``deploy.client_index``'s share."""
+    site = cfg.data.dataset == "site"
+    if site and not (cfg.data.path or cfg.data.loader):
+        raise ConfigError("data.path", "a site's client reads its own data: name its file or folder (data.path) or "
+                                       "a loader (data.loader)")
+    if site and cfg.deploy.client_index:
+        raise ConfigError("deploy.client_index", "a site holds only its own data: leave client_index at 0")
     work, dataset = build_clients(cfg)
     if not 0 <= cfg.deploy.client_index < len(dataset):
         raise ConfigError("deploy.client_index", f"the dataset has clients 0..{len(dataset) - 1}")

@@ -22,12 +22,17 @@ import os
 import time
 import tomllib
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
+
+import numpy as np
 
 from fedloom.build import build_clients, build_strategy
 from fedloom.checkpoint import mismatch, restore_state, state_arrays, state_names
 from fedloom.client.torch_work import param_names
 from fedloom.config import Config, DeployConfig, to_toml
+from fedloom.data.dataset import FederatedDataset
+from fedloom.data.site import site_arrays
 from fedloom.deploy.certs import check_client_name
 from fedloom.deploy.security import server_credentials
 from fedloom.deploy.service import FederationService
@@ -133,6 +138,14 @@ def _check_budget(d: DeployConfig, params: Params) -> None:
                                                 f"(its bytes and its decoding); raise it to at least {-(-need >> 20)}")
 
 
+def server_test_set(cfg: Config, dataset: FederatedDataset) -> tuple[np.ndarray, np.ndarray] | None:
+    """What the server evaluates the model on centrally: ``deploy.test_data``, else the held-out splits of the
+    dataset it loaded; none for a server of sites (``data.dataset = "site"``), which holds no data."""
+    if cfg.deploy.test_data:
+        return site_arrays(cfg, cfg.deploy.test_data)
+    return None if cfg.data.dataset == "site" else dataset.test_union()
+
+
 class Connected:
     """The deployed server's pacer (``rounds.Pacer``): a round asks the connected clients.
 
@@ -178,10 +191,15 @@ def serve(cfg: Config, *, on_round: Callable[[dict[str, float]], None] | None = 
             run_id = store.start_run(cfg.run.name, to_toml(cfg))
         else:
             _check_same_run(store.run_config(run_id), cfg, store.path)
-        work, dataset = build_clients(cfg)  # the model's shapes, and the held-out data for centralised evaluation
+        work, dataset = build_clients(cfg)  # the model (site: from the config alone), and any data the server holds
         names = param_names(work.model)
         num_clients = len(store.clients())
-        server = SyncServer(build_strategy(cfg, num_clients, deployed=True), num_clients)
+        test = server_test_set(cfg, dataset)
+        strategy = build_strategy(cfg, num_clients, deployed=True)
+        if test is None and not strategy.evaluate_clients:
+            log.info("the server holds no test set (deploy.test_data): every client evaluates each round on its own")
+            strategy = replace(strategy, evaluate_clients=num_clients)
+        server = SyncServer(strategy, num_clients)
         state = _resume(store, run_id, server.init(work.initial_params(cfg.run.seed)), names)
         _check_budget(d, state.params)
         if state.round >= cfg.run.rounds:
@@ -205,7 +223,6 @@ def serve(cfg: Config, *, on_round: Callable[[dict[str, float]], None] | None = 
             transport = Metered(DeployedTransport(loop, service.dispatcher, d.round_timeout_s, 3 * d.heartbeat_s,
                                                   service.max_message_bytes),
                                 int(last.get("total_bytes_down", 0)), int(last.get("total_bytes_up", 0)))
-            test = dataset.test_union()
             while len(transport.connected()) < d.min_clients:  # before the first round: no limit
                 time.sleep(0.1)
             pacer = Connected(transport, d, num_clients)  # type: ignore[arg-type]

@@ -463,12 +463,14 @@ class _Round:
         assert total is not None
         for seed in seeds.values():
             sub_mod(total, expand(seed, plan.dim, bits, reuse=True), bits, out=total)
+        masks = len(seeds)  # the mask expansions of d words: the bulk of the server's unmasking time
         for v, secret in mask_keys.items():
             private = private_from_bytes(secret)
             for u in graph[v]:
                 if u in masked and v in inbox.get(u, {}):  # u masked with v: v's shares reached u
                     mask = expand(agree(private, keys[u][1], mask_info(self.rnd, u, v)), plan.dim, bits, reuse=True)
                     (sub_mod if pair_sign(u, v) > 0 else add_mod)(total, mask, bits, out=total)
+                    masks += 1
         survivors = sorted(masked)
         summed = from_field(total, plan.bound, plan.levels, bits)
         weight = summed[-1] / plan.bound  # each client's weight is in (0, 1]: anything else is a wrapped sum
@@ -479,7 +481,8 @@ class _Round:
         return SecureSum(summed, survivors, self.rejected,
                          {u: self.metrics[u] for u in survivors}, self.durations,
                          measurements={"secagg.survivors": float(len(survivors)), "secagg.dropped": float(len(dropped)),
-                                       "secagg.degree": float(plan.degree), "secagg.threshold": float(t)})
+                                       "secagg.degree": float(plan.degree), "secagg.threshold": float(t),
+                                       "secagg.masks": float(masks)})
 
 
 def masked_with(dropped: set[int], survivors: list[int], inbox: dict[int, dict[int, bytes]]) -> set[int]:

@@ -166,6 +166,10 @@ def simulate(cfg: Config, *, progress: bool = True, write: bool = True,
     ``run.checkpoint_every`` rounds, at the end and at Ctrl-C): the run goes on in that folder to
     ``run.rounds`` and ends with the model an uninterrupted run reaches, bit for bit.
     """
+    if cfg.data.dataset == "site" and dataset is None:
+        raise ConfigError("data.dataset", "\"site\" is one deployed site's own data; a simulation needs every "
+                                          "client's: name them all (dataset = \"files\" with a client column, or a "
+                                          "folder of one file per client)")
     own = (model_fn, dataset, work)
     start = time.perf_counter()
     if resume is not None:
