@@ -156,6 +156,18 @@ def _revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trace(args: argparse.Namespace) -> int:
+    from fedloom.deploy.trace import trace_run
+
+    found = trace_run(args.state_dir, args.run, args.out)
+    for d in found:
+        print(f"client {d.client_id} ({d.name}): {d.compute_sps:.4g} samples/s, down {d.down_bps:.3g} bit/s, up "
+              f"{d.up_bps:.3g} bit/s, dropout {d.dropout_p:.2f} ({d.trained} of {d.asked} training tasks), "
+              f"{len(d.available)} connected interval{'s' * (len(d.available) != 1)}")
+    print(f"wrote {args.out}: use it as hetero.population = \"{args.out}\"")
+    return 0
+
+
 def _init(args: argparse.Namespace) -> int:
     from fedloom.starter import write_defaults, write_project
 
@@ -220,6 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--state-dir", required=True, help="the server's deploy.state_dir")
     p.add_argument("name")
     p.set_defaults(func=_revoke)
+    p = sub.add_parser("trace", help="a deployed run's measured devices as a population trace a simulation replays")
+    p.add_argument("state_dir", help="the server's deploy.state_dir")
+    p.add_argument("--run", help="the run's name (default: the state's only run)")
+    p.add_argument("--out", default="trace.csv", help="the trace file, .csv or .json (default: trace.csv)")
+    p.set_defaults(func=_trace)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

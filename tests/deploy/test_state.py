@@ -352,7 +352,8 @@ def test_a_schema_1_database_is_migrated(db):
         st._conn.execute("ALTER TABLE rounds DROP COLUMN checkpoint_sha256")
         st._conn.execute("PRAGMA user_version = 1")
     with ServerState(db) as st:
-        assert st._conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert st._conn.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert st.tasks(run) == [] and st.presence(run) == {}  # schema 3's tables, empty for the old rounds
         _assert_params(st.load_checkpoint(run)[2], _params(1))  # no digest was recorded for it: read as before
         _complete(st, run, 2)
         path = db.parent / "checkpoints" / "run-0001" / "round-000002.npz"

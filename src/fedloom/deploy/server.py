@@ -39,6 +39,7 @@ from fedloom.deploy.service import FederationService
 from fedloom.deploy.state import ServerState as StateStore
 from fedloom.deploy.state import private_dir
 from fedloom.errors import CertError, ConfigError, FedloomError, StateError
+from fedloom.hetero.clock import run_flops
 from fedloom.messages import Reply, TrainRequest
 from fedloom.params import Params
 from fedloom.rounds import round_metrics, run_rounds, train_round
@@ -151,7 +152,8 @@ class Connected:
 
     It waits up to ``round_timeout_s`` for ``min_clients`` of them. When every client is connected
     this is all of them, so selection (and the whole run) is the simulation's; a lost client is
-    not asked again until it reconnects. Every reply the transport returns is kept.
+    not asked again until it reconnects. Every reply the transport returns is kept, with the round
+    trip the server measured of each (what a selector such as Oort learns from).
     """
 
     def __init__(self, transport: DeployedTransport, d: DeployConfig, num_clients: int):
@@ -167,7 +169,7 @@ class Connected:
 
     def settle(self, requests: Sequence[TrainRequest],
                replies: Sequence[Reply]) -> tuple[list[Reply], dict[int, float]]:
-        return list(replies), {}
+        return list(replies), self.transport.round_trips(replies)
 
 
 def serve(cfg: Config, *, on_round: Callable[[dict[str, float]], None] | None = None) -> ServerState:
@@ -225,7 +227,8 @@ def serve(cfg: Config, *, on_round: Callable[[dict[str, float]], None] | None = 
                                 int(last.get("total_bytes_down", 0)), int(last.get("total_bytes_up", 0)))
             while len(transport.connected()) < d.min_clients:  # before the first round: no limit
                 time.sleep(0.1)
-            pacer = Connected(transport, d, num_clients)  # type: ignore[arg-type]
+            pacer = Connected(transport.engine, d, num_clients)  # type: ignore[arg-type]
+            flops = run_flops(cfg, work.model, dataset)
             sent = [transport.bytes_down, transport.bytes_up]
 
             def step(state: ServerState) -> tuple[RoundResult, ServerState]:
@@ -238,6 +241,7 @@ def serve(cfg: Config, *, on_round: Callable[[dict[str, float]], None] | None = 
                 row = round_metrics(result, state, server, transport, work, test, cfg, evaluate=True)
                 row.update(traffic_columns(transport.bytes_down, transport.bytes_up, sent))
                 store.complete_round(run_id, state.round, _checkpoint_arrays(state), names + state_names(state), row)
+                store.record_tasks(run_id, transport.engine.take_measured(), flops, transport.engine.presence())
                 if on_round is not None:
                     on_round(row)
                 reason = server.strategy.aggregator.stop_reason(state.aggregation) \

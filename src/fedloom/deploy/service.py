@@ -179,7 +179,8 @@ class FederationService:
     def __init__(self, store: StateStore, cfg: Config):
         self.store = store
         self.d: DeployConfig = cfg.deploy
-        self.dispatcher = Dispatcher(max_examples=self.d.max_examples, compression=build_compression(cfg))
+        self.dispatcher = Dispatcher(max_examples=self.d.max_examples, compression=build_compression(cfg),
+                                     presence_gap_s=3 * self.d.heartbeat_s)
         self.sessions = Sessions(self.d.session_s)
         self.max_message_bytes = limits(cfg).max_message_bytes
         self.finished = False
@@ -382,8 +383,10 @@ class FederationService:
                     context.set_trailing_metadata(((STATUS_KEY, "finished" if self.finished else "idle"),))
                     return
                 try:
-                    for chunk in await asyncio.get_running_loop().run_in_executor(self._codec, _encode, task):
+                    chunks = await asyncio.get_running_loop().run_in_executor(self._codec, _encode, task)
+                    for chunk in chunks:
                         yield chunk
+                    self.dispatcher.sent(task, sum(c.ByteSize() for c in chunks))
                 except BaseException:  # the poll broke while the task was handed over: keep it for the next
                     self.dispatcher.requeue(task)
                     raise
@@ -402,6 +405,7 @@ class FederationService:
     async def _push(self, cid: int, requests: AsyncIterator[pb.Chunk]) -> pb.PushReply:
         owed = max((t.reply_limit for t in self.dispatcher.owed(cid)), default=0)
         first = await self._next(requests, "the first chunk")
+        arriving = time.monotonic()
         if first is None:
             return _refused("bad_message", "empty chunk stream: no envelope was sent")
         if first.total_size > owed:
@@ -427,7 +431,7 @@ class FederationService:
             return _refused(exc.code, str(exc))
         finally:
             await self._budget.release(need)
-        error = self.dispatcher.deliver(cid, env.task_id, reply)
+        error = self.dispatcher.deliver(cid, env.task_id, reply, arriving, first.total_size)
         return pb.PushReply(accepted=True) if error is None else _refused(error.code, error.reason)
 
     async def Heartbeat(self, requests: AsyncIterator[pb.HeartbeatRequest],

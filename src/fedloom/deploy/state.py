@@ -5,7 +5,11 @@ One database file (WAL journal, ``synchronous=FULL``) holds:
 * ``runs``: one row per named run with its configuration (TOML text);
 * ``rounds``: per run and round, ``open`` or ``done``, timestamps, metrics (JSON) and the checkpoint file;
 * ``clients``: enrolled clients, each with a dense ``client_id`` (0, 1, 2, ...), the SHA-256 hash of its
-  token (never the token), and whether it is revoked.
+  token (never the token), and whether it is revoked;
+* ``tasks``: what the server measured of every task it sent (``transport/dispatch.Measured``: seconds to
+  hand it over, the client's seconds, seconds for its reply, bytes each way, examples, outcome), written
+  with each completed round;
+* ``presence``: the intervals in which each client was connected (wall-clock seconds).
 
 Model checkpoints are ``.npz`` files (written by :func:`fedloom.paramfiles.save_params`, read
 without unpickling) under ``checkpoints/run-NNNN/round-NNNNNN.npz`` next to the database.
@@ -23,12 +27,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import os
 import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -39,8 +44,9 @@ from fedloom.deploy.certs import issue_token
 from fedloom.errors import ShapeError, StateError
 from fedloom.paramfiles import load_params, save_params
 from fedloom.params import Params
+from fedloom.transport.dispatch import Measured
 
-SCHEMA_VERSION = 2  # 2: rounds.checkpoint_sha256
+SCHEMA_VERSION = 3  # 2: rounds.checkpoint_sha256; 3: tasks, presence
 APPLICATION_ID = 0x466C6F6D  # "Flom": marks the SQLite file as a fedloom state database
 _TABLES = (
     """CREATE TABLE IF NOT EXISTS runs (
@@ -68,7 +74,31 @@ _TABLES = (
         revoked INTEGER NOT NULL DEFAULT 0 CHECK (revoked IN (0, 1)),
         last_seen REAL
     )""",
+    """CREATE TABLE IF NOT EXISTS tasks (
+        run_id INTEGER NOT NULL REFERENCES runs(id),
+        round INTEGER NOT NULL,
+        client_id INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        sent_at REAL,
+        down_s REAL,
+        work_s REAL,
+        up_s REAL,
+        down_bytes INTEGER NOT NULL,
+        up_bytes INTEGER NOT NULL,
+        examples REAL NOT NULL,
+        flops_per_example REAL NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS presence (
+        run_id INTEGER NOT NULL REFERENCES runs(id),
+        client_id INTEGER NOT NULL,
+        start REAL NOT NULL,
+        end REAL NOT NULL,
+        PRIMARY KEY (run_id, client_id, start)
+    )""",
 )
+TASK_COLUMNS = ("round", "client_id", "kind", "outcome", "sent_at", "down_s", "work_s", "up_s", "down_bytes",
+                "up_bytes", "examples", "flops_per_example")
 
 
 _LOST = ("the database has lost committed rounds (was server.db-wal deleted or truncated, or an older copy "
@@ -235,6 +265,54 @@ class ServerState:
             rows = conn.execute("SELECT round, started, finished, metrics_json FROM rounds "
                                 "WHERE run_id = ? AND status = 'done' ORDER BY round", (run_id,)).fetchall()
         return [{"round": r, "started": s, "finished": f, "metrics": json.loads(m)} for r, s, f, m in rows]
+
+    # -- what the server measured ------------------------------------------------------------------
+
+    def record_tasks(self, run_id: int, tasks: Sequence[Measured], flops_per_example: float,
+                     presence: dict[int, list[tuple[float, float]]]) -> None:
+        """Add the measured ``tasks`` (their training cost ``flops_per_example``) and bring each client's connected
+        intervals up to date (an interval is keyed by its start: one that grew is rewritten), in one transaction."""
+        rows = [(run_id, m.round, m.client_id, m.kind, m.outcome, *(_finite_or_none(v) for v in (
+            m.sent_at, m.down_s, m.work_s, m.up_s)), int(m.down_bytes), int(m.up_bytes), float(m.examples),
+            float(flops_per_example)) for m in tasks]
+        spans = [(run_id, c, float(a), float(b)) for c, pairs in presence.items() for a, b in pairs]
+        with self._tx("record what was measured") as conn:
+            self._check_run(conn, run_id)
+            conn.executemany(f"INSERT INTO tasks (run_id, {', '.join(TASK_COLUMNS)}) VALUES "
+                             f"({', '.join('?' * (len(TASK_COLUMNS) + 1))})", rows)
+            conn.executemany("INSERT OR REPLACE INTO presence (run_id, client_id, start, end) VALUES (?, ?, ?, ?)",
+                             spans)
+
+    def tasks(self, run_id: int) -> list[dict[str, Any]]:
+        """Every measured task of the run, in the order recorded (None: a part that did not happen)."""
+        with self._tx("read tasks", write=False) as conn:
+            self._check_run(conn, run_id)
+            rows = conn.execute(f"SELECT {', '.join(TASK_COLUMNS)} FROM tasks WHERE run_id = ? ORDER BY rowid",
+                                (run_id,)).fetchall()
+        return [dict(zip(TASK_COLUMNS, r, strict=True)) for r in rows]
+
+    def presence(self, run_id: int) -> dict[int, list[tuple[float, float]]]:
+        """Each client's connected intervals (wall-clock seconds), in order."""
+        with self._tx("read presence", write=False) as conn:
+            self._check_run(conn, run_id)
+            rows = conn.execute("SELECT client_id, start, end FROM presence WHERE run_id = ? ORDER BY client_id, "
+                                "start", (run_id,)).fetchall()
+        out: dict[int, list[tuple[float, float]]] = {}
+        for c, a, b in rows:
+            out.setdefault(int(c), []).append((float(a), float(b)))
+        return out
+
+    def run_names(self) -> list[str]:
+        """The names of the runs this state holds, oldest first."""
+        with self._tx("list runs", write=False) as conn:
+            return [r[0] for r in conn.execute("SELECT name FROM runs ORDER BY id").fetchall()]
+
+    def run_started(self, run_id: int) -> float:
+        """When the run was created (wall-clock seconds)."""
+        row = self._one("SELECT created FROM runs WHERE id = ?", (run_id,))
+        if row is None:
+            raise StateError(f"no run with id {run_id} in {self.path}", stage="state")
+        return float(row[0])
 
     # -- client registry -------------------------------------------------------------------------
 
@@ -455,6 +533,10 @@ def _check_params(params: Params, names: list[str]) -> None:
     for i, p in enumerate(params):
         if not isinstance(p, np.ndarray) or p.dtype.hasobject:
             raise ShapeError(f"array {i} ({names[i]}) is not a numeric numpy array", stage="checkpoint")
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
 
 
 def _metrics_json(metrics: dict[str, Any]) -> str:

@@ -15,6 +15,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from torch import nn
+
+from fedloom.config import Config
+from fedloom.data.dataset import FederatedDataset
 from fedloom.hetero.profiles import REFERENCE_FLOPS, DeviceProfile, task_duration
 from fedloom.messages import Reply, Request, TrainReply, TrainRequest, error_reply
 from fedloom.seeding import keyed_rng
@@ -29,6 +33,18 @@ def flops_per_sample(num_params: int, targets_per_sample: int) -> float:
     ``hetero.flops_per_sample`` for a CNN when its compute time matters.
     """
     return 6.0 * num_params * max(1, targets_per_sample)
+
+
+def run_flops(cfg: Config, model: nn.Module, dataset: FederatedDataset) -> float:
+    """Training FLOPs per sample of a run's model: ``hetero.flops_per_sample``, else :func:`flops_per_sample` with
+    one sample's targets (a server that holds no data: ``data.seq_len`` for char_lstm, else one)."""
+    if cfg.hetero.flops_per_sample:
+        return cfg.hetero.flops_per_sample
+    if dataset.clients:
+        targets = int(math.prod(dataset[0].y_train.shape[1:]))
+    else:
+        targets = cfg.data.seq_len if cfg.model.name == "char_lstm" else 1
+    return flops_per_sample(sum(p.numel() for p in model.parameters()), targets)
 
 
 def message_bytes(message: Request | Reply) -> int:

@@ -20,7 +20,7 @@ from fedloom.client.torch_work import TorchClientWork
 from fedloom.config import Config
 from fedloom.data.dataset import FederatedDataset
 from fedloom.errors import ConfigError, RoundError
-from fedloom.hetero.clock import flops_per_sample, message_bytes, run_clock, shrink_to_deadline
+from fedloom.hetero.clock import message_bytes, run_clock, run_flops, shrink_to_deadline
 from fedloom.hetero.profiles import DeviceProfile, load_population, mobile, silo, task_duration
 from fedloom.messages import ErrorReply, Reply, Request, StepRequest, TrainReply, TrainRequest
 from fedloom.params import Params
@@ -61,9 +61,7 @@ class SimulatedClock:
     @classmethod
     def create(cls, cfg: Config, dataset: FederatedDataset, work: TorchClientWork) -> SimulatedClock:
         profiles = load_profiles(cfg, len(dataset))
-        targets = int(np.prod(dataset[0].y_train.shape[1:], dtype=np.int64))
-        flops = cfg.hetero.flops_per_sample or flops_per_sample(sum(p.numel() for p in work.model.parameters()),
-                                                                 targets)
+        flops = run_flops(cfg, work.model, dataset)
         c = cfg.client
         full = [min(c.local_epochs * -(-d.num_train // c.batch_size), c.max_steps or np.inf) for d in dataset.clients]
         return cls(cfg, profiles, flops, [int(f) for f in full])  # type: ignore[arg-type]

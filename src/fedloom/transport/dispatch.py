@@ -12,22 +12,29 @@ come back.
 Every reply is checked against the task it answers when it arrives
 (:func:`~fedloom.server.validation.check_reply`); a refused one answers its task with the reason,
 so the round learns at once and the client is told why.
+
+What the server sees of each client is measured here: per task, the seconds its bytes took to hand
+over, the client's seconds with it, the seconds its reply took to arrive, and the bytes each way
+(:class:`Measured`); and per client, the intervals in which it was connected (:meth:`Dispatcher.presence`).
+The deployed server keeps both in its SQLite state, the selector learns from the round trips, and
+``fedloom trace`` turns them into a device population a simulation replays.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from fedloom.compression.updates import NO_COMPRESSION, Compression
 from fedloom.errors import FedloomError
-from fedloom.messages import ErrorReply, Reply, Request, TrainRequest, error_reply
+from fedloom.messages import ErrorReply, Reply, Request, TrainReply, TrainRequest, error_reply
 from fedloom.server.validation import check_reply
 
 T = TypeVar("T")
@@ -53,6 +60,69 @@ class Task:
     task_id: str
     request: Request
     reply_limit: int
+
+
+@dataclass
+class Timing:
+    """When a task's parts happened (``time.monotonic()``; NaN: not yet) and its bytes each way."""
+
+    handed: float = math.nan  # a poll of its client took it
+    sent: float = math.nan  # its last chunk went to gRPC
+    arriving: float = math.nan  # the first chunk of its reply arrived
+    done: float = math.nan  # its reply was taken
+    wall: float = math.nan  # ``time.time()`` when it was handed over
+    down_bytes: int = 0
+    up_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What the server measured of one task: the seconds it took to hand over (``down_s``), the client's seconds
+    with it (``work_s``: decoding, training, encoding, and the network's latency), the seconds its reply took
+    to arrive (``up_s``), the bytes each way, the examples it trained on and how it ended (``"ok"`` or the
+    error code). Parts that did not happen are NaN (a task never taken, a reply that never came)."""
+
+    client_id: int
+    round: int
+    kind: str
+    outcome: str
+    sent_at: float  # wall-clock seconds (``time.time()``) when the client took the task
+    down_s: float
+    work_s: float
+    up_s: float
+    down_bytes: int
+    up_bytes: int
+    examples: float
+
+    @property
+    def round_trip_s(self) -> float:
+        return self.down_s + self.work_s + self.up_s
+
+
+def measure_task(task: Task, timing: Timing, reply: Reply) -> Measured:
+    error = getattr(reply, "error", None)
+    update = reply.update if isinstance(reply, TrainReply) else None
+    examples = float(update.metrics.get("examples", update.weight)) if update is not None else 0.0
+    return Measured(task.request.client_id, task.request.round, type(task.request).__name__,
+                    error.code if error is not None else "ok", timing.wall, timing.sent - timing.handed,
+                    timing.arriving - timing.sent, timing.done - timing.arriving, timing.down_bytes, timing.up_bytes,
+                    examples)
+
+
+@dataclass
+class Presence:
+    """The intervals (wall-clock ``time.time()`` seconds) in which each client was connected: heard from with
+    gaps of at most ``gap_s`` seconds (a poll, a push or a heartbeat)."""
+
+    gap_s: float
+    intervals: dict[int, list[list[float]]] = field(default_factory=dict)
+
+    def seen(self, client_id: int, now: float) -> None:
+        spans = self.intervals.setdefault(client_id, [])
+        if spans and now - spans[-1][1] <= self.gap_s:
+            spans[-1][1] = now
+        else:
+            spans.append([now, now])
 
 
 class LoopThread:
@@ -89,13 +159,15 @@ class Dispatcher:
     """
 
     def __init__(self, max_examples: float | None = None, compression: Compression = NO_COMPRESSION,
-                 masked_bytes: int = 0):
+                 masked_bytes: int = 0, presence_gap_s: float = 15.0):
         self.max_examples = max_examples
         self.compression = compression  # a compressed update is decoded here once, to check it
         self.masked_bytes = masked_bytes  # secure aggregation: the length of a masked update (else 0)
+        self.presence = Presence(presence_gap_s)
         self._queues: dict[int, deque[Task]] = {}
         self._wake: dict[int, asyncio.Event] = {}
         self._open: dict[str, tuple[Task, asyncio.Future[Reply]]] = {}  # awaited task id -> task, its reply
+        self._timing: dict[str, Timing] = {}  # the awaited tasks' measurements so far
         self._last_seen: dict[int, float] = {}
         self._closed = False
 
@@ -112,6 +184,7 @@ class Dispatcher:
 
     def seen(self, client_id: int) -> None:
         self._last_seen[client_id] = time.monotonic()
+        self.presence.seen(client_id, time.time())
 
     def connected(self, within_s: float) -> list[int]:
         """Clients heard from in the last ``within_s`` seconds."""
@@ -154,6 +227,8 @@ class Dispatcher:
             while queue:
                 task = queue.popleft()
                 if task.task_id in self._open:  # skip tasks whose round has given up on them
+                    timing = self._timing[task.task_id]
+                    timing.handed, timing.wall = time.monotonic(), time.time()
                     return task
             left = deadline - time.monotonic()
             if left <= 0:
@@ -163,6 +238,12 @@ class Dispatcher:
                 await asyncio.wait_for(event.wait(), left)
             except TimeoutError:
                 pass
+
+    def sent(self, task: Task, down_bytes: int) -> None:
+        """The task's last chunk went to gRPC: ``down_bytes`` in all."""
+        timing = self._timing.get(task.task_id)
+        if timing is not None:
+            timing.sent, timing.down_bytes = time.monotonic(), down_bytes
 
     def requeue(self, task: Task) -> None:
         """Put back a task whose hand-over failed (the poll broke while it was sent), if still awaited."""
@@ -174,8 +255,10 @@ class Dispatcher:
         """The tasks whose replies are awaited from ``client_id``."""
         return [t for t, _ in self._open.values() if t.request.client_id == client_id]
 
-    def deliver(self, client_id: int, task_id: str, reply: Reply) -> ErrorReply | None:
-        """Take a client's reply; None when accepted, else why it was refused.
+    def deliver(self, client_id: int, task_id: str, reply: Reply, arriving: float = math.nan,
+                up_bytes: int = 0) -> ErrorReply | None:
+        """Take a client's reply (its first chunk arrived at ``arriving``, ``time.monotonic()``; ``up_bytes`` in all);
+        None when accepted, else why it was refused.
 
         A reply to another client's task, or to a task not awaited, is refused and changes nothing.
         A reply that does not answer its task (kind, round, shapes, impossible numbers) is refused
@@ -188,6 +271,8 @@ class Dispatcher:
             return ErrorReply("not_awaited", f"no task {task_id[:64]!r} of this client is awaited "
                                              "(it may have timed out)")
         request = found[0].request
+        timing = self._timing[task_id]
+        timing.arriving, timing.done, timing.up_bytes = arriving, time.monotonic(), up_bytes
         error = getattr(reply, "error", None)
         if isinstance(error, ErrorReply) and getattr(reply, "round", None) == request.round:
             self._answer(task_id, error_reply(request, error.code[:64], error.reason[:2000]))
@@ -208,12 +293,14 @@ class Dispatcher:
     # -- the round's side --------------------------------------------------------------------------
 
     async def exchange(self, requests: Sequence[Request], timeout_s: float, lost_after_s: float,
-                       max_message_bytes: int) -> list[Reply]:
-        """Queue one task per request and wait for the replies (see :class:`DeployedTransport`)."""
+                       max_message_bytes: int) -> tuple[list[Reply], list[Measured]]:
+        """Queue one task per request and wait for the replies (see :class:`DeployedTransport`); each task's
+        measurements come with them."""
         loop = asyncio.get_running_loop()
         tasks = [Task(uuid.uuid4().hex, r, reply_limit(r, max_message_bytes)) for r in requests]
         for task in tasks:
             self._open[task.task_id] = (task, loop.create_future())
+            self._timing[task.task_id] = Timing()
             self._queues.setdefault(task.request.client_id, deque()).append(task)
             self._event(task.request.client_id).set()
         futures = {t.task_id: self._open[t.task_id][1] for t in tasks}
@@ -234,7 +321,7 @@ class Dispatcher:
                 out.append(error_reply(t.request, "client_lost", f"client {t.request.client_id} stopped answering"))
             else:
                 out.append(error_reply(t.request, "timeout", f"no reply within {timeout_s:g} s"))
-        return out
+        return out, [measure_task(t, self._timing.pop(t.task_id), r) for t, r in zip(tasks, out)]
 
 
 class DeployedTransport:
@@ -251,10 +338,28 @@ class DeployedTransport:
         self.timeout_s = timeout_s
         self.lost_after_s = lost_after_s
         self.max_message_bytes = max_message_bytes
+        self.measured: list[Measured] = []  # every task's since the last :meth:`take_measured`
 
     def exchange(self, requests: Sequence[Request]) -> list[Reply]:
-        return self.loop.call(self.dispatcher.exchange(requests, self.timeout_s, self.lost_after_s,
-                                                       self.max_message_bytes))
+        replies, measured = self.loop.call(self.dispatcher.exchange(requests, self.timeout_s, self.lost_after_s,
+                                                                    self.max_message_bytes))
+        self.measured.extend(measured)
+        return replies
+
+    def round_trips(self, replies: Sequence[Reply]) -> dict[int, float]:
+        """The measured round-trip seconds of the last exchange's answered tasks, by client (for the selector)."""
+        last = self.measured[-len(replies):] if replies else []
+        return {m.client_id: m.round_trip_s for m in last if m.outcome == "ok" and math.isfinite(m.round_trip_s)}
+
+    def take_measured(self) -> list[Measured]:
+        """The tasks measured since the last call."""
+        out, self.measured = self.measured, []
+        return out
+
+    def presence(self) -> dict[int, list[tuple[float, float]]]:
+        """Each client's connected intervals so far (``time.time()`` seconds)."""
+        return self.loop.call(_call(lambda: {c: [(a, b) for a, b in spans]
+                                             for c, spans in self.dispatcher.presence.intervals.items()}))
 
     def connected(self) -> list[int]:
         """Clients heard from within ``lost_after_s``."""
