@@ -215,7 +215,8 @@ class CompressionConfig:
 class HeteroConfig:
     population: str = _f("", "device population: empty = none (no simulated clock), mobile, silo, or a CSV/JSON trace")
     flops_per_sample: float = _f(0.0, "training FLOPs per sample; 0 = 6 x parameters x targets per sample", ">=0")
-    deadline_s: float = _f(0.0, "round deadline in simulated seconds; 0 = wait for every kept client", ">=0")
+    deadline_s: float = _f(0.0, "round deadline in simulated seconds (deployed: wall-clock seconds); 0 = wait for "
+                                "every kept client", ">=0")
     over_select: float = _f(1.0, "ask this many times clients_per_round, keep the first clients_per_round arrivals",
                             ">=1")
     stragglers: str = _f("drop", "with a deadline: drop late clients, or ask them for the partial work that fits",

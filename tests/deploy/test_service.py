@@ -222,7 +222,6 @@ def test_a_session_expires_and_the_client_joins_again(tmp_path):
 
 
 @pytest.mark.parametrize("setting,key", [
-    (["server.selection=\"oort\""], "server.selection"),
     (["server.aggregation=\"fedbuff\"", "hetero.population=\"silo\""], "server.aggregation"),
     (["deploy.clients=[\"../../x\"]"], "deploy.clients"),
 ])
@@ -280,3 +279,37 @@ def test_a_task_a_client_cannot_read_gets_an_error_reply_and_the_client_carries_
         assert client.is_alive()
     finally:
         stop.set()
+
+
+def test_over_selection_keeps_the_first_updates_and_a_late_reply_is_measured_then_refused(running):
+    """Over real gRPC: asked two, keep one. The first update is kept, the other task is answered ``not_kept``; its
+    reply, pushed afterwards, is received and measured as late, refused to its client, and its client counts as
+    busy until it polls again."""
+    (s0, m0), (s1, m1) = running.join(0), running.join(1)
+    running.transport.keep = 1
+    replies = running.ask(*(TrainRequest(c, 1, MODEL, TrainConfig(round=1)) for c in (0, 1)))
+    (t0, _), (t1, _) = running.pull(s0, m0), running.pull(s1, m1)
+    update = Update([np.ones(3, np.float32)], 1.0, metrics={"examples": 8.0})
+    assert running.push(TrainReply(0, 1, update=update), t0, m0).accepted
+    first, second = replies.result(timeout=10)
+    assert first.update is not None
+    assert second.error.code == "not_kept" and second.error.reason == "over-selected: not among the first 1 updates"
+    assert running.transport.ready() == [0]  # client 1 is still on its task
+    trips = running.transport.round_trips()  # for the selector: the kept trip, and how long client 1 was waited for
+    assert sorted(trips) == [0, 1] and all(0 < t < 10 for t in trips.values())
+    kept, withdrawn = running.transport.take_measured()
+    assert (kept.client_id, kept.outcome, kept.examples, withdrawn.outcome) == (0, "ok", 8.0, "not_kept")
+    assert kept.down_bytes > 0 and kept.up_bytes > 0 and 0 <= kept.work_s < kept.round_trip_s
+    late = running.push(TrainReply(1, 1, update=update), t1, m1)
+    assert not late.accepted and late.error.code == "not_awaited"
+    assert running.push(TrainReply(1, 1, update=update), t1, m1).error.code == "not_awaited"  # measured once
+    running.transport.keep = 0
+    polled = running.pool.submit(running.pull, s1, m1)  # client 1 asks for work again: it is ready
+    time.sleep(0.5)
+    assert running.transport.ready() == [0, 1]
+    (measured,) = running.transport.take_measured()
+    assert (measured.client_id, measured.round, measured.outcome, measured.examples) == (1, 1, "late", 8.0)
+    replies = running.ask(TrainRequest(1, 2, MODEL, TrainConfig(round=2)))
+    task, _ = polled.result(timeout=10)
+    assert running.push(TrainReply(1, 2, update=update), task, m1).accepted
+    assert replies.result(timeout=10)[0].update is not None

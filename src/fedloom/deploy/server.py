@@ -18,6 +18,7 @@ calls, and they keep reconnecting until it is back.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 import tomllib
@@ -28,9 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from fedloom.build import build_clients, build_strategy
-from fedloom.checkpoint import mismatch, restore_state, state_arrays, state_names
+from fedloom.checkpoint import mismatch, ragged_selection, restore_state, state_arrays, state_names
 from fedloom.client.torch_work import param_names
-from fedloom.config import Config, DeployConfig, to_toml
+from fedloom.config import Config, DeployConfig, HeteroConfig, to_toml
 from fedloom.data.dataset import FederatedDataset
 from fedloom.data.site import site_arrays
 from fedloom.deploy.certs import check_client_name
@@ -59,9 +60,6 @@ def _check_config(cfg: Config) -> None:
     if cfg.server.aggregation != "sync":
         raise ConfigError("server.aggregation", "the deployed server runs synchronous rounds; "
                                                 f"{cfg.server.aggregation} is simulated only (docs/heterogeneity.md)")
-    if cfg.server.selection != "uniform":
-        raise ConfigError("server.selection", "the deployed server selects uniformly; "
-                                              f"{cfg.server.selection} is simulated only (docs/heterogeneity.md)")
     for name in cfg.deploy.clients:
         try:
             check_client_name(name)
@@ -111,7 +109,7 @@ def _check_same_run(stored: str, cfg: Config, db: Path) -> None:
 
 
 def _checkpoint_arrays(state: ServerState) -> Params:
-    return state.params + state_arrays(state)
+    return state.params + state_arrays(state, selection=True)  # a selector's learnt state (Oort's) too
 
 
 def _resume(store: StateStore, run_id: int, fresh: ServerState, names: list[str]) -> ServerState:
@@ -122,13 +120,14 @@ def _resume(store: StateStore, run_id: int, fresh: ServerState, names: list[str]
         return fresh
     done, saved_names, arrays = saved
     path = store.checkpoint_path(run_id, done)
-    problem = mismatch(saved_names, arrays, names + state_names(fresh), _checkpoint_arrays(fresh), "the model")
+    problem = mismatch(saved_names, arrays, names + state_names(fresh, selection=True), _checkpoint_arrays(fresh),
+                       "the model", ragged_selection(fresh))
     if problem:
         raise StateError(f"checkpoint {path} does not fit the configured model: {problem}. Was [model] changed "
                          "since the run started? Put it back, or give the run a new run.name to start a new one",
                          stage="checkpoint")
     log.info("resuming after round %d from %s", done, path)
-    return restore_state(fresh, done, arrays[: len(names)], arrays[len(names):])
+    return restore_state(fresh, done, arrays[: len(names)], arrays[len(names):], selection=True)
 
 
 def _check_budget(d: DeployConfig, params: Params) -> None:
@@ -150,26 +149,56 @@ def server_test_set(cfg: Config, dataset: FederatedDataset) -> tuple[np.ndarray,
 class Connected:
     """The deployed server's pacer (``rounds.Pacer``): a round asks the connected clients.
 
-    It waits up to ``round_timeout_s`` for ``min_clients`` of them. When every client is connected
-    this is all of them, so selection (and the whole run) is the simulation's; a lost client is
-    not asked again until it reconnects. Every reply the transport returns is kept, with the round
+    It waits up to ``round_timeout_s`` for ``min_clients`` of them that are ready: a client still busy
+    with a task a round stopped waiting for is not counted nor asked until it is done with it (asked
+    again at once, it would start late again). When every client is connected this is all of them,
+    so selection (and the whole run) is the simulation's; a lost client is not asked again until it
+    reconnects. Every reply the transport returns is kept, with the round
     trip the server measured of each (what a selector such as Oort learns from).
+
+    The simulated clock's ``[hetero]`` settings mean the same here in wall-clock seconds:
+    ``over_select`` asks that many times ``clients_per_round`` and keeps the first
+    ``clients_per_round`` updates; ``deadline_s`` stops waiting for a round's updates (and for each
+    step of a secure round) after that many seconds, the rest being answered ``not_kept`` and their
+    late replies measured; with ``stragglers = "partial"`` a client is asked for the local steps that
+    fit in 80% of the deadline at the speed it was last measured at (a client not measured yet does
+    its full work).
     """
 
-    def __init__(self, transport: DeployedTransport, d: DeployConfig, num_clients: int):
-        self.transport, self.d, self.num_clients = transport, d, num_clients
+    def __init__(self, transport: DeployedTransport, d: DeployConfig, h: HeteroConfig, num_clients: int):
+        self.transport, self.d, self.h, self.num_clients = transport, d, h, num_clients
 
     def requests(self, server: SyncServer, state: ServerState) -> tuple[list[TrainRequest], ServerState]:
         deadline = time.monotonic() + self.d.round_timeout_s
-        while True:
-            connected = [c for c in self.transport.connected() if c < self.num_clients]
+        while True:  # a client still busy with a task an earlier round gave up on would start late: not counted
+            connected = [c for c in self.transport.ready() if c < self.num_clients]
             if len(connected) >= self.d.min_clients or time.monotonic() >= deadline:
-                return server.train_requests(state, connected)
+                break
             time.sleep(0.1)
+        k = server.strategy.clients_per_round
+        ask = min(len(connected), math.ceil(self.h.over_select * k - 1e-9))
+        requests, state = server.train_requests(state, connected, k=max(ask, min(k, len(connected))))
+        self.transport.keep = k if len(requests) > k else 0
+        self.transport.deadline_s = self.h.deadline_s
+        if self.h.deadline_s > 0 and self.h.stragglers == "partial":
+            requests = [self._partial(r) for r in requests]
+        return requests, state
+
+    def _partial(self, request: TrainRequest) -> TrainRequest:
+        """``request`` capped to the local steps that fit in 80% of the deadline at the client's measured speed."""
+        measured = self.transport.speed.get(request.client_id)
+        if measured is None:
+            return request
+        per_example, transfer_s = measured
+        fit = math.floor((0.8 * self.h.deadline_s - transfer_s) / (per_example * request.config.batch_size))
+        cap = request.config.max_steps
+        if fit < 1 or (cap is not None and fit >= cap):
+            return request
+        return replace(request, config=replace(request.config, max_steps=fit))
 
     def settle(self, requests: Sequence[TrainRequest],
                replies: Sequence[Reply]) -> tuple[list[Reply], dict[int, float]]:
-        return list(replies), self.transport.round_trips(replies)
+        return list(replies), self.transport.round_trips()
 
 
 def serve(cfg: Config, *, on_round: Callable[[dict[str, float]], None] | None = None) -> ServerState:
@@ -227,7 +256,7 @@ def serve(cfg: Config, *, on_round: Callable[[dict[str, float]], None] | None = 
                                 int(last.get("total_bytes_down", 0)), int(last.get("total_bytes_up", 0)))
             while len(transport.connected()) < d.min_clients:  # before the first round: no limit
                 time.sleep(0.1)
-            pacer = Connected(transport.engine, d, num_clients)  # type: ignore[arg-type]
+            pacer = Connected(transport.engine, d, cfg.hetero, num_clients)  # type: ignore[arg-type]
             flops = run_flops(cfg, work.model, dataset)
             sent = [transport.bytes_down, transport.bytes_up]
 
@@ -240,7 +269,8 @@ def serve(cfg: Config, *, on_round: Callable[[dict[str, float]], None] | None = 
                     log.info("round %d: no update from client %s: %s", state.round, cid, why[:300])
                 row = round_metrics(result, state, server, transport, work, test, cfg, evaluate=True)
                 row.update(traffic_columns(transport.bytes_down, transport.bytes_up, sent))
-                store.complete_round(run_id, state.round, _checkpoint_arrays(state), names + state_names(state), row)
+                store.complete_round(run_id, state.round, _checkpoint_arrays(state),
+                                     names + state_names(state, selection=True), row)
                 store.record_tasks(run_id, transport.engine.take_measured(), flops, transport.engine.presence())
                 if on_round is not None:
                     on_round(row)

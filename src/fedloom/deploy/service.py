@@ -15,9 +15,10 @@ What a caller can make the server hold is bounded by the ``[deploy]`` settings:
 * ``recv_timeout_s``: the wait for a call's next message (a Join's token, each chunk of a push);
 * ``session_s``: a session's lifetime; one session per client, bound to its certificate under
   mutual TLS;
-* a push is refused at once unless its client owes a reply, and may declare at most the size
-  that reply can have (the model's bytes plus 1 MiB for a train reply); its buffer grows with the
-  data, chunks carry at least ``min_chunk_kb``;
+* a push is refused at once unless its client owes a reply (or a late one to a task its round gave
+  up on: received to be measured, then refused), and may declare at most the size that reply can
+  have (the model's bytes plus 1 MiB for a train reply); its buffer grows with the data, chunks
+  carry at least ``min_chunk_kb``;
 * ``inflight_mb``: bytes of replies being received or decoded at once (a push reserves its
   declared size plus what decoding it may produce; others wait up to ``recv_timeout_s``).
 
@@ -296,7 +297,8 @@ class FederationService:
         Joins, polls and heartbeats count against ``client_calls``; pushes apart, one per task the
         client owes, so that a client's own polls can never keep its replies out.
         """
-        counter, limit = (self._pushes, len(self.dispatcher.owed(cid))) if push else (self._calls, self.d.client_calls)
+        counter, limit = (self._pushes, len(self.dispatcher.expected(cid))) if push else (self._calls,
+                                                                                         self.d.client_calls)
         if push and not limit:
             raise _NotAwaited
         if counter[cid] >= limit:
@@ -403,7 +405,7 @@ class FederationService:
             await context.abort(r.code, r.details)
 
     async def _push(self, cid: int, requests: AsyncIterator[pb.Chunk]) -> pb.PushReply:
-        owed = max((t.reply_limit for t in self.dispatcher.owed(cid)), default=0)
+        owed = max((t.reply_limit for t in self.dispatcher.expected(cid)), default=0)
         first = await self._next(requests, "the first chunk")
         arriving = time.monotonic()
         if first is None:
@@ -423,7 +425,7 @@ class FederationService:
                 chunk = await self._next(requests, f"chunk {assembler.index}")
                 if chunk is None:
                     raise WireError(f"the stream ended at chunk {assembler.index} without a last chunk")
-                if not self.dispatcher.owed(cid):
+                if not self.dispatcher.expected(cid):
                     return _refused("not_awaited", "the task was given up on while its reply was arriving")
             env = assembler.envelope()
             reply = await asyncio.get_running_loop().run_in_executor(self._codec, wire.from_envelope, env, lim)

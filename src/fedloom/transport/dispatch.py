@@ -29,16 +29,21 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from fedloom.compression.updates import NO_COMPRESSION, Compression
 from fedloom.errors import FedloomError
-from fedloom.messages import ErrorReply, Reply, Request, TrainReply, TrainRequest, error_reply
+from fedloom.messages import ErrorReply, EvaluateRequest, Reply, Request, TrainReply, TrainRequest, error_reply
 from fedloom.server.validation import check_reply
 
 T = TypeVar("T")
 REPLY_SLACK_BYTES = 1 << 20  # framing and metrics a reply may carry beyond the model's own bytes
+MAX_WITHDRAWN = 10_000  # tasks whose late replies are still measured
+
+
+def _has_update(reply: Reply) -> bool:
+    return isinstance(reply, TrainReply) and reply.update is not None
 
 
 def reply_limit(request: Request, max_message_bytes: int) -> int:
@@ -70,6 +75,7 @@ class Timing:
     sent: float = math.nan  # its last chunk went to gRPC
     arriving: float = math.nan  # the first chunk of its reply arrived
     done: float = math.nan  # its reply was taken
+    gave_up: float = math.nan  # its round stopped waiting for it
     wall: float = math.nan  # ``time.time()`` when it was handed over
     down_bytes: int = 0
     up_bytes: int = 0
@@ -93,6 +99,7 @@ class Measured:
     down_bytes: int
     up_bytes: int
     examples: float
+    waited_s: float = math.nan  # from hand-over to its round giving up on it (a lower bound of its round trip)
 
     @property
     def round_trip_s(self) -> float:
@@ -106,7 +113,7 @@ def measure_task(task: Task, timing: Timing, reply: Reply) -> Measured:
     return Measured(task.request.client_id, task.request.round, type(task.request).__name__,
                     error.code if error is not None else "ok", timing.wall, timing.sent - timing.handed,
                     timing.arriving - timing.sent, timing.done - timing.arriving, timing.down_bytes, timing.up_bytes,
-                    examples)
+                    examples, timing.gave_up - timing.handed)
 
 
 @dataclass
@@ -168,7 +175,10 @@ class Dispatcher:
         self._wake: dict[int, asyncio.Event] = {}
         self._open: dict[str, tuple[Task, asyncio.Future[Reply]]] = {}  # awaited task id -> task, its reply
         self._timing: dict[str, Timing] = {}  # the awaited tasks' measurements so far
+        self._withdrawn: dict[str, tuple[Task, Timing]] = {}  # tasks a round stopped waiting for: late replies
+        self.late: list[Measured] = []  # the late replies that came, measured
         self._last_seen: dict[int, float] = {}
+        self._polled: dict[int, float] = {}  # when each client last asked for a task
         self._closed = False
 
     def _event(self, client_id: int) -> asyncio.Event:
@@ -190,6 +200,12 @@ class Dispatcher:
         """Clients heard from in the last ``within_s`` seconds."""
         now = time.monotonic()
         return sorted(c for c, t in self._last_seen.items() if now - t <= within_s)
+
+    def busy(self) -> set[int]:
+        """Clients still working on a task a round stopped waiting for (taken, and no poll since): asked again,
+        they would start late."""
+        return {t.request.client_id for t, timing in self._withdrawn.values()
+                if timing.handed > self._polled.get(t.request.client_id, -math.inf)}
 
     def lost(self, client_id: int, after_s: float) -> bool:
         seen = self._last_seen.get(client_id)
@@ -218,6 +234,7 @@ class Dispatcher:
         client's session ended).
         """
         deadline = time.monotonic() + wait_s
+        self._polled[client_id] = time.monotonic()
         event = self._event(client_id)
         while True:
             self.seen(client_id)
@@ -255,6 +272,11 @@ class Dispatcher:
         """The tasks whose replies are awaited from ``client_id``."""
         return [t for t, _ in self._open.values() if t.request.client_id == client_id]
 
+    def expected(self, client_id: int) -> list[Task]:
+        """The tasks whose replies may come from ``client_id``: awaited, or given up on by their round (a late
+        reply is received to be measured, then refused)."""
+        return self.owed(client_id) + [t for t, _ in self._withdrawn.values() if t.request.client_id == client_id]
+
     def deliver(self, client_id: int, task_id: str, reply: Reply, arriving: float = math.nan,
                 up_bytes: int = 0) -> ErrorReply | None:
         """Take a client's reply (its first chunk arrived at ``arriving``, ``time.monotonic()``; ``up_bytes`` in all);
@@ -268,6 +290,11 @@ class Dispatcher:
         self.seen(client_id)
         found = self._open.get(task_id)
         if found is None or found[0].request.client_id != client_id:
+            late = self._withdrawn.get(task_id)
+            if late is not None and late[0].request.client_id == client_id:  # recorded, not used
+                del self._withdrawn[task_id]
+                late[1].arriving, late[1].done, late[1].up_bytes = arriving, time.monotonic(), up_bytes
+                self.late.append(replace(measure_task(*late, reply), outcome="late"))
             return ErrorReply("not_awaited", f"no task {task_id[:64]!r} of this client is awaited "
                                              "(it may have timed out)")
         request = found[0].request
@@ -293,9 +320,14 @@ class Dispatcher:
     # -- the round's side --------------------------------------------------------------------------
 
     async def exchange(self, requests: Sequence[Request], timeout_s: float, lost_after_s: float,
-                       max_message_bytes: int) -> tuple[list[Reply], list[Measured]]:
+                       max_message_bytes: int, keep: int = 0,
+                       deadline_s: float = 0.0) -> tuple[list[Reply], list[Measured]]:
         """Queue one task per request and wait for the replies (see :class:`DeployedTransport`); each task's
-        measurements come with them."""
+        measurements come with them, and those of late replies to earlier tasks.
+
+        ``keep`` > 0 (over-selection): stop waiting once that many updates arrived; later ones are not kept.
+        ``deadline_s`` > 0: stop waiting then; what has not arrived is not kept (a reply that comes later is
+        refused and measured as ``late``)."""
         loop = asyncio.get_running_loop()
         tasks = [Task(uuid.uuid4().hex, r, reply_limit(r, max_message_bytes)) for r in requests]
         for task in tasks:
@@ -304,24 +336,50 @@ class Dispatcher:
             self._queues.setdefault(task.request.client_id, deque()).append(task)
             self._event(task.request.client_id).set()
         futures = {t.task_id: self._open[t.task_id][1] for t in tasks}
-        deadline = time.monotonic() + timeout_s
+        start = time.monotonic()
+        deadline = start + (min(deadline_s, timeout_s) if deadline_s > 0 else timeout_s)
+
+        def updates() -> list[Task]:  # the tasks answered with an update, in order of arrival
+            done = [t for t in tasks if futures[t.task_id].done() and _has_update(futures[t.task_id].result())]
+            return sorted(done, key=lambda t: self._timing[t.task_id].done)
+
         while True:
             waiting = [t for t in tasks if not futures[t.task_id].done()]
             left = deadline - time.monotonic()
-            if not waiting or left <= 0 or all(self.lost(t.request.client_id, lost_after_s) for t in waiting):
+            if (not waiting or left <= 0 or all(self.lost(t.request.client_id, lost_after_s) for t in waiting)
+                    or (keep and len(updates()) >= keep)):
                 break
             await asyncio.wait([futures[t.task_id] for t in waiting], timeout=min(0.5, left))
+        kept = {t.task_id for t in updates()[:keep]} if keep else None
         out = []
         for t in tasks:
             future = futures[t.task_id]
             self._open.pop(t.task_id, None)  # withdrawn: a late reply is refused
-            if future.done():
+            if not future.done():
+                self._timing[t.task_id].gave_up = time.monotonic()
+            if future.done() and (kept is None or t.task_id in kept or not _has_update(future.result())):
                 out.append(future.result())
+                continue
+            if future.done():
+                why = f"over-selected: not among the first {keep} updates"
+            elif deadline_s > 0 and time.monotonic() >= start + deadline_s:
+                why = f"straggler: no reply within the {deadline_s:g} s deadline"
+            elif keep and len(updates()) >= keep:
+                why = f"over-selected: not among the first {keep} updates"
             elif self.lost(t.request.client_id, lost_after_s):
                 out.append(error_reply(t.request, "client_lost", f"client {t.request.client_id} stopped answering"))
+                continue
             else:
                 out.append(error_reply(t.request, "timeout", f"no reply within {timeout_s:g} s"))
-        return out, [measure_task(t, self._timing.pop(t.task_id), r) for t, r in zip(tasks, out)]
+                continue
+            out.append(error_reply(t.request, "not_kept", why))
+            if not future.done():  # its reply may still come: measured as late
+                self._withdrawn[t.task_id] = (t, self._timing[t.task_id])
+                while len(self._withdrawn) > MAX_WITHDRAWN:
+                    del self._withdrawn[next(iter(self._withdrawn))]
+        measured = [measure_task(t, self._timing.pop(t.task_id), r) for t, r in zip(tasks, out)]
+        late, self.late = self.late, []
+        return out, measured + late
 
 
 class DeployedTransport:
@@ -329,6 +387,9 @@ class DeployedTransport:
 
     A round waits at most ``timeout_s``; a client silent for ``lost_after_s`` (no poll, push or
     heartbeat) is given up on early. Either way its reply is an error reply and the round goes on.
+    The pacer may set ``keep`` (over-selection: a batch of train requests ends with that many updates)
+    and ``deadline_s`` (wall-clock seconds a batch of train or step requests is waited for); what is
+    not kept is answered ``not_kept``, as on the simulated clock.
     """
 
     def __init__(self, loop: LoopThread, dispatcher: Dispatcher, timeout_s: float, lost_after_s: float,
@@ -339,17 +400,37 @@ class DeployedTransport:
         self.lost_after_s = lost_after_s
         self.max_message_bytes = max_message_bytes
         self.measured: list[Measured] = []  # every task's since the last :meth:`take_measured`
+        self.keep = 0
+        self.deadline_s = 0.0
+        self.speed: dict[int, tuple[float, float]] = {}  # client -> (its seconds per example, its transfer seconds)
+        self._last: list[Measured] = []  # the last exchange's
 
     def exchange(self, requests: Sequence[Request]) -> list[Reply]:
-        replies, measured = self.loop.call(self.dispatcher.exchange(requests, self.timeout_s, self.lost_after_s,
-                                                                    self.max_message_bytes))
-        self.measured.extend(measured)
+        train = bool(requests) and all(isinstance(r, TrainRequest) for r in requests)
+        timed = bool(requests) and not any(isinstance(r, EvaluateRequest) for r in requests)
+        replies, measured = self.loop.call(self.dispatcher.exchange(
+            requests, self.timeout_s, self.lost_after_s, self.max_message_bytes, self.keep if train else 0,
+            self.deadline_s if timed else 0.0))
+        self._last = measured
+        self._absorb(measured)
         return replies
 
-    def round_trips(self, replies: Sequence[Reply]) -> dict[int, float]:
-        """The measured round-trip seconds of the last exchange's answered tasks, by client (for the selector)."""
-        last = self.measured[-len(replies):] if replies else []
-        return {m.client_id: m.round_trip_s for m in last if m.outcome == "ok" and math.isfinite(m.round_trip_s)}
+    def _absorb(self, measured: list[Measured]) -> None:
+        self.measured.extend(measured)
+        for m in measured:  # the latest measured speed of each client that trained: what partial work is sized by
+            if m.kind == "TrainRequest" and m.outcome in ("ok", "late") and m.examples > 0 and math.isfinite(m.work_s):
+                self.speed[m.client_id] = (m.work_s / m.examples, m.down_s + m.up_s)
+
+    def round_trips(self) -> dict[int, float]:
+        """What the selector learns from, by client: the measured round trips of the last exchange's answered tasks
+        and of late replies that came meanwhile, and for a task given up on the time it was waited for (a lower
+        bound, as on the simulated clock)."""
+        out = {}
+        for m in self._last:
+            trip = m.round_trip_s if m.outcome in ("ok", "late") else m.waited_s
+            if math.isfinite(trip):
+                out[m.client_id] = trip
+        return out
 
     def take_measured(self) -> list[Measured]:
         """The tasks measured since the last call."""
@@ -364,6 +445,17 @@ class DeployedTransport:
     def connected(self) -> list[int]:
         """Clients heard from within ``lost_after_s``."""
         return self.loop.call(_call(self.dispatcher.connected, self.lost_after_s))
+
+    def ready(self) -> list[int]:
+        """Connected clients that are not still working on a task a round stopped waiting for (and what the late
+        replies that came meanwhile measured is taken in)."""
+        def look() -> tuple[list[int], list[Measured]]:
+            late, self.dispatcher.late = self.dispatcher.late, []
+            return sorted(set(self.dispatcher.connected(self.lost_after_s)) - self.dispatcher.busy()), late
+
+        ready, late = self.loop.call(_call(look))
+        self._absorb(late)
+        return ready
 
     def close(self) -> None:
         """Nothing to release: the loop and the gRPC server belong to whoever made them."""
