@@ -91,6 +91,29 @@ def wait_for(path: Path, timeout: float = 60) -> None:
         time.sleep(0.1)
 
 
+def federation(config: Path, pki: Path, state: Path, clients: list[list[str]], *server_args: str,
+               envs: list[dict] | None = None, cwd: Path | None = None, timeout: float = 240) -> str:
+    """Run `fedloom server` (TLS with ``pki``'s server certificate, ``server_args`` added) and one `fedloom client`
+    per entry of ``clients`` (its arguments after ``client``; ``envs``: each one's environment) until all have
+    exited, each with status 0; the server's standard output."""
+    server = fedloom("server", "--config", str(config), "--set", f'deploy.cert="{pki / "server.pem"}"',
+                     "--set", f'deploy.key="{pki / "server.key"}"', *server_args, cwd=cwd)
+    procs = []
+    try:
+        wait_for(state / "tokens" / f"c{len(clients) - 1}.token")
+        procs = [fedloom(*args, cwd=cwd, **({"env": envs[i]} if envs else {})) for i, args in enumerate(clients)]
+        out, err = server.communicate(timeout=timeout)
+        assert server.returncode == 0, err
+        for p in procs:
+            _, err = p.communicate(timeout=60)
+            assert p.returncode == 0, err
+        return out
+    finally:
+        for p in [server, *procs]:
+            if p.poll() is None:
+                p.kill()
+
+
 def test_three_hospitals_match_the_simulation_and_strangers_are_refused(deployment):
     tmp, config, pki = deployment
     state = tmp / "state"

@@ -6,7 +6,7 @@ server measures each task's round trip (``transport/dispatch.py``) and keeps it 
 
 import os
 
-from test_e2e import BASE, client_args, fedloom, free_port, wait_for
+from test_e2e import BASE, client_args, federation, free_port
 from test_trace import SLOW_MODEL
 
 from fedloom.build import build_clients, build_strategy
@@ -14,8 +14,8 @@ from fedloom.client.torch_work import param_names
 from fedloom.config import load_config
 from fedloom.deploy.certs import make_dev_pki
 from fedloom.deploy.server import _resume
-from fedloom.server import SyncServer
 from fedloom.deploy.state import ServerState as StateStore
+from fedloom.server import SyncServer
 
 
 def run(tmp_path, n: int, slow: dict[int, float], settings: list[str], rounds: int):
@@ -32,23 +32,8 @@ def run(tmp_path, n: int, slow: dict[int, float], settings: list[str], rounds: i
     common = [f"data.num_clients={n}", f"deploy.clients={names}".replace("'", '"'), f"deploy.min_clients={n}",
               f"run.rounds={rounds}", "eval.federated_clients=0"]
     sets = [a for s in [*common, *settings] for a in ("--set", s)]
-    server = fedloom("server", "--config", str(config), "--set", f'deploy.cert="{pki / "server.pem"}"',
-                     "--set", f'deploy.key="{pki / "server.key"}"', *sets, cwd=tmp_path)
-    procs = []
-    try:
-        wait_for(state / "tokens" / f"c{n - 1}.token")
-        procs = [fedloom(*client_args(config, pki, state, f"c{i}", i), *sets[:4], cwd=tmp_path,
-                         env={**os.environ, "SLOW_S": str(slow.get(i, 0))}) for i in range(n)]
-        _, err = server.communicate(timeout=240)
-        (tmp_path / "server.log").write_text(err)
-        assert server.returncode == 0, err
-        for p in procs:
-            _, err = p.communicate(timeout=60)
-            assert p.returncode == 0, err
-    finally:
-        for p in [server, *procs]:
-            if p.poll() is None:
-                p.kill()
+    federation(config, pki, state, [[*client_args(config, pki, state, f"c{i}", i), *sets[:4]] for i in range(n)],
+               *sets, cwd=tmp_path, envs=[{**os.environ, "SLOW_S": str(slow.get(i, 0))} for i in range(n)])
     store = StateStore(state / "server.db")
     return store, store.resume_run("hospitals"), load_config(config, [*common, *settings])
 

@@ -7,7 +7,7 @@ evaluation, one hospital reading its data with a loader function.)
 import csv
 
 import numpy as np
-from test_e2e import BASE, client_args, fedloom, free_port, wait_for
+from test_e2e import BASE, client_args, federation, free_port
 
 from fedloom.config import load_config
 from fedloom.data import iid, load_breast_cancer
@@ -53,24 +53,11 @@ def test_each_client_reads_only_its_own_file_the_server_tests_on_its_own_and_it_
     config.write_text(base.replace("federated_clients = 3", "federated_clients = 0")
                       + f'test_data = "{tmp_path / "server-test.csv"}"\n')
     state = tmp_path / "state"
-    server = fedloom("server", "--config", str(config), "--set", f'deploy.cert="{pki / "server.pem"}"',
-                     "--set", f'deploy.key="{pki / "server.key"}"')
-    procs = []
-    try:
-        wait_for(state / "tokens" / "c2.token")
-        procs = [fedloom(*client_args(config, pki, state, f"c{i}", 0), "--set",
-                         f'data.path="{tmp_path / f"site-c{i}" / "patients.csv"}"') for i in range(3)]
-        for p in procs:
-            out, err = p.communicate(timeout=180)
-            assert p.returncode == 0, err
-        out, err = server.communicate(timeout=60)
-        assert server.returncode == 0, err
-        rounds = [line for line in out.splitlines() if line.startswith("round")]
-        assert len(rounds) == 3 and all("3 updates" in r and "test accuracy" in r for r in rounds), out
-    finally:
-        for p in [server, *procs]:
-            if p.poll() is None:
-                p.kill()
+    own = [f'data.path="{tmp_path / f"site-c{i}" / "patients.csv"}"' for i in range(3)]
+    out = federation(config, pki, state, [[*client_args(config, pki, state, f"c{i}", 0), "--set", own[i]]
+                                          for i in range(3)])
+    rounds = [line for line in out.splitlines() if line.startswith("round")]
+    assert len(rounds) == 3 and all("3 updates" in r and "test accuracy" in r for r in rounds), out
     store = StateStore(state / "server.db")
     run_id = store.resume_run("hospitals")
     history = store.history(run_id)

@@ -3,7 +3,7 @@
 import csv
 import os
 
-from test_e2e import BASE, client_args, fedloom, free_port, wait_for
+from test_e2e import BASE, client_args, federation, fedloom, free_port
 
 from fedloom.config import load_config
 from fedloom.deploy.certs import make_dev_pki
@@ -45,22 +45,8 @@ def test_a_slowed_clients_trace_makes_the_simulation_find_it_slow(tmp_path):
     config.write_text(BASE.format(port=free_port(), state=tmp_path / "state", pki=pki)
                       .replace('[model]\nname = "mlp"', '[model]\nfactory = "slow_model:make"'))
     state = tmp_path / "state"
-    server = fedloom("server", "--config", str(config), "--set", f'deploy.cert="{pki / "server.pem"}"',
-                     "--set", f'deploy.key="{pki / "server.key"}"', cwd=tmp_path)
-    procs = []
-    try:
-        wait_for(state / "tokens" / "c2.token")
-        procs = [fedloom(*client_args(config, pki, state, f"c{i}", i), cwd=tmp_path,
-                         env={**os.environ, "SLOW_S": "0.1" if i == 1 else "0"}) for i in range(3)]
-        for p in procs:
-            out, err = p.communicate(timeout=180)
-            assert p.returncode == 0, err
-        out, err = server.communicate(timeout=60)
-        assert server.returncode == 0, err
-    finally:
-        for p in [server, *procs]:
-            if p.poll() is None:
-                p.kill()
+    federation(config, pki, state, [client_args(config, pki, state, f"c{i}", i) for i in range(3)], cwd=tmp_path,
+               envs=[{**os.environ, "SLOW_S": "0.1" if i == 1 else "0"} for i in range(3)])
     store = StateStore(state / "server.db")
     run_id = store.resume_run("hospitals")
     tasks = store.tasks(run_id)

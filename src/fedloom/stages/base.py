@@ -164,8 +164,12 @@ class Stage:
 
 
 def l2_norm(values: Params) -> float:
-    """The L2 norm of all arrays together, in float64 (no overflow for float32 values)."""
-    return math.sqrt(sum(float(np.dot(a.ravel().astype(np.float64), a.ravel().astype(np.float64))) for a in values))
+    """The L2 norm of all arrays together, in float64 (no overflow for float32 values; one float64 copy of each)."""
+    total = 0.0
+    for a in values:
+        wide = a.ravel().astype(np.float64)
+        total += float(np.dot(wide, wide))
+    return math.sqrt(total)
 
 
 def scaled(values: Params, factor: float) -> Params:
