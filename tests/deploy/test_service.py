@@ -224,6 +224,7 @@ def test_a_session_expires_and_the_client_joins_again(tmp_path):
 @pytest.mark.parametrize("setting,key", [
     (["server.aggregation=\"fedbuff\"", "hetero.population=\"silo\""], "server.aggregation"),
     (["deploy.clients=[\"../../x\"]"], "deploy.clients"),
+    (["hetero.population=\"mobile\""], "hetero.population"),
 ])
 def test_settings_the_server_cannot_take_are_refused_before_anything_starts(tmp_path, setting, key):
     from fedloom.deploy.server import serve

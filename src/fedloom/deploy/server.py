@@ -60,6 +60,11 @@ def _check_config(cfg: Config) -> None:
     if cfg.server.aggregation != "sync":
         raise ConfigError("server.aggregation", "the deployed server runs synchronous rounds; "
                                                 f"{cfg.server.aggregation} is simulated only (docs/heterogeneity.md)")
+    if cfg.hetero.population:
+        raise ConfigError("hetero.population", "simulated devices have no place in a deployment, whose clients are "
+                                               "real (and measured: `fedloom trace` writes them as a population); "
+                                               "remove it. hetero.deadline_s, over_select and stragglers apply, in "
+                                               "wall-clock seconds")
     for name in cfg.deploy.clients:
         try:
             check_client_name(name)

@@ -403,7 +403,8 @@ class DeployedTransport:
         self.keep = 0
         self.deadline_s = 0.0
         self.speed: dict[int, tuple[float, float]] = {}  # client -> (its seconds per example, its transfer seconds)
-        self._last: list[Measured] = []  # the last exchange's
+        self._late: list[Measured] = []  # late replies :meth:`ready` took in since the last exchange
+        self._last: list[Measured] = []  # the last exchange's, and late replies taken in since the one before
 
     def exchange(self, requests: Sequence[Request]) -> list[Reply]:
         train = bool(requests) and all(isinstance(r, TrainRequest) for r in requests)
@@ -411,7 +412,7 @@ class DeployedTransport:
         replies, measured = self.loop.call(self.dispatcher.exchange(
             requests, self.timeout_s, self.lost_after_s, self.max_message_bytes, self.keep if train else 0,
             self.deadline_s if timed else 0.0))
-        self._last = measured
+        self._last, self._late = [*self._late, *measured], []
         self._absorb(measured)
         return replies
 
@@ -455,6 +456,7 @@ class DeployedTransport:
 
         ready, late = self.loop.call(_call(look))
         self._absorb(late)
+        self._late.extend(late)  # the selector hears of them with the next exchange's
         return ready
 
     def close(self) -> None:
