@@ -75,11 +75,15 @@ def test_a_slowed_clients_trace_makes_the_simulation_find_it_slow(tmp_path):
         (False, True)] * 3
 
     # a simulation of that trace: asked 3 a round and keeping the first 2 arrivals, it never waits for client 1 once
-    # all three are there (the first round starts as soon as two have joined, as they joined the real run)
+    # all three are there (the first rounds start as soon as two have joined, as they joined the real run)
     cfg = load_config(config, [f'hetero.population="{tmp_path / "trace.csv"}"', "hetero.over_select=1.5",
-                               "server.clients_per_round=2", "run.rounds=4", "run.client_metrics=true",
+                               "server.clients_per_round=2", "run.rounds=6", "run.client_metrics=true",
                                f'run.out_dir="{tmp_path / "sim"}"', 'model.name="mlp"', 'model.factory=""'])
     result = simulate(cfg, progress=False)
     with open(result.run_dir / "clients.csv") as f:
-        statuses = [(int(r["client"]), r["status"]) for r in csv.DictReader(f) if int(r["round"]) > 1]
-    assert sorted(statuses) == [(0, "accepted")] * 3 + [(1, "not_kept")] * 3 + [(2, "accepted")] * 3
+        asked: dict[int, dict[int, str]] = {}
+        for r in csv.DictReader(f):
+            asked.setdefault(int(r["round"]), {})[int(r["client"])] = r["status"]
+    all_three = [statuses for statuses in asked.values() if len(statuses) == 3]
+    assert len(all_three) >= 3, asked
+    assert all(s == {0: "accepted", 1: "not_kept", 2: "accepted"} for s in all_three), asked
