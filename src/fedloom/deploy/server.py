@@ -182,7 +182,7 @@ class Connected:
             time.sleep(0.1)
         k = server.strategy.clients_per_round
         ask = min(len(connected), math.ceil(self.h.over_select * k - 1e-9))
-        requests, state = server.train_requests(state, connected, k=max(ask, min(k, len(connected))))
+        requests, state = server.train_requests(state, connected, k=ask)
         self.transport.keep = k if len(requests) > k else 0
         self.transport.deadline_s = self.h.deadline_s
         if self.h.deadline_s > 0 and self.h.stragglers == "partial":

@@ -350,7 +350,9 @@ class Dispatcher:
                     or (keep and len(updates()) >= keep)):
                 break
             await asyncio.wait([futures[t.task_id] for t in waiting], timeout=min(0.5, left))
-        kept = {t.task_id for t in updates()[:keep]} if keep else None
+        arrived = updates() if keep else []
+        kept = {t.task_id for t in arrived[:keep]} if keep else None
+        enough = bool(keep) and len(arrived) >= keep  # once, not per task: a round may have thousands
         out = []
         for t in tasks:
             future = futures[t.task_id]
@@ -360,12 +362,11 @@ class Dispatcher:
             if future.done() and (kept is None or t.task_id in kept or not _has_update(future.result())):
                 out.append(future.result())
                 continue
-            if future.done():
+            overdue = deadline_s > 0 and time.monotonic() >= start + deadline_s
+            if future.done() or (enough and not overdue):
                 why = f"over-selected: not among the first {keep} updates"
-            elif deadline_s > 0 and time.monotonic() >= start + deadline_s:
+            elif overdue:
                 why = f"straggler: no reply within the {deadline_s:g} s deadline"
-            elif keep and len(updates()) >= keep:
-                why = f"over-selected: not among the first {keep} updates"
             elif self.lost(t.request.client_id, lost_after_s):
                 out.append(error_reply(t.request, "client_lost", f"client {t.request.client_id} stopped answering"))
                 continue
