@@ -314,3 +314,21 @@ def test_over_selection_keeps_the_first_updates_and_a_late_reply_is_measured_the
     task, _ = polled.result(timeout=10)
     assert running.push(TrainReply(1, 2, update=update), task, m1).accepted
     assert replies.result(timeout=10)[0].update is not None
+
+
+def test_a_late_reply_is_checked_before_it_is_measured(running):
+    """A late reply claiming an impossible example count is refused for what it is and measures nothing (it would
+    otherwise set its client's speed, which sizes partial work)."""
+    (s0, m0), (s1, m1) = running.join(0), running.join(1)
+    running.transport.keep = 1
+    replies = running.ask(*(TrainRequest(c, 1, MODEL, TrainConfig(round=1)) for c in (0, 1)))
+    (t0, _), (t1, _) = running.pull(s0, m0), running.pull(s1, m1)
+    assert running.push(TrainReply(0, 1, update=Update([np.ones(3, np.float32)], 1.0)), t0, m0).accepted
+    replies.result(timeout=10)
+    claim = Update([np.ones(3, np.float32)], 1.0, metrics={"examples": 1e12})
+    refused = running.push(TrainReply(1, 1, update=claim), t1, m1)
+    assert not refused.accepted and refused.error.code == "invalid_update"
+    running.transport.keep = 0
+    running.transport.take_measured()
+    running.transport.ready()
+    assert running.transport.take_measured() == [] and 1 not in running.transport.speed

@@ -195,6 +195,8 @@ class Connected:
         if measured is None:
             return request
         per_example, transfer_s = measured
+        if not per_example > 0:
+            return request
         fit = math.floor((0.8 * self.h.deadline_s - transfer_s) / (per_example * request.config.batch_size))
         cap = request.config.max_steps
         if fit < 1 or (cap is not None and fit >= cap):

@@ -293,6 +293,10 @@ class Dispatcher:
             late = self._withdrawn.get(task_id)
             if late is not None and late[0].request.client_id == client_id:  # recorded, not used
                 del self._withdrawn[task_id]
+                try:  # what it claims (its example count) is checked as an awaited reply's would be
+                    check_reply(late[0].request, reply, self.max_examples, self.compression, self.masked_bytes)
+                except FedloomError as exc:
+                    return ErrorReply(exc.code, exc.message)
                 late[1].arriving, late[1].done, late[1].up_bytes = arriving, time.monotonic(), up_bytes
                 self.late.append(replace(measure_task(*late, reply), outcome="late"))
             return ErrorReply("not_awaited", f"no task {task_id[:64]!r} of this client is awaited "
