@@ -357,9 +357,6 @@ def _check_whole(cfg: Config) -> Config:
         _check_site(cfg)
     elif not d.loader:
         _check_dataset(cfg)
-    if cfg.server.aggregation != "sync" and not cfg.hetero.population:
-        raise ConfigError("hetero.population", f"{cfg.server.aggregation} runs on the simulated clock: name a device "
-                                               "population (mobile, silo or a trace)")
     if cfg.hetero.trip_budget and not cfg.hetero.population:
         raise ConfigError("hetero.trip_budget", "counts trips on the simulated clock: name a device population")
     if cfg.server.aggregation != "sync" and cfg.server.selection != "uniform":

@@ -222,7 +222,8 @@ def test_a_session_expires_and_the_client_joins_again(tmp_path):
 
 
 @pytest.mark.parametrize("setting,key", [
-    (["server.aggregation=\"fedbuff\"", "hetero.population=\"silo\""], "server.aggregation"),
+    (["server.aggregation=\"fedbuff\"", "secagg.mode=\"secagg\"", "server.clients_per_round=6",
+      "server.buffer_size=3", "aggregation.weighting=\"uniform\""], "secagg.mode"),
     (["deploy.clients=[\"../../x\"]"], "deploy.clients"),
     (["hetero.population=\"mobile\""], "hetero.population"),
 ])

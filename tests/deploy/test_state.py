@@ -97,7 +97,7 @@ st.open_round(run, 1)
 st.complete_round(run, 1, [np.full((3, 2), 1.0, np.float32), np.arange(2.0)], ["layer.weight", "layer.bias"], {})
 st.open_round(run, 2)
 
-def hang(run_id, rnd, metrics_json, checkpoint, digest):
+def hang(run_id, rnd, metrics_json, checkpoint, digest, applied):
     # round 2's checkpoint is on disk; the transaction marking it done is open but never commits
     conn = st._conn
     conn.execute("BEGIN IMMEDIATE")
@@ -352,8 +352,8 @@ def test_a_schema_1_database_is_migrated(db):
         st._conn.execute("ALTER TABLE rounds DROP COLUMN checkpoint_sha256")
         st._conn.execute("PRAGMA user_version = 1")
     with ServerState(db) as st:
-        assert st._conn.execute("PRAGMA user_version").fetchone()[0] == 3
-        assert st.tasks(run) == [] and st.presence(run) == {}  # schema 3's tables, empty for the old rounds
+        assert st._conn.execute("PRAGMA user_version").fetchone()[0] == 4
+        assert st.tasks(run) == [] and st.presence(run) == {} and st.buffered(run) == []  # later schemas' tables
         _assert_params(st.load_checkpoint(run)[2], _params(1))  # no digest was recorded for it: read as before
         _complete(st, run, 2)
         path = db.parent / "checkpoints" / "run-0001" / "round-000002.npz"

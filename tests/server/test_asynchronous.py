@@ -78,6 +78,8 @@ def test_fedbuff_simulation_runs_on_simulated_time_and_is_reproducible():
     assert not math.isnan(a.history[3]["test_accuracy"]) and not math.isnan(a.history[7]["test_accuracy"])
 
 
-def test_asynchronous_aggregation_needs_a_population():
+def test_a_simulation_of_asynchronous_aggregation_needs_a_population(tmp_path):
+    cfg = load_config(None, ["server.aggregation=\"fedbuff\"", f"run.out_dir=\"{tmp_path}\""])  # a deployment's
     with pytest.raises(ConfigError, match="hetero.population"):
-        load_config(None, ["server.aggregation=\"fedbuff\""])
+        simulate(cfg, progress=False)
+    assert not any(tmp_path.iterdir())

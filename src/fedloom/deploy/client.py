@@ -27,7 +27,7 @@ from fedloom.client.work import ClientWork, handle
 from fedloom.config import Config
 from fedloom.data.dataset import ClientDataset
 from fedloom.deploy.security import channel_credentials
-from fedloom.deploy.service import MAX_POLL_S, SESSION_KEY, STATUS_KEY, TOKEN_KEY, limits
+from fedloom.deploy.service import MAX_POLL_S, SESSION_KEY, STATUS_KEY, TASK_KEY, TOKEN_KEY, limits
 from fedloom.errors import ClientRefused, ConfigError, FedloomError, WireError
 from fedloom.messages import ErrorReply, Reply, Request, StepReply
 from fedloom.transport import wire
@@ -63,9 +63,12 @@ def _heartbeats(stub: pb_grpc.FederationStub, session: str, every_s: float, stop
 
 
 def _push(stub: pb_grpc.FederationStub, meta: tuple, task_id: str, reply: Reply) -> bool:
-    answer = stub.Push(wire.to_chunks(wire.to_envelope(reply, task_id=task_id)), metadata=meta, timeout=600)
+    answer = stub.Push(wire.to_chunks(wire.to_envelope(reply, task_id=task_id)), metadata=(*meta, (TASK_KEY, task_id)),
+                       timeout=600)
     if not answer.accepted:
         log.warning("server refused a reply: %s", answer.error.reason)
+    else:
+        log.info("task %s: %s accepted", task_id[:64], type(reply).__name__)
     return answer.accepted
 
 

@@ -17,6 +17,7 @@ calls, and they keep reconnecting until it is back.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
@@ -28,13 +29,15 @@ from pathlib import Path
 
 import numpy as np
 
-from fedloom.build import build_clients, build_strategy
+from fedloom.build import async_server, build_clients, build_strategy
 from fedloom.checkpoint import mismatch, ragged_selection, restore_state, state_arrays, state_names
 from fedloom.client.torch_work import param_names
 from fedloom.config import Config, DeployConfig, HeteroConfig, to_toml
 from fedloom.data.dataset import FederatedDataset
 from fedloom.data.site import site_arrays
+from fedloom.deploy.buffered import DeployedAsync, journal_entry
 from fedloom.deploy.certs import check_client_name
+from fedloom.deploy.journal import Journal
 from fedloom.deploy.security import server_credentials
 from fedloom.deploy.service import FederationService
 from fedloom.deploy.state import ServerState as StateStore
@@ -45,6 +48,7 @@ from fedloom.messages import Reply, TrainRequest
 from fedloom.params import Params
 from fedloom.rounds import round_metrics, run_rounds, train_round
 from fedloom.server import SyncServer
+from fedloom.server.asynchronous import AsyncState
 from fedloom.server.sync import RoundResult, ServerState
 from fedloom.transport.dispatch import REPLY_SLACK_BYTES, DeployedTransport, LoopThread
 from fedloom.transport.metered import Metered, traffic_columns
@@ -57,9 +61,10 @@ FIXED_SETTINGS = ("model", "server.optimizer", "aggregation", "privacy", "secagg
 
 def _check_config(cfg: Config) -> None:
     """Refuse what the deployed server cannot run, before anything touches disk."""
-    if cfg.server.aggregation != "sync":
-        raise ConfigError("server.aggregation", "the deployed server runs synchronous rounds; "
-                                                f"{cfg.server.aggregation} is simulated only (docs/heterogeneity.md)")
+    if cfg.server.aggregation != "sync" and cfg.secagg.mode != "off":
+        raise ConfigError("secagg.mode", f"secure {cfg.server.aggregation} (one cohort per buffer) is simulated "
+                                            "only; the deployed server sums securely in synchronous rounds "
+                                            "(server.aggregation = \"sync\")")
     if cfg.hetero.population:
         raise ConfigError("hetero.population", "simulated devices have no place in a deployment, whose clients are "
                                                "real (and measured: `fedloom trace` writes them as a population); "
@@ -245,6 +250,12 @@ def serve(cfg: Config, *, on_round: Callable[[dict[str, float]], None] | None = 
                      state.round)
         loop = LoopThread()
         service = FederationService(store, cfg)
+        journal = None
+        if cfg.server.aggregation != "sync":  # every accepted update is journaled before its push is answered
+            journal = Journal(store, run_id, state_dir / "journal" / f"run-{run_id:04d}")
+            service.dispatcher.journal = lambda task, reply: asyncio.wrap_future(
+                journal.write(journal_entry(task.task_id, task.version, reply)))  # type: ignore[union-attr]
+            service.dispatcher.received.update(store.journaled(run_id, 10_000))
         if server.strategy.secure is not None:  # only masked updates of this length are let in
             service.dispatcher.masked_bytes = server.strategy.secure.payload_bytes(
                 sum(p.size for p in state.params))
@@ -266,18 +277,26 @@ def serve(cfg: Config, *, on_round: Callable[[dict[str, float]], None] | None = 
             pacer = Connected(transport.engine, d, cfg.hetero, num_clients)  # type: ignore[arg-type]
             flops = run_flops(cfg, work.model, dataset)
             sent = [transport.bytes_down, transport.bytes_up]
+            stream = None if journal is None else DeployedAsync(
+                cfg, async_server(cfg, strategy), transport,
+                AsyncState(state.round, state.params, state.opt_state, state.aggregation), journal, store, run_id,
+                num_clients)
 
             def step(state: ServerState) -> tuple[RoundResult, ServerState]:
                 store.open_round(run_id, state.round + 1)
-                return train_round(server, state, transport, pacer)
+                return train_round(server, state, transport, pacer) if stream is None else stream.next_update()
 
             def after(result: RoundResult, state: ServerState) -> bool:
                 for cid, why in sorted(result.rejected.items(), key=str):
                     log.info("round %d: no update from client %s: %s", state.round, cid, why[:300])
-                row = round_metrics(result, state, server, transport, work, test, cfg, evaluate=True)
+                evaluate = stream is None or state.round % cfg.eval.every == 0 or state.round == cfg.run.rounds
+                row = round_metrics(result, state, server, transport, work, test, cfg, evaluate)
                 row.update(traffic_columns(transport.bytes_down, transport.bytes_up, sent))
                 store.complete_round(run_id, state.round, _checkpoint_arrays(state),
-                                     names + state_names(state, selection=True), row)
+                                     names + state_names(state, selection=True), row,
+                                     applied=stream.applied if stream is not None else ())
+                if journal is not None:
+                    journal.prune()
                 store.record_tasks(run_id, transport.engine.take_measured(), flops, transport.engine.presence())
                 if on_round is not None:
                     on_round(row)
@@ -294,6 +313,8 @@ def serve(cfg: Config, *, on_round: Callable[[dict[str, float]], None] | None = 
                 loop.call(service.stop(completed, linger_s=min(10.0, 2 * d.heartbeat_s)), timeout=30)
             finally:
                 loop.close()
+                if journal is not None:
+                    journal.close()
         return state
     finally:
         store.close()

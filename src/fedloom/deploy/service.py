@@ -57,6 +57,7 @@ SERVICE = pb.DESCRIPTOR.services_by_name["Federation"].full_name
 SESSION_KEY = "fedloom-session"
 TOKEN_KEY = "fedloom-token"
 STATUS_KEY = "fedloom-status"
+TASK_KEY = "fedloom-task"  # a push names its task: one the server journaled already is answered at once
 MAX_POLL_S = 30
 REVOCATION_CHECK_S = 1.0
 TOUCH_EVERY_S = 60.0  # how often a joining client's last_seen is written to the registry
@@ -285,10 +286,13 @@ class FederationService:
     @asynccontextmanager
     async def _session(self, context: grpc.aio.ServicerContext, push: bool = False) -> AsyncIterator[Session]:
         """The caller's session, its call counted while it lasts (:meth:`_counted`)."""
-        key = dict(context.invocation_metadata()).get(SESSION_KEY, "")
-        session = self.sessions.find(key, _cert_digest(context) if self.d.mutual_tls else "")
+        session = self._find(context)
         async with self._counted(session.client_id, push):
             yield session
+
+    def _find(self, context: grpc.aio.ServicerContext) -> Session:
+        key = dict(context.invocation_metadata()).get(SESSION_KEY, "")
+        return self.sessions.find(key, _cert_digest(context) if self.d.mutual_tls else "")
 
     @asynccontextmanager
     async def _counted(self, cid: int, push: bool = False) -> AsyncIterator[None]:
@@ -396,7 +400,12 @@ class FederationService:
             await context.abort(r.code, r.details)
 
     async def Push(self, requests: AsyncIterator[pb.Chunk], context: grpc.aio.ServicerContext) -> pb.PushReply:
+        """A client's reply. One to a task whose update the server journaled already (the client's first push was
+        answered, but the answer was lost: a crash, a broken connection) is accepted again and adds nothing."""
         try:
+            task_id = dict(context.invocation_metadata()).get(TASK_KEY, "")
+            if task_id and self.dispatcher.received.get(task_id, -1) == self._find(context).client_id:
+                return pb.PushReply(accepted=True)
             async with self._session(context, push=True) as session:
                 return await self._push(session.client_id, requests)
         except _NotAwaited:
@@ -433,7 +442,7 @@ class FederationService:
             return _refused(exc.code, str(exc))
         finally:
             await self._budget.release(need)
-        error = self.dispatcher.deliver(cid, env.task_id, reply, arriving, first.total_size)
+        error = await self.dispatcher.receive(cid, env.task_id, reply, arriving, first.total_size)
         return pb.PushReply(accepted=True) if error is None else _refused(error.code, error.reason)
 
     async def Heartbeat(self, requests: AsyncIterator[pb.HeartbeatRequest],

@@ -9,7 +9,11 @@ One database file (WAL journal, ``synchronous=FULL``) holds:
 * ``tasks``: what the server measured of every task it sent (``transport/dispatch.Measured``: seconds to
   hand it over, the client's seconds, seconds for its reply, bytes each way, examples, outcome), written
   with each completed round;
-* ``presence``: the intervals in which each client was connected (wall-clock seconds).
+* ``presence``: the intervals in which each client was connected (wall-clock seconds);
+* ``updates``: the asynchronous server's journal (``deploy/journal.py``): each accepted update's task, client,
+  the model version it trained on, its weight and metrics, the file holding its change, and the server update
+  that used it (NULL while it waits in the buffer), marked in the transaction that marks that update done;
+* ``counters``: per run, numbers that must only grow across restarts (the asynchronous server's task numbers).
 
 Model checkpoints are ``.npz`` files (written by :func:`fedloom.paramfiles.save_params`, read
 without unpickling) under ``checkpoints/run-NNNN/round-NNNNNN.npz`` next to the database.
@@ -46,7 +50,7 @@ from fedloom.paramfiles import load_params, save_params
 from fedloom.params import Params
 from fedloom.transport.dispatch import Measured
 
-SCHEMA_VERSION = 3  # 2: rounds.checkpoint_sha256; 3: tasks, presence
+SCHEMA_VERSION = 4  # 2: rounds.checkpoint_sha256; 3: tasks, presence; 4: updates, counters
 APPLICATION_ID = 0x466C6F6D  # "Flom": marks the SQLite file as a fedloom state database
 _TABLES = (
     """CREATE TABLE IF NOT EXISTS runs (
@@ -96,7 +100,26 @@ _TABLES = (
         end REAL NOT NULL,
         PRIMARY KEY (run_id, client_id, start)
     )""",
+    """CREATE TABLE IF NOT EXISTS updates (
+        task_id TEXT PRIMARY KEY,
+        run_id INTEGER NOT NULL REFERENCES runs(id),
+        client_id INTEGER NOT NULL,
+        dispatch INTEGER NOT NULL,
+        version_sent INTEGER NOT NULL,
+        weight REAL NOT NULL,
+        metrics_json TEXT NOT NULL,
+        file TEXT NOT NULL,
+        received REAL NOT NULL,
+        applied INTEGER
+    )""",
+    """CREATE TABLE IF NOT EXISTS counters (
+        run_id INTEGER NOT NULL REFERENCES runs(id),
+        name TEXT NOT NULL,
+        value INTEGER NOT NULL,
+        PRIMARY KEY (run_id, name)
+    )""",
 )
+JOURNAL_COLUMNS = ("task_id", "client_id", "dispatch", "version_sent", "weight", "metrics_json", "file")
 TASK_COLUMNS = ("round", "client_id", "kind", "outcome", "sent_at", "down_s", "work_s", "up_s", "down_bytes",
                 "up_bytes", "examples", "flops_per_example")
 
@@ -191,10 +214,11 @@ class ServerState:
                              (run_id, round, time.time()))
 
     def complete_round(self, run_id: int, round: int, params: Params, names: list[str],
-                       metrics: dict[str, Any]) -> None:
+                       metrics: dict[str, Any], applied: Sequence[str] = ()) -> None:
         """Checkpoint ``params`` (keyed by ``names``) for an open round, then mark the round done.
 
-        The checkpoint is durable on disk before the transaction that marks the round done commits.
+        The checkpoint is durable on disk before the transaction that marks the round done commits;
+        that transaction also marks the journaled updates ``applied`` (task ids) as used by this round.
         """
         _check_round_number(round)
         _check_params(params, names)
@@ -203,7 +227,8 @@ class ServerState:
             self._check_open(conn, run_id, round)
         path = self.checkpoint_path(run_id, round)
         digest = self._write_checkpoint(path, params, names)
-        self._mark_done(run_id, round, metrics_json, path.relative_to(self.checkpoint_dir).as_posix(), digest)
+        self._mark_done(run_id, round, metrics_json, path.relative_to(self.checkpoint_dir).as_posix(), digest,
+                        applied)
 
     def checkpoint_path(self, run_id: int, round: int) -> Path:
         """Where the checkpoint of ``round`` of run ``run_id`` is written."""
@@ -301,6 +326,49 @@ class ServerState:
         for c, a, b in rows:
             out.setdefault(int(c), []).append((float(a), float(b)))
         return out
+
+    # -- the asynchronous server's journal -----------------------------------------------------------
+
+    def journal_updates(self, run_id: int, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Record accepted updates (:data:`JOURNAL_COLUMNS` each; their file is already durable), in one transaction."""
+        with self._tx("journal updates") as conn:
+            self._check_run(conn, run_id)
+            conn.executemany(f"INSERT INTO updates (run_id, received, {', '.join(JOURNAL_COLUMNS)}) VALUES "
+                             f"({', '.join('?' * (len(JOURNAL_COLUMNS) + 2))})",
+                             [(run_id, time.time(), *r) for r in rows])
+
+    def buffered(self, run_id: int) -> list[dict[str, Any]]:
+        """The journaled updates no done round used, in the order they were accepted."""
+        with self._tx("read the journal", write=False) as conn:
+            self._check_run(conn, run_id)
+            rows = conn.execute(f"SELECT {', '.join(JOURNAL_COLUMNS)} FROM updates WHERE run_id = ? AND applied IS "
+                                "NULL ORDER BY rowid", (run_id,)).fetchall()
+        return [dict(zip(JOURNAL_COLUMNS, r, strict=True)) for r in rows]
+
+    def journaled(self, run_id: int, limit: int) -> list[tuple[str, int]]:
+        """The latest ``limit`` journaled updates' ``(task_id, client_id)``, oldest first."""
+        with self._tx("read the journal", write=False) as conn:
+            rows = conn.execute("SELECT task_id, client_id FROM updates WHERE run_id = ? ORDER BY rowid DESC "
+                                "LIMIT ?", (run_id, limit)).fetchall()
+        return [(str(t), int(c)) for t, c in reversed(rows)]
+
+    def journal_files(self, run_id: int) -> tuple[set[str], set[str]]:
+        """The run's journal files still holding an update no done round used, and those that hold none."""
+        with self._tx("read the journal", write=False) as conn:
+            rows = conn.execute("SELECT file, SUM(applied IS NULL) FROM updates WHERE run_id = ? GROUP BY file",
+                                (run_id,)).fetchall()
+        return {f for f, n in rows if n}, {f for f, n in rows if not n}
+
+    def counter(self, run_id: int, name: str) -> int:
+        """A run's counter ``name`` (0 when never set)."""
+        row = self._one("SELECT value FROM counters WHERE run_id = ? AND name = ?", (run_id, name))
+        return 0 if row is None else int(row[0])
+
+    def set_counter(self, run_id: int, name: str, value: int) -> None:
+        with self._tx("set a counter") as conn:
+            self._check_run(conn, run_id)
+            conn.execute("INSERT OR REPLACE INTO counters (run_id, name, value) VALUES (?, ?, ?)",
+                         (run_id, name, int(value)))
 
     def run_names(self) -> list[str]:
         """The names of the runs this state holds, oldest first."""
@@ -412,33 +480,25 @@ class ServerState:
                              stage="state")
 
     def _write_checkpoint(self, path: Path, params: Params, names: list[str]) -> str:
-        """Write ``path`` atomically (temp file, fsync, rename, fsync of the folder), readable by this user only.
-
-        Returns the file's SHA-256 digest.
-        """
-
-        _make_dirs(path.parent)
-        tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}.npz")
+        """Write ``path`` atomically, readable by this user only (:func:`write_durably`); returns its SHA-256."""
         try:
-            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
-                save_params(f, params, names)
-                f.flush()
-                os.fsync(f.fileno())
-            digest = _sha256(tmp)
-            os.replace(tmp, path)
-            _fsync_dir(path.parent)
+            write_durably(path, params, names)
+            return _sha256(path)
         except (OSError, TypeError, ValueError) as exc:
             raise StateError(f"cannot write checkpoint {path}: {exc}", stage="checkpoint") from exc
-        finally:
-            tmp.unlink(missing_ok=True)
-        return digest
 
-    def _mark_done(self, run_id: int, round: int, metrics_json: str, checkpoint: str, digest: str) -> None:
+    def _mark_done(self, run_id: int, round: int, metrics_json: str, checkpoint: str, digest: str,
+                   applied: Sequence[str]) -> None:
         with self._tx("complete round") as conn:
             self._check_open(conn, run_id, round)
             conn.execute("UPDATE rounds SET status = 'done', finished = ?, metrics_json = ?, checkpoint = ?, "
                          "checkpoint_sha256 = ? WHERE run_id = ? AND round = ?",
                          (time.time(), metrics_json, checkpoint, digest, run_id, round))
+            marked = conn.executemany("UPDATE updates SET applied = ? WHERE task_id = ? AND run_id = ? AND "
+                                      "applied IS NULL", [(round, t, run_id) for t in applied]).rowcount
+            if marked != len(applied):
+                raise StateError(f"round {round} of run {run_id} used {len(applied)} journaled updates but only "
+                                 f"{marked} are in the journal and unused", stage="state")
 
 
 # -- opening the database --------------------------------------------------------------------------
@@ -579,6 +639,22 @@ def _sha256(path: Path) -> str:
         while block := f.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()
+
+
+def write_durably(path: Path, params: Params, names: list[str]) -> None:
+    """Write ``params`` to ``path`` (``.npz``, this user only) so that it is whole or absent after any crash: a temp
+    file, fsync, ``os.replace``, fsync of the folder."""
+    _make_dirs(path.parent)
+    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}.npz")
+    try:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+            save_params(f, params, names)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _make_dirs(directory: Path) -> None:

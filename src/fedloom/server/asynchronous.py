@@ -38,6 +38,7 @@ from fedloom.params import Params, ParamSpec, is_finite
 from fedloom.secagg.protocol import SecureSum
 from fedloom.server.optimizers import OptState
 from fedloom.server.strategy import Strategy
+from fedloom.server.sync import RoundResult, ServerState
 from fedloom.server.validation import check_reply, to_delta
 from fedloom.stages.base import Contribution
 
@@ -77,6 +78,19 @@ class Arrival:
     refused: dict[int, str] = field(default_factory=dict)  # buffered updates a stage refused, when it aggregated
 
 
+def buffer_result(state: AsyncState, arrivals: list[tuple[Arrival, TrainReply]]) -> tuple[RoundResult, ServerState]:
+    """What a server update reports (as a synchronous round would) and the state it reached, from the arrivals that
+    led to it, the last of which closed the buffer."""
+    last = arrivals[-1][0]
+    kept = [(a, r) for a, r in arrivals if a.accepted and a.client_id not in last.refused]
+    examples = sum(r.update.metrics.get("examples", r.update.weight) for _, r in kept if r.update is not None)
+    refused = {**{a.client_id: a.reason for a, _ in arrivals if not a.accepted}, **last.refused}
+    result = RoundResult(state.version, [a.client_id for a, _ in arrivals], [a.client_id for a, _ in kept], refused,
+                         last.train_loss, float(examples), last.measurements, last.reason,
+                         {a.client_id: dict(r.update.metrics) for a, r in kept if r.update is not None})
+    return result, ServerState(state.version, state.params, state.opt_state, aggregation=state.aggregation)
+
+
 class AsyncServer:
     """FedBuff/FedAsync round logic: ``request`` for a client, ``receive`` its reply."""
 
@@ -108,6 +122,7 @@ class AsyncServer:
 
     def receive(self, state: AsyncState, request: TrainRequest, version_sent: int,
                 reply: TrainReply) -> tuple[Arrival, AsyncState]:
+        """Check ``reply`` against its task and :meth:`add` its update (trained on ``version_sent``)."""
         tau = state.version - version_sent
         cid = request.client_id
         try:
@@ -117,20 +132,29 @@ class AsyncServer:
         if reply.error is not None:
             return Arrival(cid, tau, False, f"{reply.error.code}: {reply.error.reason}"), state
         u = reply.update
-        c = Contribution(cid, to_delta(u, request.params), float(u.weight), float(u.weight), self.staleness(tau),
-                         u.metrics)
+        return self.add(state, cid, version_sent, to_delta(u, request.params), float(u.weight), u.metrics)
+
+    def add(self, state: AsyncState, client_id: int, version_sent: int, delta: Params, weight: float,
+            metrics: dict[str, float]) -> tuple[Arrival, AsyncState]:
+        """Buffer a checked update (its change from the model ``version_sent``), and aggregate a full buffer.
+
+        The deployed server calls this directly with the updates its journal holds (``deploy/journal.py``):
+        checked at the door, and read back after a restart."""
+        tau = state.version - version_sent
+        c = Contribution(client_id, delta, weight, weight, self.staleness(tau), metrics)
         buffer = (*state.buffer, c)
-        losses = (*state.losses, (u.metrics.get("loss", float("nan")), u.metrics.get("examples", u.weight)))
+        losses = (*state.losses, (metrics.get("loss", float("nan")), metrics.get("examples", weight)))
         if len(buffer) < self.buffer_size:
-            return Arrival(cid, tau, True), replace(state, buffer=buffer, losses=losses)
+            return Arrival(client_id, tau, True), replace(state, buffer=buffer, losses=losses)
         agg = self.strategy.aggregator.aggregate(buffer, state.aggregation, state.version + 1, self.buffer_size)
         seen = sum(n for _, n in losses)
         loss = sum(value * n for value, n in losses) / seen if seen else float("nan")
         if agg.delta is None:  # nothing to apply: the buffer is spent, the model stays (the reason says why)
-            return (Arrival(cid, tau, True, agg.problem, aggregated=True, train_loss=loss, refused=agg.rejected),
+            return (Arrival(client_id, tau, True, agg.problem, aggregated=True, train_loss=loss,
+                            refused=agg.rejected),
                     AsyncState(state.version + 1, state.params, state.opt_state, state.aggregation))
         params, opt_state = self.strategy.optimizer.update(agg.delta, state.params, state.opt_state)
-        return (Arrival(cid, tau, True, aggregated=True, train_loss=loss, measurements=agg.measurements,
+        return (Arrival(client_id, tau, True, aggregated=True, train_loss=loss, measurements=agg.measurements,
                         refused=agg.rejected), AsyncState(state.version + 1, params, opt_state, agg.state))
 
     def receive_sum(self, state: AsyncState, version_sent: int,

@@ -170,6 +170,9 @@ def simulate(cfg: Config, *, progress: bool = True, write: bool = True,
         raise ConfigError("data.dataset", "\"site\" is one deployed site's own data; a simulation needs every "
                                           "client's: name them all (dataset = \"files\" with a client column, or a "
                                           "folder of one file per client)")
+    if cfg.server.aggregation != "sync" and not cfg.hetero.population:
+        raise ConfigError("hetero.population", f"a simulation of {cfg.server.aggregation} runs on the simulated clock: "
+                                               "name a device population (mobile, silo or a trace)")
     own = (model_fn, dataset, work)
     start = time.perf_counter()
     if resume is not None:

@@ -26,7 +26,7 @@ from fedloom.messages import ErrorReply, Reply, Request, StepRequest, TrainReply
 from fedloom.params import Params
 from fedloom.secagg.protocol import STEPS, SecureSum
 from fedloom.seeding import keyed_rng
-from fedloom.server.asynchronous import AsyncServer, AsyncState
+from fedloom.server.asynchronous import AsyncServer, AsyncState, buffer_result
 from fedloom.server.sync import RoundResult, ServerState, SyncServer, mean_loss
 from fedloom.server.validation import masked_door
 from fedloom.transport.base import Transport
@@ -168,15 +168,7 @@ class AsyncRun:
             self._launch()
             if arrival.aggregated:
                 break
-        last = arrivals[-1][0]
-        kept = [(a, r) for a, r in arrivals if a.accepted and a.client_id not in last.refused]
-        examples = sum(r.update.metrics.get("examples", r.update.weight) for _, r in kept)
-        refused = {**{a.client_id: a.reason for a, _ in arrivals if not a.accepted}, **last.refused}
-        result = RoundResult(self.state.version, [a.client_id for a, _ in arrivals], [a.client_id for a, _ in kept],
-                             refused, last.train_loss, float(examples), last.measurements, last.reason,
-                             {a.client_id: dict(r.update.metrics) for a, r in kept})
-        return result, ServerState(self.state.version, self.state.params, self.state.opt_state,
-                                   aggregation=self.state.aggregation)
+        return buffer_result(self.state, arrivals)
 
     # -- checkpoints -------------------------------------------------------------------------------
 

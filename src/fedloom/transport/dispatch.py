@@ -27,19 +27,20 @@ import math
 import threading
 import time
 import uuid
-from collections import deque
-from collections.abc import Callable, Coroutine, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from fedloom.compression.updates import NO_COMPRESSION, Compression
 from fedloom.errors import FedloomError
-from fedloom.messages import ErrorReply, EvaluateRequest, Reply, Request, TrainReply, TrainRequest, error_reply
-from fedloom.server.validation import check_reply
+from fedloom.messages import ErrorReply, EvaluateRequest, Reply, Request, TrainReply, TrainRequest, Update, error_reply
+from fedloom.server.validation import check_reply, to_delta
 
 T = TypeVar("T")
 REPLY_SLACK_BYTES = 1 << 20  # framing and metrics a reply may carry beyond the model's own bytes
 MAX_WITHDRAWN = 10_000  # tasks whose late replies are still measured
+MAX_RECEIVED = 100_000  # journaled tasks whose replies, pushed again, are answered "accepted"
 
 
 def _has_update(reply: Reply) -> bool:
@@ -65,12 +66,14 @@ class Task:
     task_id: str
     request: Request
     reply_limit: int
+    version: int = -1  # an asynchronous task: the model version it was sent (its update is journaled); else -1
 
 
 @dataclass
 class Timing:
     """When a task's parts happened (``time.monotonic()``; NaN: not yet) and its bytes each way."""
 
+    queued: float = math.nan  # it was queued for its client
     handed: float = math.nan  # a poll of its client took it
     sent: float = math.nan  # its last chunk went to gRPC
     arriving: float = math.nan  # the first chunk of its reply arrived
@@ -180,6 +183,12 @@ class Dispatcher:
         self._last_seen: dict[int, float] = {}
         self._polled: dict[int, float] = {}  # when each client last asked for a task
         self._closed = False
+        # The asynchronous server's: where an accepted update is made durable before its push is answered, the
+        # tasks it awaits, the updates being written, and the journaled tasks (a push again is answered "accepted").
+        self.journal: Callable[[Task, TrainReply], Awaitable[None]] | None = None
+        self._durable: dict[str, tuple[Task, asyncio.Future[Reply]]] = {}
+        self._writing: set[str] = set()
+        self.received: OrderedDict[str, int] = OrderedDict()
 
     def _event(self, client_id: int) -> asyncio.Event:
         return self._wake.setdefault(client_id, asyncio.Event())
@@ -221,7 +230,7 @@ class Dispatcher:
         self._last_seen.pop(client_id, None)
         self._queues.pop(client_id, None)
         for task, _ in list(self._open.values()):
-            if task.request.client_id == client_id:
+            if task.request.client_id == client_id and task.task_id not in self._writing:
                 self._answer(task.task_id, error_reply(task.request, code, reason))
         self._event(client_id).set()
 
@@ -287,9 +296,48 @@ class Dispatcher:
         and closes the task: the round records the reason. An error reply of any kind (a client that
         could not read its task says so in a step reply) answers the task with the client's reason.
         """
+        found = self._arrived(client_id, task_id, reply, arriving, up_bytes)
+        if isinstance(found, ErrorReply) or found is None:
+            return found
+        self._answer(task_id, reply)
+        return None
+
+    async def receive(self, client_id: int, task_id: str, reply: Reply, arriving: float = math.nan,
+                      up_bytes: int = 0) -> ErrorReply | None:
+        """:meth:`deliver`, and for an asynchronous task's update: made durable by :attr:`journal` (as the checked
+        delta it stands for) before it answers the task and the push is accepted."""
+        found = self._arrived(client_id, task_id, reply, arriving, up_bytes)
+        if isinstance(found, ErrorReply) or found is None:
+            return found
+        task, checked = found
+        if task.version < 0 or self.journal is None:
+            self._answer(task_id, reply)
+            return None
+        u = checked.update
+        assert isinstance(task.request, TrainRequest) and u is not None
+        entry = TrainReply(checked.client_id, checked.round,
+                           update=Update(to_delta(u, task.request.params), u.weight, "delta", dict(u.metrics)))
+        self._writing.add(task_id)
+        try:
+            await self.journal(task, entry)
+        except Exception as exc:  # noqa: BLE001 - the update is not kept; its task and its client are told why
+            self._answer(task_id, error_reply(task.request, "server_error", f"the server could not keep it: {exc}"))
+            return ErrorReply("server_error", f"the server could not keep the update: {exc}")
+        finally:
+            self._writing.discard(task_id)
+        self.received[task_id] = client_id
+        while len(self.received) > MAX_RECEIVED:
+            self.received.popitem(last=False)
+        self._answer(task_id, entry)
+        return None
+
+    def _arrived(self, client_id: int, task_id: str, reply: Reply, arriving: float,
+                 up_bytes: int) -> ErrorReply | tuple[Task, Reply] | None:
+        """The checks :meth:`deliver` makes: why ``reply`` is refused, None when it answered its task with the
+        client's error, or its task and the reply as checked (a compressed update decoded), still to be answered."""
         self.seen(client_id)
         found = self._open.get(task_id)
-        if found is None or found[0].request.client_id != client_id:
+        if found is None or found[0].request.client_id != client_id or task_id in self._writing:
             late = self._withdrawn.get(task_id)
             if late is not None and late[0].request.client_id == client_id:  # recorded, not used
                 del self._withdrawn[task_id]
@@ -309,17 +357,66 @@ class Dispatcher:
             self._answer(task_id, error_reply(request, error.code[:64], error.reason[:2000]))
             return None
         try:
-            check_reply(request, reply, self.max_examples, self.compression, self.masked_bytes)  # checked again later
+            checked = check_reply(request, reply, self.max_examples, self.compression, self.masked_bytes)
         except FedloomError as exc:
             self._answer(task_id, error_reply(request, exc.code, f"refused by the server: {exc.message}"))
             return ErrorReply(exc.code, exc.message)
-        self._answer(task_id, reply)
-        return None
+        return found[0], checked
 
     def _answer(self, task_id: str, reply: Reply) -> None:
-        _, future = self._open.pop(task_id)
-        if not future.done():
-            future.set_result(reply)
+        found = self._open.pop(task_id, None)
+        if found is not None and not found[1].done():
+            found[1].set_result(reply)
+
+    # -- the asynchronous server's side ------------------------------------------------------------
+
+    def _queue(self, task: Task, future: asyncio.Future[Reply]) -> None:
+        self._open[task.task_id] = (task, future)
+        self._timing[task.task_id] = Timing(queued=time.monotonic())
+        self._queues.setdefault(task.request.client_id, deque()).append(task)
+        self._event(task.request.client_id).set()
+
+    def submit(self, requests: Sequence[TrainRequest], version: int, max_message_bytes: int) -> list[Task]:
+        """Queue asynchronous tasks on model ``version``; their updates are journaled as they arrive and
+        :meth:`arrivals` hands them over."""
+        loop = asyncio.get_running_loop()
+        tasks = [Task(uuid.uuid4().hex, r, reply_limit(r, max_message_bytes), version) for r in requests]
+        for task in tasks:
+            future = loop.create_future()
+            self._durable[task.task_id] = (task, future)
+            self._queue(task, future)
+        return tasks
+
+    async def arrivals(self, timeout_s: float, lost_after_s: float,
+                       wait_s: float) -> tuple[list[tuple[Task, Reply, Measured]], list[Measured]]:
+        """The asynchronous tasks that ended, each with its reply and measurements, after waiting up to ``wait_s`` for
+        one; and the late replies measured meanwhile. A task whose client is lost, or that is not answered within
+        ``timeout_s``, ends with an error reply (a reply that comes later is measured as ``late``, then refused)."""
+        futures = [f for _, f in self._durable.values()]
+        if futures and not any(f.done() for f in futures):
+            await asyncio.wait(futures, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+        now, out = time.monotonic(), []
+        for task_id, (task, future) in list(self._durable.items()):
+            timing, cid = self._timing[task_id], task.request.client_id
+            if future.done():
+                reply = future.result()
+            elif task_id in self._writing:
+                continue
+            elif self.lost(cid, lost_after_s):
+                reply = error_reply(task.request, "client_lost", f"client {cid} stopped answering")
+            elif now - timing.queued > timeout_s:
+                reply = error_reply(task.request, "timeout", f"no reply within {timeout_s:g} s")
+                timing.gave_up = now
+                self._withdrawn[task_id] = (task, timing)  # its reply may still come: measured as late
+                while len(self._withdrawn) > MAX_WITHDRAWN:
+                    del self._withdrawn[next(iter(self._withdrawn))]
+            else:
+                continue
+            del self._durable[task_id]
+            self._open.pop(task_id, None)
+            out.append((task, reply, measure_task(task, self._timing.pop(task_id), reply)))
+        late, self.late = self.late, []
+        return out, late
 
     # -- the round's side --------------------------------------------------------------------------
 
@@ -335,10 +432,7 @@ class Dispatcher:
         loop = asyncio.get_running_loop()
         tasks = [Task(uuid.uuid4().hex, r, reply_limit(r, max_message_bytes)) for r in requests]
         for task in tasks:
-            self._open[task.task_id] = (task, loop.create_future())
-            self._timing[task.task_id] = Timing()
-            self._queues.setdefault(task.request.client_id, deque()).append(task)
-            self._event(task.request.client_id).set()
+            self._queue(task, loop.create_future())
         futures = {t.task_id: self._open[t.task_id][1] for t in tasks}
         start = time.monotonic()
         deadline = start + (min(deadline_s, timeout_s) if deadline_s > 0 else timeout_s)
@@ -420,6 +514,16 @@ class DeployedTransport:
         self._last, self._late = [*self._late, *measured], []
         self._absorb(measured)
         return replies
+
+    def submit(self, requests: Sequence[TrainRequest], version: int) -> list[Task]:
+        """Queue asynchronous tasks on model ``version`` (see :meth:`Dispatcher.submit`)."""
+        return self.loop.call(_call(self.dispatcher.submit, requests, version, self.max_message_bytes))
+
+    def arrivals(self, wait_s: float) -> list[tuple[Task, Reply, Measured]]:
+        """The asynchronous tasks that ended, waiting up to ``wait_s`` seconds for one (:meth:`Dispatcher.arrivals`)."""
+        out, late = self.loop.call(self.dispatcher.arrivals(self.timeout_s, self.lost_after_s, wait_s))
+        self._absorb([m for _, _, m in out] + late)
+        return out
 
     def _absorb(self, measured: list[Measured]) -> None:
         self.measured.extend(measured)
