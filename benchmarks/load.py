@@ -1,6 +1,8 @@
-"""Load benchmark for the gRPC deployment: one real server process, many lightweight clients as threads.
+"""Load benchmark for the gRPC deployment: one real server process, many clients, each with its own channel.
 
-    python -m benchmarks.run load        # 200 clients, 5 rounds, TLS (server certificate only)
+    python -m benchmarks.run load        # both modes, one JSON line each:
+    #   sync:  200 training clients as threads, 5 synchronous rounds, TLS (server certificate only)
+    #   async: 1,000 clients in 4 processes, FedBuff on a model of 1,000,010 float32 values, TLS
 
 :func:`run_load` writes a throw-away config (synthetic data, logistic regression, two local steps,
 every client in every round), starts ``fedloom server`` as a child process listening on a free
@@ -11,7 +13,18 @@ thread-safe). All traffic stays on loopback and everything is bounded: the clien
 server says the run is finished (or on the shared ``stop`` event), the server is terminated on
 any error, and the temporary folder is deleted.
 
-Fields of the record:
+The asynchronous mode measures the server, not training: the server holds no data (``data.dataset =
+"site"``, a logistic regression of 100,000 features and 10 classes built from the config, a small
+held-out file to test on), keeps ``concurrency`` tasks out among the 1,000 connected clients and
+aggregates every ``buffer_size`` arrivals; each client (:class:`Echo`, :func:`serve_client` in a
+thread of one of 4 processes) decodes the model it is sent and replies at once with the same small
+change. Every byte crosses TLS and the server's door, journal and aggregator as a trained update would.
+
+Fields of the record: ``mode`` (``"sync"`` or ``"async"``), ``clients``, ``updates_per_s`` (updates
+the server used per second between its first and last round line), ``lost`` (updates a client was
+told were accepted that the server does not hold: the sync mode's ``updates_expected -
+updates_received``; the async mode's accepted pushes counted by the clients minus the updates in the
+server's journal), ``server_rss_mb``, ``wall_s``; and
 
 - ``updates_expected``: ``clients * rounds``;
 - ``updates_received``: the updates the server accepted, summed over its ``round N: ... K updates``
@@ -20,16 +33,20 @@ Fields of the record:
   as the lines arrive: ``(rounds - 1) / (t_last - t_first)``; ``None`` with a single round;
 - ``server_rss_mb``: peak resident memory of the server process (the max of ``VmRSS`` and ``VmHWM``
   from ``/proc/PID/status``, polled every 0.2 s until it exits);
-- ``wall_s``: the whole call, PKI, server start-up, data and shutdown included.
+- ``wall_s``: the whole call, PKI, server start-up, data and shutdown included;
+- async only: ``values`` (the model's size), ``concurrency``, ``buffer_size``, ``versions``,
+  ``accepted`` (the clients' count), ``journaled`` and ``left_in_buffer`` (accepted after the last version).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -39,17 +56,24 @@ from collections import deque
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
+
 import fedloom
 from fedloom.build import build_clients
 from fedloom.client.torch_work import TorchClientWork
-from fedloom.config import Config, config_from_dict, to_toml
+from fedloom.config import Config, config_from_dict, load_config, to_toml
+from fedloom.data.dataset import ClientDataset
 from fedloom.deploy.certs import make_dev_pki
 from fedloom.deploy.client import serve_client
+from fedloom.messages import EvaluateConfig, Evaluation, TrainConfig, Update
+from fedloom.params import Params
 
 log = logging.getLogger("fedloom.benchmarks.load")
 
 ROUND_LINE = re.compile(r"^round (\d+): .*?(\d+) updates")
 POLL_S = 0.2
+FEATURES, CLASSES = 100_000, 10  # the asynchronous mode's logistic regression: 1,000,010 values
+PROCESSES = 4  # the asynchronous mode's client processes
 
 
 def _free_port() -> int:
@@ -76,6 +100,66 @@ def _config(clients: int, rounds: int, tls: bool, port: int, state: Path, pki: P
         "engine": {"executor": "sequential"},
         "deploy": deploy,
     })
+
+
+def _async_config(clients: int, versions: int, concurrency: int, buffer_size: int, tls: bool, port: int, state: Path,
+                  pki: Path, test_data: Path) -> Config:
+    deploy: dict[str, Any] = {
+        "address": f"127.0.0.1:{port}", "state_dir": str(state),
+        "clients": [f"c{i:04d}" for i in range(clients)], "min_clients": clients, "test_data": str(test_data),
+        "heartbeat_s": 10.0, "round_timeout_s": 120.0, "tls": tls, "mutual_tls": False,
+    }
+    if tls:
+        deploy["ca"] = str(pki / "ca.pem")
+    return config_from_dict({
+        "run": {"name": "load-async", "seed": 0, "rounds": versions, "out_dir": str(state.parent / "runs")},
+        "data": {"dataset": "site"},
+        "model": {"name": "logreg", "input_shape": [FEATURES], "num_classes": CLASSES},
+        "server": {"aggregation": "fedbuff", "clients_per_round": concurrency, "concurrency": concurrency,
+                   "buffer_size": buffer_size},
+        "eval": {"every": versions},
+        "deploy": deploy,
+    })
+
+
+class Echo:
+    """A load client's work: no training, the same small change for every task (the server is what is measured)."""
+
+    def __init__(self) -> None:
+        self.delta: Params | None = None
+
+    def train(self, params: Params, data: ClientDataset, config: TrainConfig) -> Update:
+        if self.delta is None:
+            self.delta = [np.full(p.shape, 1e-6, p.dtype) for p in params]
+        return Update(self.delta, 1.0, "delta", {"loss": 0.0, "examples": 1.0})
+
+    def evaluate(self, params: Params, data: ClientDataset, config: EvaluateConfig) -> Evaluation:
+        return Evaluation(0.0, 0.0, 1.0)
+
+
+def echo_clients(config: str, token_dir: str, first: int, count: int) -> dict[str, Any]:
+    """Run clients ``first .. first + count - 1`` of an asynchronous load run as threads until the server finishes;
+    the replies the server accepted and the errors."""
+    cfg = load_config(config)
+    work = Echo()  # one per process: its change is read, never written
+    empty = np.zeros((0, FEATURES), np.float32)
+    accepted: list[int] = []
+    errors: list[str] = []
+
+    def client(i: int) -> None:
+        token = (Path(token_dir) / f"c{i:04d}.token").read_text().strip()
+        data = ClientDataset(i, empty, np.zeros(0, np.int64), empty, np.zeros(0, np.int64))
+        try:
+            accepted.append(serve_client(work, data, cfg, cfg.deploy.address, token, give_up_s=120.0))
+        except Exception as exc:  # noqa: BLE001 - reported, must not end the other clients
+            errors.append(f"c{i:04d}: {type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(first, first + count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"accepted": sum(accepted), "errors": errors}
 
 
 def _pump(stream: IO[str], sink: Any) -> None:
@@ -127,12 +211,18 @@ def _wait_listening(port: int, server: subprocess.Popen[str], deadline: float) -
         time.sleep(0.1)
 
 
-def run_load(clients: int = 200, rounds: int = 5, tls: bool = True, timeout_s: float = 900.0) -> dict[str, Any]:
-    """Run ``clients`` threaded clients against a real server process for ``rounds`` rounds; return the record.
+def run_load(mode: str = "sync", clients: int | None = None, rounds: int | None = None, tls: bool = True,
+             timeout_s: float = 900.0, concurrency: int = 100, buffer_size: int = 50) -> dict[str, Any]:
+    """Run ``clients`` clients against a real server process for ``rounds`` rounds (server updates, for ``"async"``);
+    return the record. Defaults: sync, 200 clients, 5 rounds; async, 1,000 clients, 40 versions.
 
     Raises ``RuntimeError`` when the server fails (with the tail of its log) and ``TimeoutError`` when
-    the run takes longer than ``timeout_s``; either way the server is killed and the folder removed.
+    the run takes longer than ``timeout_s``; either way the server and the clients are killed and the folder removed.
     """
+    if mode not in ("sync", "async"):
+        raise ValueError(f"mode is sync or async, not {mode!r}")
+    clients = clients or (200 if mode == "sync" else 1000)
+    rounds = rounds or (5 if mode == "sync" else 40)
     if clients < 1 or rounds < 1:
         raise ValueError("clients and rounds must be >= 1")
     start = time.monotonic()
@@ -140,13 +230,20 @@ def run_load(clients: int = 200, rounds: int = 5, tls: bool = True, timeout_s: f
     tmp = Path(tempfile.mkdtemp(prefix="fedloom-load-"))
     stop = threading.Event()
     threads: list[threading.Thread] = []
+    procs: list[subprocess.Popen[str]] = []
     server: subprocess.Popen[str] | None = None
     try:
         pki, state = tmp / "pki", tmp / "state"
         if tls:
             make_dev_pki(pki)  # CA and server certificate (localhost, 127.0.0.1); no client certificates
         port = _free_port()
-        cfg = _config(clients, rounds, tls, port, state, pki)
+        if mode == "sync":
+            cfg = _config(clients, rounds, tls, port, state, pki)
+        else:
+            test = tmp / "test.npz"
+            rng = np.random.default_rng(0)
+            np.savez(test, x=rng.normal(size=(8, FEATURES)).astype(np.float32), y=np.arange(8) % CLASSES)
+            cfg = _async_config(clients, rounds, min(concurrency, clients), buffer_size, tls, port, state, pki, test)
         config_path = tmp / "load.toml"
         config_path.write_text(to_toml(cfg))
 
@@ -154,7 +251,8 @@ def run_load(clients: int = 200, rounds: int = 5, tls: bool = True, timeout_s: f
         if tls:
             cmd += ["--set", f'deploy.cert="{pki / "server.pem"}"', "--set", f'deploy.key="{pki / "server.key"}"']
         src = str(Path(fedloom.__file__).resolve().parents[1])
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
+        here = str(Path(__file__).resolve().parents[1])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, here, os.environ.get("PYTHONPATH")) if p)}
         server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         pid = server.pid
 
@@ -181,24 +279,35 @@ def run_load(clients: int = 200, rounds: int = 5, tls: bool = True, timeout_s: f
         poller = threading.Thread(target=poll_rss, daemon=True)
         poller.start()
 
-        work, dataset = build_clients(cfg)  # while the server starts; the data is the same (same config)
+        names = list(cfg.deploy.clients)
         ready_by = min(deadline, time.monotonic() + 120)
-        tokens = _read_tokens(state / "tokens", list(cfg.deploy.clients), server, ready_by)
-        _wait_listening(port, server, ready_by)  # else every client starts in a reconnect backoff
         errors: list[str] = []
         done: list[int] = []
+        if mode == "sync":
+            work, dataset = build_clients(cfg)  # while the server starts; the data is the same (same config)
+            tokens = _read_tokens(state / "tokens", names, server, ready_by)
+            _wait_listening(port, server, ready_by)  # else every client starts in a reconnect backoff
 
-        def client(i: int) -> None:
-            try:
-                done.append(serve_client(TorchClientWork(work.model_fn), dataset[i], cfg, cfg.deploy.address,
-                                         tokens[i], give_up_s=60.0, stop=stop))
-            except Exception as exc:  # noqa: BLE001 - reported below, must not kill the other clients
-                errors.append(f"c{i:03d}: {type(exc).__name__}: {exc}")
+            def client(i: int) -> None:
+                try:
+                    done.append(serve_client(TorchClientWork(work.model_fn), dataset[i], cfg, cfg.deploy.address,
+                                             tokens[i], give_up_s=60.0, stop=stop))
+                except Exception as exc:  # noqa: BLE001 - reported below, must not kill the other clients
+                    errors.append(f"c{i:03d}: {type(exc).__name__}: {exc}")
 
-        for i in range(clients):
-            t = threading.Thread(target=client, args=(i,), name=f"load-c{i:03d}", daemon=True)
-            t.start()
-            threads.append(t)
+            for i in range(clients):
+                t = threading.Thread(target=client, args=(i,), name=f"load-c{i:03d}", daemon=True)
+                t.start()
+                threads.append(t)
+        else:
+            _read_tokens(state / "tokens", names, server, ready_by)
+            _wait_listening(port, server, ready_by)
+            share = -(-clients // PROCESSES)
+            for first in range(0, clients, share):
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "benchmarks.load", str(config_path), str(state / "tokens"), str(first),
+                     str(min(share, clients - first))], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                    env=env))
 
         try:
             server.wait(timeout=max(1.0, deadline - time.monotonic()))
@@ -212,21 +321,38 @@ def run_load(clients: int = 200, rounds: int = 5, tls: bool = True, timeout_s: f
             raise RuntimeError(f"the server exited with code {server.returncode}:\n" + "\n".join(stderr_tail))
         for t in threads:  # the server said "finished" to every poller before it stopped
             t.join(timeout=max(0.1, min(30.0, deadline - time.monotonic())))
+        for p in procs:
+            out, _ = p.communicate(timeout=max(1.0, min(120.0, deadline - time.monotonic())))
+            got = json.loads(out.strip().splitlines()[-1]) if out.strip() else {"accepted": 0, "errors": ["no record"]}
+            done.append(got["accepted"])
+            errors += got["errors"]
         stragglers = sum(t.is_alive() for t in threads)
         if errors or stragglers:
             log.warning("%d client errors, %d clients still running after the server stopped; first errors: %s",
                         len(errors), stragglers, "; ".join(errors[:5]))
         times = [t for t, _, _ in round_lines]
         span = times[-1] - times[0] if len(times) > 1 else 0.0
-        return {
+        applied = sum(k for _, _, k in round_lines[1:])  # the updates used after the first line, over its span
+        record: dict[str, Any] = {
+            "mode": mode,
             "clients": clients,
             "rounds": rounds,
-            "updates_expected": clients * rounds,
-            "updates_received": sum(k for _, _, k in round_lines),
-            "rounds_per_s": round((len(times) - 1) / span, 3) if span > 0 else None,
+            "updates_per_s": round(applied / span, 1) if span > 0 else None,
             "server_rss_mb": round(peak_kb[0] / 1024, 1),
-            "wall_s": round(time.monotonic() - start, 2),
         }
+        if mode == "sync":
+            received = sum(k for _, _, k in round_lines)
+            record.update(updates_expected=clients * rounds, updates_received=received,
+                          lost=clients * rounds - received,
+                          rounds_per_s=round((len(times) - 1) / span, 3) if span > 0 else None)
+        else:
+            with sqlite3.connect(f"file:{state / 'server.db'}?mode=ro", uri=True) as conn:
+                journaled, left = conn.execute("SELECT COUNT(*), SUM(applied IS NULL) FROM updates").fetchone()
+            record.update(values=FEATURES * CLASSES + CLASSES, concurrency=cfg.server.concurrency,
+                          buffer_size=buffer_size, versions=len(round_lines), accepted=sum(done),
+                          journaled=journaled, left_in_buffer=left or 0, lost=max(0, sum(done) - journaled))
+        record["wall_s"] = round(time.monotonic() - start, 2)
+        return record
     finally:
         stop.set()
         if server is not None and server.poll() is None:
@@ -236,7 +362,16 @@ def run_load(clients: int = 200, rounds: int = 5, tls: bool = True, timeout_s: f
             except subprocess.TimeoutExpired:
                 server.kill()
                 server.wait(timeout=10)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=10)
         end = time.monotonic() + 15.0  # with the server gone, polls fail at once and the clients see ``stop``
         for t in threads:  # daemon threads: any still in a (bounded) backoff sleep cannot keep the process alive
             t.join(timeout=max(0.0, end - time.monotonic()))
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":  # an asynchronous run's client process: CONFIG TOKEN_DIR FIRST COUNT
+    logging.basicConfig(level=logging.WARNING)
+    print(json.dumps(echo_clients(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))

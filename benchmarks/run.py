@@ -4,7 +4,8 @@
     python -m benchmarks.run wb          # W-B: Shakespeare roles, character LSTM
     python -m benchmarks.run wa-scaled   # W-A with 10,000 clients, 1,000 per round
     python -m benchmarks.run wa --repeat 5
-    python -m benchmarks.run load        # gRPC deployment: 200 threaded clients, 5 rounds (benchmarks/load.py)
+    python -m benchmarks.run load        # gRPC deployment: sync (200 training clients) and async (1,000 clients,
+                                         # FedBuff, a 1M-value model), one line each (benchmarks/load.py)
     python -m benchmarks.run hetero      # simulated mobile devices: time to target accuracy (benchmarks/hetero.py)
     python -m benchmarks.run attacks     # resource-exhaustion attacks beside honest clients (benchmarks/attacks.py)
     python -m benchmarks.run robust      # robust aggregation under simulated attackers (benchmarks/robust.py)
@@ -96,7 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.workload == "load":
         from benchmarks.load import run_load  # imported here: grpc must not count in the other workloads' import_s
 
-        print(json.dumps(run_load()))
+        for mode in ("sync", "async"):
+            print(json.dumps(run_load(mode)), flush=True)
         return
     if args.workload == "robust":
         from benchmarks.robust import run_robust

@@ -253,7 +253,7 @@ def test_a_task_a_client_cannot_read_gets_an_error_reply_and_the_client_carries_
         env = wire.to_envelope(task.request, task_id=task.task_id)
         if getattr(task.request, "step", "") == "future":
             env.kind = "secagg.consistency_check"
-        return list(wire.to_chunks(env))
+        return env.SerializeToString()
 
     monkeypatch.setattr(svc, "_encode", encode)
     cfg = load_config(None, ["deploy.tls=false", 'deploy.name="c0"'])

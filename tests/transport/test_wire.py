@@ -214,6 +214,23 @@ def test_chunks_are_sized_indexed_and_share_a_transfer_id() -> None:
     assert all(len(c.data) == 1024 and not c.last for c in chunks[:-1]) and chunks[-1].last
     assert {c.total_size for c in chunks} == {total}
     assert next(wire.to_chunks(env)).transfer_id != chunks[0].transfer_id
+    assert [wire.chunk_size(c) for c in chunks] == [c.ByteSize() for c in chunks]  # what the server counts as sent
+    assert [wire.chunk_size(c) for c in wire.to_chunks(pb.Envelope())] == [c.ByteSize() for c in
+                                                                           wire.to_chunks(pb.Envelope())]
+
+
+def test_one_model_sent_to_many_clients_is_encoded_once_and_each_task_reads_back_its_own() -> None:
+    model = [np.arange(12, dtype=np.float32).reshape(3, 4), np.ones(2, np.float32)]
+    for cid, rnd, lr in ((3, 5, 0.1), (4, 6, 0.3)):  # the second reuses the first's encoded tensors
+        request = TrainRequest(cid, rnd, model, TrainConfig(lr=lr, round=rnd))
+        env = wire.to_envelope(request)
+        back = wire.from_envelope(env)
+        assert (back.client_id, back.round, back.config) == (cid, rnd, request.config)
+        assert all(np.array_equal(a, b) for a, b in zip(back.params, model))
+        assert wire.message_size(request) == env.ByteSize()
+    other = [np.zeros((3, 4), np.float32), np.ones(2, np.float32)]  # another model (another version) is encoded anew
+    assert np.array_equal(wire.from_envelope(wire.to_envelope(TrainRequest(0, 1, other, TrainConfig()))).params[0],
+                          other[0])
 
 
 def test_200mb_model_round_trips_in_few_seconds_and_bounded_memory() -> None:

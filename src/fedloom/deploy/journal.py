@@ -3,9 +3,10 @@
 FedBuff's buffer lives in memory between server updates, so a server killed mid-buffer would lose
 the updates it had accepted. Each accepted update's change from the model it was sent (checked at
 the door, decoded, as a delta) is written first. The updates that arrive while one write is under
-way go into the next file together (a group commit): one ``.npz`` per batch (temp file, fsync,
-rename, fsync of the folder), then one transaction adding their rows to the ``updates`` table
-(``deploy/state.py``), and only then are their pushes answered.
+way go into the next file together (a group commit): one file per batch of ``.npy`` records, each
+update's arrays in turn (temp file, fsync, rename, fsync of the folder; read back without
+unpickling), then one transaction adding their rows to the ``updates`` table (``deploy/state.py``),
+and only then are their pushes answered.
 
 A server update marks the updates it used in the transaction that marks it done
 (``ServerState.complete_round``). After a restart the buffer is exactly the journaled updates that no
@@ -24,6 +25,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -103,28 +105,31 @@ class Journal:
                     future.set_result(None)
 
     def _commit(self, entries: list[Entry]) -> None:
-        name = f"batch-{time.time_ns():020d}-{secrets.token_hex(4)}.npz"
-        arrays, names = [], []
-        for e in entries:
-            arrays += list(e.update.values)
-            names += [f"{e.task_id}/{i}" for i in range(len(e.update.values))]
-        write_durably(self.folder / name, arrays, names)
+        name = f"batch-{time.time_ns():020d}-{secrets.token_hex(4)}.npy"
+
+        def write(f: BinaryIO) -> None:
+            for e in entries:
+                for a in e.update.values:
+                    np.lib.format.write_array(f, np.ascontiguousarray(a), allow_pickle=False)
+
+        write_durably(self.folder / name, write)
         self.store.journal_updates(self.run_id, [
             (e.task_id, e.client_id, e.dispatch, e.version_sent, float(e.update.weight),
-             json.dumps({k: float(v) for k, v in e.update.metrics.items()}), name) for e in entries])
+             json.dumps({k: float(v) for k, v in e.update.metrics.items()}), name, slot)
+            for slot, e in enumerate(entries)])
 
     def buffered(self, spec: ParamSpec) -> list[Entry]:
         """The journaled updates no done server update used, oldest first, read back and checked against ``spec``."""
-        entries, files = [], {}
+        entries, files, n = [], {}, len(spec.shapes)
         for row in self.store.buffered(self.run_id):
             path = self.folder / row["file"]
             try:
                 if row["file"] not in files:
-                    with np.load(path, allow_pickle=False) as f:
-                        files[row["file"]] = {k: f[k] for k in f.files}
-                held = files[row["file"]]
-                values = [held[f"{row['task_id']}/{i}"] for i in range(len(spec.shapes))]
-            except (OSError, KeyError, ValueError) as exc:
+                    files[row["file"]] = _read_records(path)
+                values = files[row["file"]][row["slot"] * n: (row["slot"] + 1) * n]
+                if len(values) != n:
+                    raise ValueError(f"it ends before update {row['slot'] + 1}")
+            except (OSError, ValueError) as exc:
                 raise StateError(f"journal file {path} cannot be read back ({exc}): an accepted update is lost. "
                                  "Restore the state folder from a backup", stage="state") from None
             if [v.shape for v in values] != [tuple(s) for s in spec.shapes] or not all(
@@ -141,3 +146,12 @@ class Journal:
         _, spent = self.store.journal_files(self.run_id)
         for name in spent:
             (self.folder / name).unlink(missing_ok=True)
+
+
+def _read_records(path: Path) -> list[np.ndarray]:
+    """The ``.npy`` records of a journal file, in order (never unpickled)."""
+    out, size = [], path.stat().st_size
+    with open(path, "rb") as f:
+        while f.tell() < size:
+            out.append(np.lib.format.read_array(f, allow_pickle=False))
+    return out

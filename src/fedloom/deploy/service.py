@@ -168,8 +168,8 @@ def _refused(code: str, reason: str) -> pb.PushReply:
     return pb.PushReply(accepted=False, error=pb.ErrorMsg(code=code, reason=reason))
 
 
-def _encode(task: Task) -> list[pb.Chunk]:
-    return list(wire.to_chunks(wire.to_envelope(task.request, task_id=task.task_id)))
+def _encode(task: Task) -> bytes:
+    return wire.to_envelope(task.request, task_id=task.task_id).SerializeToString()
 
 
 class FederationService:
@@ -389,10 +389,13 @@ class FederationService:
                     context.set_trailing_metadata(((STATUS_KEY, "finished" if self.finished else "idle"),))
                     return
                 try:
-                    chunks = await asyncio.get_running_loop().run_in_executor(self._codec, _encode, task)
-                    for chunk in chunks:
+                    data = await asyncio.get_running_loop().run_in_executor(self._codec, _encode, task)
+                    size = 0
+                    for chunk in wire.slices(data):  # each chunk made as it is sent: the model is held once
+                        size += wire.chunk_size(chunk)
                         yield chunk
-                    self.dispatcher.sent(task, sum(c.ByteSize() for c in chunks))
+                    del data
+                    self.dispatcher.sent(task, size)
                 except BaseException:  # the poll broke while the task was handed over: keep it for the next
                     self.dispatcher.requeue(task)
                     raise

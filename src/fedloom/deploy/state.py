@@ -37,10 +37,10 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -109,6 +109,7 @@ _TABLES = (
         weight REAL NOT NULL,
         metrics_json TEXT NOT NULL,
         file TEXT NOT NULL,
+        slot INTEGER NOT NULL,
         received REAL NOT NULL,
         applied INTEGER
     )""",
@@ -119,7 +120,7 @@ _TABLES = (
         PRIMARY KEY (run_id, name)
     )""",
 )
-JOURNAL_COLUMNS = ("task_id", "client_id", "dispatch", "version_sent", "weight", "metrics_json", "file")
+JOURNAL_COLUMNS = ("task_id", "client_id", "dispatch", "version_sent", "weight", "metrics_json", "file", "slot")
 TASK_COLUMNS = ("round", "client_id", "kind", "outcome", "sent_at", "down_s", "work_s", "up_s", "down_bytes",
                 "up_bytes", "examples", "flops_per_example")
 
@@ -482,7 +483,7 @@ class ServerState:
     def _write_checkpoint(self, path: Path, params: Params, names: list[str]) -> str:
         """Write ``path`` atomically, readable by this user only (:func:`write_durably`); returns its SHA-256."""
         try:
-            write_durably(path, params, names)
+            write_durably(path, lambda f: save_params(f, params, names))
             return _sha256(path)
         except (OSError, TypeError, ValueError) as exc:
             raise StateError(f"cannot write checkpoint {path}: {exc}", stage="checkpoint") from exc
@@ -641,14 +642,14 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_durably(path: Path, params: Params, names: list[str]) -> None:
-    """Write ``params`` to ``path`` (``.npz``, this user only) so that it is whole or absent after any crash: a temp
-    file, fsync, ``os.replace``, fsync of the folder."""
+def write_durably(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Make ``path`` (this user only) hold what ``write`` writes, whole or absent after any crash: a temp file,
+    fsync, ``os.replace``, fsync of the folder."""
     _make_dirs(path.parent)
-    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}.npz")
+    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
     try:
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
-            save_params(f, params, names)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

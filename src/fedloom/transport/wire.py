@@ -317,12 +317,26 @@ def _train_config(m: pb.TrainConfigMsg) -> TrainConfig:
                        stage=tuple(sorted(m.stage.items())))
 
 
+_MODEL_BYTES: tuple[Any, bytes] = (None, b"")  # the model last encoded for a train request, and its tensors' bytes
+
+
 def _encode_train_request(m: TrainRequest) -> bytes:
-    """The model as tensors, or, compressed for the downlink, only its payload (the client decodes it)."""
-    body = pb.TrainRequestBody(config=_train_config_msg(m.config), payload=m.payload)
-    if not m.payload:
+    """The model as tensors, or, compressed for the downlink, only its payload (the client decodes it).
+
+    The tensors of a model are encoded once for all the tasks that send it (an asynchronous server sends
+    one version to many clients): protobuf reads a message's serialized fields appended to another's as one.
+    """
+    global _MODEL_BYTES
+    head = pb.TrainRequestBody(config=_train_config_msg(m.config), payload=m.payload).SerializeToString()
+    if m.payload:
+        return head
+    params, model = _MODEL_BYTES  # one read: another thread may replace it meanwhile
+    if params is not m.params:
+        body = pb.TrainRequestBody()
         _add_tensors(body.params, m.params)
-    return body.SerializeToString()
+        params, model = m.params, body.SerializeToString()
+        _MODEL_BYTES = (params, model)
+    return head + model
 
 
 def _decode_train_request(data: bytes, limits: Limits) -> TrainRequest:
@@ -607,12 +621,24 @@ def _with_address(message: Any, env: pb.Envelope) -> Any:
 # ---------------------------------------------------------------------------------------- chunks
 
 
+def chunk_size(chunk: pb.Chunk) -> int:
+    """Bytes of ``chunk`` serialized, without serializing its data (``ByteSize`` would)."""
+    n = len(chunk.data)
+    return pb.Chunk(transfer_id=chunk.transfer_id, total_size=chunk.total_size, index=chunk.index,
+                    last=chunk.last).ByteSize() + (_field_size(n) if n else 0)
+
+
 def to_chunks(env: pb.Envelope, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[pb.Chunk]:
     """Serialize ``env`` once and yield it as consecutive :class:`Chunk` slices (the final one ``last``)."""
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
     data = env.SerializeToString()
     del env  # the generator outlives this line: hold only the serialized bytes
+    return slices(data, chunk_bytes)
+
+
+def slices(data: bytes, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[pb.Chunk]:
+    """A serialized envelope as consecutive :class:`Chunk` slices, each made when it is asked for."""
     total = len(data)
     transfer_id = secrets.token_hex(16)
     count = max(1, -(-total // chunk_bytes))
