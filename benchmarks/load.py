@@ -35,7 +35,11 @@ server's journal), ``server_rss_mb``, ``wall_s``; and
   from ``/proc/PID/status``, polled every 0.2 s until it exits);
 - ``wall_s``: the whole call, PKI, server start-up, data and shutdown included;
 - async only: ``values`` (the model's size), ``concurrency``, ``buffer_size``, ``versions``,
-  ``accepted`` (the clients' count), ``journaled`` and ``left_in_buffer`` (accepted after the last version).
+  ``accepted`` (the clients' count), ``journaled`` and ``left_in_buffer`` (accepted after the last version);
+  ``ceiling_updates_per_s`` and ``of_ceiling``: the reference, run in the same script after the run, is bare
+  gRPC (:func:`grpc_ceiling`) moving the same bytes (the model down, an update of its size up, 1 MiB chunks,
+  the same TLS, ``concurrency`` exchanges at once from as many client threads in 4 processes) with no
+  decoding, checking, journal or aggregation: what any server could do with this traffic on this machine.
 """
 
 from __future__ import annotations
@@ -212,9 +216,11 @@ def _wait_listening(port: int, server: subprocess.Popen[str], deadline: float) -
 
 
 def run_load(mode: str = "sync", clients: int | None = None, rounds: int | None = None, tls: bool = True,
-             timeout_s: float = 900.0, concurrency: int = 100, buffer_size: int = 50) -> dict[str, Any]:
+             timeout_s: float = 900.0, concurrency: int = 100, buffer_size: int = 50,
+             ceiling: bool = False) -> dict[str, Any]:
     """Run ``clients`` clients against a real server process for ``rounds`` rounds (server updates, for ``"async"``);
-    return the record. Defaults: sync, 200 clients, 5 rounds; async, 1,000 clients, 40 versions.
+    return the record. Defaults: sync, 200 clients, 5 rounds; async, 1,000 clients, 40 versions. With ``ceiling``
+    the async record adds the reference, :func:`grpc_ceiling`, and the run's share of it.
 
     Raises ``RuntimeError`` when the server fails (with the tail of its log) and ``TimeoutError`` when
     the run takes longer than ``timeout_s``; either way the server and the clients are killed and the folder removed.
@@ -351,6 +357,11 @@ def run_load(mode: str = "sync", clients: int | None = None, rounds: int | None 
             record.update(values=FEATURES * CLASSES + CLASSES, concurrency=cfg.server.concurrency,
                           buffer_size=buffer_size, versions=len(round_lines), accepted=sum(done),
                           journaled=journaled, left_in_buffer=left or 0, lost=max(0, sum(done) - journaled))
+            if ceiling:  # after the run, alone on the machine: the same bytes each way, as many at once
+                size = 4 * (FEATURES * CLASSES + CLASSES)
+                record["ceiling_updates_per_s"] = round(grpc_ceiling(cfg.server.concurrency, size, tls), 1)
+                if record["updates_per_s"]:
+                    record["of_ceiling"] = round(record["updates_per_s"] / record["ceiling_updates_per_s"], 3)
         record["wall_s"] = round(time.monotonic() - start, 2)
         return record
     finally:
@@ -372,6 +383,133 @@ def run_load(mode: str = "sync", clients: int | None = None, rounds: int | None 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-if __name__ == "__main__":  # an asynchronous run's client process: CONFIG TOKEN_DIR FIRST COUNT
+# -- the reference: the same bytes through bare gRPC ------------------------------------------------
+
+CEILING = "fedloom.bench.Ceiling"
+
+
+def _ceiling_server(pki: str, seconds: float, size: int) -> None:
+    """A bare gRPC server (asyncio, as fedloom's): ``Pull`` streams ``size`` bytes in 1 MiB chunks, ``Push`` reads
+    a chunked message and counts it. Prints its port, waits for a line on stdin, then counts pushes for ``seconds``
+    and prints ``{"updates_per_s": ...}``."""
+    import asyncio
+
+    import grpc
+
+    from fedloom.transport import wire
+    from fedloom.transport.proto import fedloom_pb2 as pb
+
+    blob = os.urandom(size)
+    count = [0]
+    port: list[int] = []
+    ready = threading.Event()
+
+    async def pull(requests: Any, context: Any) -> Any:
+        async for _ in requests:
+            break
+        for chunk in wire.slices(blob):
+            yield chunk
+
+    async def push(requests: Any, context: Any) -> Any:
+        buf = bytearray()
+        async for chunk in requests:
+            buf += chunk.data
+        count[0] += 1
+        return pb.PushReply(accepted=True)
+
+    async def main() -> None:
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(CEILING, {
+            "Pull": grpc.stream_stream_rpc_method_handler(pull, request_deserializer=pb.PullRequest.FromString,
+                                                          response_serializer=pb.Chunk.SerializeToString),
+            "Push": grpc.stream_unary_rpc_method_handler(push, request_deserializer=pb.Chunk.FromString,
+                                                         response_serializer=pb.PushReply.SerializeToString)}),))
+        if pki:
+            creds = grpc.ssl_server_credentials([(Path(pki, "server.key").read_bytes(),
+                                                  Path(pki, "server.pem").read_bytes())])
+            port.append(server.add_secure_port("127.0.0.1:0", creds))
+        else:
+            port.append(server.add_insecure_port("127.0.0.1:0"))
+        await server.start()
+        ready.set()
+        await asyncio.sleep(seconds + 600)
+
+    threading.Thread(target=lambda: asyncio.run(main()), daemon=True).start()
+    ready.wait()
+    print(port[0], flush=True)
+    sys.stdin.readline()
+    first, start = count[0], time.monotonic()
+    time.sleep(seconds)
+    print(json.dumps({"updates_per_s": (count[0] - first) / (time.monotonic() - start)}), flush=True)
+
+
+def _ceiling_clients(pki: str, port: int, count: int, size: int) -> None:
+    """``count`` threads, each with its own channel, pulling ``size`` bytes and pushing as many back, until killed."""
+    import grpc
+
+    from fedloom.transport import wire
+    from fedloom.transport.proto import fedloom_pb2 as pb
+
+    blob = os.urandom(size)
+
+    def client() -> None:
+        options = [("grpc.max_receive_message_length", 8 << 20)]
+        address = f"127.0.0.1:{port}"
+        channel = (grpc.secure_channel(address, grpc.ssl_channel_credentials(Path(pki, "ca.pem").read_bytes()),
+                                       options) if pki else grpc.insecure_channel(address, options))
+        pull = channel.stream_stream(f"/{CEILING}/Pull", request_serializer=pb.PullRequest.SerializeToString,
+                                     response_deserializer=pb.Chunk.FromString)
+        push = channel.stream_unary(f"/{CEILING}/Push", request_serializer=pb.Chunk.SerializeToString,
+                                    response_deserializer=pb.PushReply.FromString)
+        try:
+            while True:
+                b"".join(c.data for c in pull(iter([pb.PullRequest()])))
+                push(wire.slices(blob))
+        except grpc.RpcError:  # the reference is over: its server is gone
+            return
+
+    for _ in range(count):
+        threading.Thread(target=client, daemon=True).start()
+    threading.Event().wait()
+
+
+def grpc_ceiling(streams: int, size: int, tls: bool, seconds: float = 20.0) -> float:
+    """Exchanges per second of bare gRPC on this machine: ``streams`` clients (in :data:`PROCESSES` processes) each
+    pulling ``size`` bytes and pushing as many back, with no decoding, checking, journal or aggregation: the most
+    any server could do with the asynchronous mode's traffic here."""
+    tmp = Path(tempfile.mkdtemp(prefix="fedloom-ceiling-"))
+    procs: list[subprocess.Popen[str]] = []
+    here = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)}
+    try:
+        pki = ""
+        if tls:
+            make_dev_pki(tmp / "pki")
+            pki = str(tmp / "pki")
+        server = subprocess.Popen([sys.executable, "-m", "benchmarks.load", "ceiling-server", pki, str(seconds),
+                                   str(size)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        procs.append(server)
+        port = int(server.stdout.readline())  # type: ignore[union-attr]
+        share = -(-streams // PROCESSES)
+        for first in range(0, streams, share):
+            procs.append(subprocess.Popen([sys.executable, "-m", "benchmarks.load", "ceiling-clients", pki, str(port),
+                                           str(min(share, streams - first)), str(size)], env=env))
+        time.sleep(5.0)  # connected and flowing
+        server.stdin.write("go\n")  # type: ignore[union-attr]
+        server.stdin.flush()  # type: ignore[union-attr]
+        return float(json.loads(server.stdout.readline())["updates_per_s"])  # type: ignore[union-attr]
+    finally:
+        for p in reversed(procs):  # the clients first
+            p.kill()
+            p.wait(timeout=10)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":  # the asynchronous mode's client processes, and the reference's server and clients
     logging.basicConfig(level=logging.WARNING)
-    print(json.dumps(echo_clients(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))
+    if sys.argv[1] == "ceiling-server":
+        _ceiling_server(sys.argv[2], float(sys.argv[3]), int(sys.argv[4]))
+    elif sys.argv[1] == "ceiling-clients":
+        _ceiling_clients(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+    else:  # CONFIG TOKEN_DIR FIRST COUNT
+        print(json.dumps(echo_clients(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))

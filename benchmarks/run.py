@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         from benchmarks.load import run_load  # imported here: grpc must not count in the other workloads' import_s
 
         for mode in ("sync", "async"):
-            print(json.dumps(run_load(mode)), flush=True)
+            print(json.dumps(run_load(mode, ceiling=mode == "async")), flush=True)
         return
     if args.workload == "robust":
         from benchmarks.robust import run_robust

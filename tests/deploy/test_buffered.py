@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from test_e2e import BASE, client_args, fedloom, free_port, wait_for
+from test_e2e import BASE, client_args, federation, fedloom, free_port, wait_for
 from test_service import MODEL, Running
 from test_trace import SLOW_MODEL
 
@@ -17,6 +17,7 @@ from fedloom.deploy.buffered import journal_entry
 from fedloom.deploy.certs import make_dev_pki
 from fedloom.deploy.journal import Journal
 from fedloom.deploy.service import TASK_KEY
+from fedloom.deploy.state import ServerState as StateStore
 from fedloom.errors import StateError
 from fedloom.messages import TrainConfig, TrainReply, TrainRequest, Update
 from fedloom.params import ParamSpec
@@ -177,3 +178,26 @@ def test_fedbuff_over_tls_survives_a_kill_mid_buffer_losing_and_repeating_nothin
     assert len(_sql(db, "SELECT 1 FROM rounds WHERE status = 'done'")) == 8
     leftover = {f for (f,) in _sql(db, "SELECT DISTINCT file FROM updates WHERE applied IS NULL")}
     assert {p.name for p in (state / "journal" / "run-0001").iterdir()} == leftover  # used files are deleted
+
+
+def test_fedasync_over_grpc_applies_each_update_alone_with_the_staleness_of_the_version_it_trained_on(tmp_path):
+    """FedAsync (a buffer of one) with three real clients training at once: every version uses one update, and an
+    update that arrives after others were applied counts the versions since the one it was sent."""
+    pki = tmp_path / "pki"
+    make_dev_pki(pki, clients=["c0", "c1", "c2"])
+    config = tmp_path / "run.toml"
+    state = tmp_path / "state"
+    config.write_text(BASE.format(port=free_port(), state=state, pki=pki).replace("rounds = 3", "rounds = 9")
+                      .replace("every = 1", "every = 9")
+                      .replace("[server]\n", '[server]\naggregation = "fedasync"\nconcurrency = 3\n'))
+    federation(config, pki, state, [client_args(config, pki, state, f"c{i}", i) for i in range(3)])
+    rows = _sql(state / "server.db", "SELECT applied, version_sent FROM updates WHERE applied IS NOT NULL "
+                                     "ORDER BY applied")
+    assert [v for v, _ in rows] == list(range(1, 10))  # one update per version
+    staleness = [v - 1 - sent for v, sent in rows]  # versions applied between its model and its own
+    assert min(staleness) >= 0 and max(staleness) >= 1, staleness
+    done = StateStore(state / "server.db")
+    history = done.history(done.resume_run("hospitals"))
+    done.close()
+    assert [h["metrics"]["accepted"] for h in history] == [1] * 9
+    assert history[-1]["metrics"]["test_accuracy"] > 0.8
