@@ -216,7 +216,7 @@ def _wait_listening(port: int, server: subprocess.Popen[str], deadline: float) -
 
 
 def run_load(mode: str = "sync", clients: int | None = None, rounds: int | None = None, tls: bool = True,
-             timeout_s: float = 900.0, concurrency: int = 100, buffer_size: int = 50,
+             timeout_s: float = 900.0, concurrency: int = 50, buffer_size: int = 25,
              ceiling: bool = False) -> dict[str, Any]:
     """Run ``clients`` clients against a real server process for ``rounds`` rounds (server updates, for ``"async"``);
     return the record. Defaults: sync, 200 clients, 5 rounds; async, 1,000 clients, 40 versions. With ``ceiling``
