@@ -201,3 +201,26 @@ def test_fedasync_over_grpc_applies_each_update_alone_with_the_staleness_of_the_
     done.close()
     assert [h["metrics"]["accepted"] for h in history] == [1] * 9
     assert history[-1]["metrics"]["test_accuracy"] > 0.8
+
+
+def test_the_journal_clears_what_a_crash_mid_commit_left_and_refuses_a_database_that_lost_rows(tmp_path):
+    store = StateStore(tmp_path / "server.db")
+    run_id = store.start_run("async", "")
+    folder = tmp_path / "journal"
+    journal = Journal(store, run_id, folder)
+    for i in range(2):
+        update = Update([np.full(3, float(i), np.float32)], 1.0, "delta", {"loss": 0.1})
+        journal.write(journal_entry(f"task{i}", 0, TrainReply(i, i + 1, update=update))).result(timeout=10)
+    journal.close()
+    indexed = {r["file"] for r in store.buffered(run_id)}
+    assert {p.name for p in folder.iterdir()} == indexed
+    (folder / "batch-99999999999999999999-cafe.npy").write_bytes(b"written, never indexed: never acknowledged")
+    (folder / "batch-99999999999999999999-beef.tmp-1-2.npy").write_bytes(b"half")
+    journal = Journal(store, run_id, folder)  # a restart: the unindexed newest file and the temp file go
+    assert {p.name for p in folder.iterdir()} == indexed
+    assert [e.task_id for e in journal.buffered(ParamSpec.of([np.zeros(3, np.float32)]))] == ["task0", "task1"]
+    journal.close()
+    (folder / "batch-00000000000000000001-dead.npy").write_bytes(b"older than what the index knows")
+    with pytest.raises(StateError, match="lost accepted updates"):
+        Journal(store, run_id, folder)
+    store.close()

@@ -60,6 +60,7 @@ class Journal:
 
     def __init__(self, store: ServerState, run_id: int, folder: Path):
         self.store, self.run_id, self.folder = store, run_id, folder
+        self._sweep()
         self._pending: list[tuple[Entry, Future[None]]] = []
         self._cv = threading.Condition()
         self._closed = False
@@ -140,6 +141,24 @@ class Journal:
             entries.append(Entry(row["task_id"], row["client_id"], row["dispatch"], row["version_sent"],
                                  Update(values, float(row["weight"]), "delta", metrics)))
         return entries
+
+    def _sweep(self) -> None:
+        """Before the writer starts: delete what a crash mid-commit left (a temp file; a batch file written but not
+        yet indexed, whose updates no client was told were accepted). A file the index does not know that is older
+        than one it knows means the database lost committed rows: refused, as a database that lost rounds is."""
+        if not self.folder.is_dir():
+            return
+        holding, spent = self.store.journal_files(self.run_id)
+        known = holding | spent
+        newest = max(known, default="")
+        for path in sorted(self.folder.iterdir()):
+            if ".tmp-" in path.name or (path.name not in known and path.name > newest):
+                path.unlink(missing_ok=True)
+            elif path.name not in known:
+                raise StateError(f"journal file {path} is not in {self.store.path}, which knows later ones: the "
+                                 "database has lost accepted updates (was server.db-wal deleted or truncated, or an "
+                                 "older copy restored?). Restore server.db and server.db-wal together from a backup",
+                                 stage="state")
 
     def prune(self) -> None:
         """Delete the journal files whose updates were all used."""
