@@ -5,7 +5,9 @@ Clients connect out and pull work (long-poll), so a device behind NAT can take p
 the simulation's: a :class:`SyncServer` whose transport (:class:`DeployedTransport`) queues tasks
 for the clients and waits for their replies. After every round the global model and the
 optimizer state are checkpointed and the round is marked done in SQLite, so a restarted server
-resumes from the last completed round.
+resumes from the last completed round. With ``server.aggregation = "fedbuff"`` or ``"fedasync"``
+the loop is ``deploy/buffered.py``'s instead (the simulation's :class:`AsyncServer`, every accepted
+update journaled before its client is answered), and a "round" is a server update (a version).
 
 Before anything is served, the state is checked: a database that lost committed rounds or
 enrolments, a checkpoint that is not the file written for its round or that holds NaN, and a
