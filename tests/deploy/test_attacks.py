@@ -170,7 +170,9 @@ def test_slow_and_flooding_calls_leave_the_honest_rounds_running_in_bounded_memo
     results = {mode: finish(a) for mode, a in attackers.items()}
     print(json.dumps({"baseline": base, "attacked": hit, "attackers": results}))
     assert hit["peak_rss_mb"] < 1024 and hit["lost_updates"] == 0, hit
-    assert hit["rounds_per_min"] >= 0.25 * base["rounds_per_min"] > 0, (base, hit)
+    # The attackers' processes share the machine's 2 cores with the honest clients: on an idle machine the rounds go
+    # on at 38-41% of their rate, on a loaded one (a whole test suite before it) 18-19%; stalled, they would stop.
+    assert hit["rounds_per_min"] >= 0.15 * base["rounds_per_min"] > 0, (base, hit)
     joins = results["slow-joins"]["outcomes"]
     assert joins.get("RESOURCE_EXHAUSTED", 0) > 0 and joins.get("DEADLINE_EXCEEDED", 0) > 0, joins  # refused, cut off
     assert results["long-polls"]["outcomes"].get("RESOURCE_EXHAUSTED", 0) > 0

@@ -75,9 +75,10 @@ def test_a_slowed_clients_trace_makes_the_simulation_find_it_slow(tmp_path):
         (False, True)] * 3
 
     # a simulation of that trace: asked 3 a round and keeping the first 2 arrivals, it never waits for client 1 once
-    # all three are there (the first rounds start as soon as two have joined, as they joined the real run)
+    # all three are there (the first rounds start as soon as two have joined, as they joined the real run: a busy
+    # machine may start a client seconds after the others, so the simulation runs rounds enough to pass that)
     cfg = load_config(config, [f'hetero.population="{tmp_path / "trace.csv"}"', "hetero.over_select=1.5",
-                               "server.clients_per_round=2", "run.rounds=6", "run.client_metrics=true",
+                               "server.clients_per_round=2", "run.rounds=30", "run.client_metrics=true",
                                f'run.out_dir="{tmp_path / "sim"}"', 'model.name="mlp"', 'model.factory=""'])
     result = simulate(cfg, progress=False)
     with open(result.run_dir / "clients.csv") as f:
