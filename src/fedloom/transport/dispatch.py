@@ -322,7 +322,8 @@ class Dispatcher:
             await self.journal(task, entry)
         except Exception as exc:  # noqa: BLE001 - the update is not kept; its task and its client are told why
             self._answer(task_id, error_reply(task.request, "server_error", f"the server could not keep it: {exc}"))
-            return ErrorReply("server_error", f"the server could not keep the update: {exc}")
+            return ErrorReply("server_error", "the server could not keep the update (its journal failed: see its log); "
+                                              "the task is over")
         finally:
             self._writing.discard(task_id)
         self.received[task_id] = client_id
