@@ -25,6 +25,13 @@ from fedloom.params import ParamSpec
 SENT = [np.full(3, 2.0, np.float32)]
 
 
+@pytest.fixture
+def served(tmp_path):
+    r = Running(tmp_path)
+    yield r
+    r.close()
+
+
 def _journaling(r: Running, folder):
     run_id = r.store.start_run("async", "")
     journal = Journal(r.store, run_id, folder)
@@ -40,71 +47,62 @@ def _arrivals(r: Running, n: int, timeout: float = 10.0):
     return out
 
 
-def test_an_update_is_journaled_as_its_delta_before_it_is_accepted_and_a_push_again_adds_nothing(tmp_path):
-    r = Running(tmp_path)
-    try:
-        run_id, journal = _journaling(r, tmp_path / "journal")
-        session, meta = r.join()
-        (task,) = r.transport.submit([TrainRequest(0, 7, SENT, TrainConfig(round=7))], version=4)
-        task_id, request = r.pull(session, meta)
-        assert task_id == task.task_id and request.round == 7
-        new = TrainReply(0, 7, update=Update([np.full(3, 5.0, np.float32)], 3.0, "params", {"loss": 0.5}))
-        tagged = (*meta, (TASK_KEY, task_id))
-        assert r.push(new, task_id, tagged).accepted
-        rows = r.store.buffered(run_id)  # durable when the push was answered
-        assert [(x["task_id"], x["client_id"], x["dispatch"], x["version_sent"], x["weight"]) for x in rows] == [
-            (task_id, 0, 7, 4, 3.0)]
-        assert r.push(new, task_id, tagged).accepted  # its answer was lost, say: accepted again, nothing added
-        assert len(r.store.buffered(run_id)) == 1
-        untagged = r.push(new, task_id, meta)  # without naming its task it is an unawaited reply
-        assert not untagged.accepted and untagged.error.code == "not_awaited"
-        (got,) = _arrivals(r, 1)
-        assert got[0].task_id == task_id and got[1].update.kind == "delta"
-        np.testing.assert_array_equal(got[1].update.values[0], np.full(3, 3.0))  # 5 - 2: the change it stands for
-        assert got[2].outcome == "ok" and got[2].up_bytes > 0
-        (entry,) = journal.buffered(ParamSpec.of(SENT))  # what a restarted server reads back
-        assert (entry.task_id, entry.version_sent, entry.update.metrics) == (task_id, 4, {"loss": 0.5})
-        np.testing.assert_array_equal(entry.update.values[0], np.full(3, 3.0))
+def test_an_update_is_journaled_as_its_delta_before_it_is_accepted_and_a_push_again_adds_nothing(served, tmp_path):
+    r = served
+    run_id, journal = _journaling(r, tmp_path / "journal")
+    session, meta = r.join()
+    (task,) = r.transport.submit([TrainRequest(0, 7, SENT, TrainConfig(round=7))], version=4)
+    task_id, request = r.pull(session, meta)
+    assert task_id == task.task_id and request.round == 7
+    new = TrainReply(0, 7, update=Update([np.full(3, 5.0, np.float32)], 3.0, "params", {"loss": 0.5}))
+    tagged = (*meta, (TASK_KEY, task_id))
+    assert r.push(new, task_id, tagged).accepted
+    rows = r.store.buffered(run_id)  # durable when the push was answered
+    assert [(x["task_id"], x["client_id"], x["dispatch"], x["version_sent"], x["weight"]) for x in rows] == [
+        (task_id, 0, 7, 4, 3.0)]
+    assert r.push(new, task_id, tagged).accepted  # its answer was lost, say: accepted again, nothing added
+    assert len(r.store.buffered(run_id)) == 1
+    untagged = r.push(new, task_id, meta)  # without naming its task it is an unawaited reply
+    assert not untagged.accepted and untagged.error.code == "not_awaited"
+    (got,) = _arrivals(r, 1)
+    assert got[0].task_id == task_id and got[1].update.kind == "delta"
+    np.testing.assert_array_equal(got[1].update.values[0], np.full(3, 3.0))  # 5 - 2: the change it stands for
+    assert got[2].outcome == "ok" and got[2].up_bytes > 0
+    (entry,) = journal.buffered(ParamSpec.of(SENT))  # what a restarted server reads back
+    assert (entry.task_id, entry.version_sent, entry.update.metrics) == (task_id, 4, {"loss": 0.5})
+    np.testing.assert_array_equal(entry.update.values[0], np.full(3, 3.0))
 
-        (bad,) = r.transport.submit([TrainRequest(0, 8, SENT, TrainConfig(round=8))], version=4)
-        task_id, _ = r.pull(session, meta)
-        nan = r.push(TrainReply(0, 8, update=Update([np.full(3, np.nan, np.float32)], 1.0)), task_id, meta)
-        assert not nan.accepted and nan.error.code == "invalid_update"
-        (got,) = _arrivals(r, 1)
-        assert got[1].error.code == "invalid_update" and len(r.store.buffered(run_id)) == 1  # refused: not journaled
-        journal.close()
-    finally:
-        r.close()
+    (bad,) = r.transport.submit([TrainRequest(0, 8, SENT, TrainConfig(round=8))], version=4)
+    task_id, _ = r.pull(session, meta)
+    nan = r.push(TrainReply(0, 8, update=Update([np.full(3, np.nan, np.float32)], 1.0)), task_id, meta)
+    assert not nan.accepted and nan.error.code == "invalid_update"
+    (got,) = _arrivals(r, 1)
+    assert got[1].error.code == "invalid_update" and len(r.store.buffered(run_id)) == 1  # refused: not journaled
+    journal.close()
 
 
-def test_an_update_the_journal_cannot_keep_is_refused_and_its_task_ends_with_why(tmp_path):
-    r = Running(tmp_path)
-    try:
-        (tmp_path / "journal").write_text("a file where the journal's folder should be")
-        run_id, journal = _journaling(r, tmp_path / "journal")
-        session, meta = r.join()
-        r.transport.submit([TrainRequest(0, 1, MODEL, TrainConfig(round=1))], version=0)
-        task_id, _ = r.pull(session, meta)
-        answer = r.push(TrainReply(0, 1, update=Update([np.ones(3, np.float32)], 1.0)), task_id, meta)
-        assert not answer.accepted and answer.error.code == "server_error" and "could not keep" in answer.error.reason
-        (got,) = _arrivals(r, 1)
-        assert got[1].error.code == "server_error" and r.store.buffered(run_id) == []
-        journal.close()
-    finally:
-        r.close()
+def test_an_update_the_journal_cannot_keep_is_refused_and_its_task_ends_with_why(served, tmp_path):
+    r = served
+    (tmp_path / "journal").write_text("a file where the journal's folder should be")
+    run_id, journal = _journaling(r, tmp_path / "journal")
+    session, meta = r.join()
+    r.transport.submit([TrainRequest(0, 1, MODEL, TrainConfig(round=1))], version=0)
+    task_id, _ = r.pull(session, meta)
+    answer = r.push(TrainReply(0, 1, update=Update([np.ones(3, np.float32)], 1.0)), task_id, meta)
+    assert not answer.accepted and answer.error.code == "server_error" and "could not keep" in answer.error.reason
+    (got,) = _arrivals(r, 1)
+    assert got[1].error.code == "server_error" and r.store.buffered(run_id) == []
+    journal.close()
 
 
-def test_a_round_can_only_use_updates_the_journal_holds_unused(tmp_path):
-    r = Running(tmp_path)
-    try:
-        run_id, journal = _journaling(r, tmp_path / "journal")
-        r.store.open_round(run_id, 1)
-        with pytest.raises(StateError, match="used 1 journaled updates but only 0"):
-            r.store.complete_round(run_id, 1, MODEL, ["w"], {}, applied=["never-journaled"])
-        assert r.store.last_completed_round(run_id) == 0  # nothing marked
-        journal.close()
-    finally:
-        r.close()
+def test_a_round_can_only_use_updates_the_journal_holds_unused(served, tmp_path):
+    r = served
+    run_id, journal = _journaling(r, tmp_path / "journal")
+    r.store.open_round(run_id, 1)
+    with pytest.raises(StateError, match="used 1 journaled updates but only 0"):
+        r.store.complete_round(run_id, 1, MODEL, ["w"], {}, applied=["never-journaled"])
+    assert r.store.last_completed_round(run_id) == 0  # nothing marked
+    journal.close()
 
 
 def _sql(db, query):

@@ -45,7 +45,7 @@ class DeployedAsync:
     def __init__(self, cfg: Config, server: AsyncServer, transport: Metered, state: AsyncState, journal: Journal,
                  store: StateStore, run_id: int, num_clients: int):
         self.cfg, self.server, self.transport, self.state = cfg, server, transport, state
-        self.store, self.run_id, self.num_clients, self.journal = store, run_id, num_clients, journal
+        self.store, self.run_id, self.num_clients = store, run_id, num_clients
         self.engine: DeployedTransport = transport.engine  # type: ignore[assignment]
         self.concurrency = cfg.server.concurrency or cfg.server.clients_per_round
         self.pending: dict[str, tuple[int, int]] = {}  # task id -> (client, model version sent)
