@@ -21,6 +21,12 @@ fastest counts. Fields: workload, implementation, rounds, clients_per_round, tot
 wall_s (imports + data + the fastest run with its evaluation), train_s (the rounds alone),
 per_round_s, accuracy, examples, peak_rss_mb, and ``ratio`` = plain train_s / this train_s
 (the speed-up over the plain loop; 1.0 for the plain loop itself).
+
+Before those, each implementation's whole command is timed cold, as a user runs it from a shell:
+``python -m benchmarks.plain wa`` for the plain loop, ``python -m fedloom.cli simulate wa.toml
+--quiet`` for fedloom with that engine (writing its run folder and plot), each a new process,
+the implementations interleaved, ``--repeat`` times. ``whole_s`` is the median, ``whole_ratio`` =
+the plain script's whole_s / this whole_s. ``fedloom-auto`` is fedloom's default engine choice.
 """
 
 from __future__ import annotations
@@ -28,10 +34,13 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import replace
+from pathlib import Path
 
 T0 = time.perf_counter()
 
@@ -72,6 +81,35 @@ def measure(wl: Workload, implementation: str, repeat: int) -> dict:
             "wall_s": round(import_s + data_s + total_s, 3), "train_s": round(train_s, 3),
             "per_round_s": round(train_s / cfg.run.rounds, 4), "accuracy": round(accuracy, 4),
             "examples": examples, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
+def whole_commands(name: str, wl: Workload, implementations: list[str], repeat: int) -> dict[str, float | str]:
+    """Each implementation's whole command, cold, in a new process, interleaved ``repeat`` times: the median
+    seconds per implementation (or why it failed)."""
+    from fedloom.config import to_toml
+
+    times: dict[str, list[float]] = {impl: [] for impl in implementations}
+    failed: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="fedloom-whole-") as tmp:
+        commands = {}
+        for impl in implementations:
+            if impl == "plain-pytorch":
+                commands[impl] = [sys.executable, "-m", "benchmarks.plain", name]
+                continue
+            cfg = wl.with_engine(impl)
+            path = Path(tmp) / f"{impl}.toml"
+            path.write_text(to_toml(replace(cfg, run=replace(cfg.run, out_dir=str(Path(tmp) / "runs")))))
+            commands[impl] = [sys.executable, "-m", "fedloom.cli", "simulate", str(path), "--quiet"]
+        for _ in range(repeat):
+            for impl, cmd in commands.items():
+                if impl in failed:
+                    continue
+                t = time.perf_counter()
+                done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                if done.returncode != 0:
+                    failed[impl] = done.stderr.strip()[-500:]
+                times[impl].append(time.perf_counter() - t)
+    return {impl: failed.get(impl) or round(statistics.median(ts), 3) for impl, ts in times.items()}
 
 
 def _subset(text: str | None) -> list[str] | None:
@@ -152,6 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     variants = args.implementations.split(",") if args.implementations else list(wl.variants)
     if not args.implementations and torch.cuda.is_available():
         variants.append("fedloom-vectorized-cuda")
+    whole = whole_commands(args.workload, wl, ["plain-pytorch", *variants], repeat)
     base = None
     for impl in ("plain-pytorch", *variants):
         cmd = [sys.executable, "-m", "benchmarks.run", args.workload, "--only", impl, "--repeat", str(repeat)]
@@ -162,6 +201,9 @@ def main(argv: list[str] | None = None) -> None:
         record = json.loads(done.stdout.strip().splitlines()[-1])
         base = base or record["train_s"]
         record["ratio"] = round(base / record["train_s"], 2)
+        record["whole_s"] = whole[impl]
+        if isinstance(whole[impl], float) and isinstance(whole["plain-pytorch"], float):
+            record["whole_ratio"] = round(whole["plain-pytorch"] / whole[impl], 2)
         print(json.dumps(record), flush=True)
 
 

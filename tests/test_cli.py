@@ -1,5 +1,6 @@
 """The ``fedloom`` command in a real subprocess, on a tiny config."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -38,11 +39,16 @@ def fedloom(*args, cwd):
 def test_simulate_then_report(tmp_path):
     config = tmp_path / "tiny.toml"
     config.write_text(TINY.format(out=tmp_path / "runs"))
-    done = fedloom("simulate", str(config), "--rounds", "2", "--set", "client.lr=0.5", "--quiet", cwd=tmp_path)
+    done = fedloom("simulate", str(config), "--rounds", "2", "--set", "client.lr=0.5", "--quiet", "--profile",
+                   cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("tiny: 2 rounds, final test accuracy")
+    summary, profile = done.stdout.splitlines()
+    assert summary.startswith("tiny: 2 rounds, final test accuracy") and " engine) -> " in summary
     (run,) = (tmp_path / "runs").iterdir()
-    assert str(run) in done.stdout
+    assert str(run) in summary
+    timings = json.loads((run / "timings.json").read_text())
+    assert profile == f"where the time went (timings.json): total {timings['total']:.2f} s = " + " + ".join(
+        f"{k} {v:.2f}" for k, v in timings.items() if k != "total" and v >= 0.005)
     assert 'lr = 0.5' in (run / "config.toml").read_text() and "rounds = 2" in (run / "config.toml").read_text()
     rows = (run / "metrics.csv").read_text().splitlines()
     assert len(rows) == 3 and rows[2].split(",")[3] != ""  # evaluated after the last round

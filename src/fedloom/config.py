@@ -18,7 +18,7 @@ DATASETS = ("shakespeare", "synthetic", "digits", "breast_cancer", "leaf", "file
 PARTITIONS = ("natural", "iid", "dirichlet", "dirichlet_balanced", "shards", "classes", "lognormal", "power_law")
 MODELS = ("logreg", "mlp", "cnn", "char_lstm")
 OPTIMIZERS = ("sgd", "momentum", "adagrad", "adam", "yogi")
-ENGINES = ("sequential", "vectorized", "process", "ray")
+ENGINES = ("auto", "sequential", "vectorized", "process", "ray")
 DEVICES = ("cpu", "cuda")
 STRAGGLERS = ("drop", "partial")
 AGGREGATIONS = ("sync", "fedbuff", "fedasync")
@@ -136,8 +136,9 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    executor: str = _f("vectorized", "sequential | vectorized (clients trained together) | process (all cores) | ray",
-                       ENGINES)
+    executor: str = _f("auto", "auto (chosen for the model, clients per round, cores and device; the run says which "
+                               "and why) | sequential | vectorized (clients trained together) | process (all cores) | "
+                               "ray", ENGINES)
     workers: int = _f(0, "process/ray: worker processes or actors; 0 = one per core (process) or per CPU (ray)",
                       ">=0")
     vectorize: bool = _f(True, "process/ray: each worker trains its share of the clients vectorized")

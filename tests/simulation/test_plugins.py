@@ -137,10 +137,17 @@ def test_simulate_takes_a_model_function_and_a_dataset_from_python(engine, tmp_p
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_process_workers_need_a_model_function_that_pickles():
-    cfg = load_config(None, ["run.rounds=1", "server.clients_per_round=2", "engine.executor=\"process\""])
-    with pytest.raises(ConfigError, match="engine.executor: process workers rebuild the clients .* does not pickle"):
-        simulate(cfg, progress=False, write=False, model_fn=lambda: mlp(), dataset=federation())
+def test_forked_process_workers_share_a_model_function_that_does_not_pickle_and_ray_refuses_it():
+    settings = ["run.rounds=2", "server.clients_per_round=4", "client.lr=0.1", "eval.every=2", "engine.workers=2"]
+    forked = simulate(load_config(None, [*settings, "engine.executor=\"process\""]), progress=False, write=False,
+                      model_fn=lambda: mlp(), dataset=federation())
+    reference = simulate(load_config(None, [*settings, "engine.executor=\"sequential\""]), progress=False,
+                         write=False, model_fn=mlp, dataset=federation())
+    for a, b in zip(reference.params, forked.params):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="engine.executor: ray workers rebuild the clients .* does not pickle"):
+        simulate(load_config(None, [*settings, "engine.executor=\"ray\""]), progress=False, write=False,
+                 model_fn=lambda: mlp(), dataset=federation())
 
 
 def test_arrays_with_a_client_column_become_a_federation_with_checked_dtypes():

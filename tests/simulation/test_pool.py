@@ -4,6 +4,8 @@ import functools
 import multiprocessing as mp
 import os
 import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 
@@ -16,7 +18,7 @@ from fedloom.data.dataset import FederatedDataset
 from fedloom.errors import WorkerError
 from fedloom.messages import EvaluateReply, EvaluateRequest, TrainConfig, TrainReply, TrainRequest
 from fedloom.simulation.engines import request_cost, split_balanced
-from fedloom.simulation.pool import ProcessPoolTransport
+from fedloom.simulation.pool import START_METHOD, Loaded, ProcessPoolTransport
 from fedloom.transport.inprocess import InProcessTransport
 
 ROUNDS = 4
@@ -208,3 +210,48 @@ def test_close_stops_every_worker():
             os.kill(pid, 0)
     with pytest.raises(RuntimeError, match="closed"):
         p.exchange(requests_for([1]))
+
+
+@pytest.mark.skipif(START_METHOD != "fork", reason="workers share the parent's clients only where they are forked")
+def test_forked_workers_share_the_loaded_clients_without_pickling_or_loading_them():
+    work, data = build_clients(CFG)
+    unpicklable = FaultyWork(work)
+    unpicklable.note = lambda: None  # a lambda: pickling this work would fail, a fork copies it
+    with ProcessPoolTransport(Loaded(unpicklable, data), workers=2, vectorize=False) as p:
+        replies = p.exchange(requests_for([1, 2, 3, 4]))
+    with ProcessPoolTransport(functools.partial(build_clients, CFG), workers=2, vectorize=False, start="spawn") as p:
+        spawned = p.exchange(requests_for([1, 2, 3, 4]))  # workers that load the clients themselves
+    assert all(ok(r) for r in replies)
+    for got, want in zip(replies, spawned, strict=True):
+        for a, b in zip(got.update.values, want.update.values, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.skipif(START_METHOD != "fork", reason="the copies of pipe ends that could outlive a parent are fork's")
+def test_forked_workers_end_when_their_parent_is_killed(tmp_path):
+    script = (
+        "import functools, os, signal, sys\n"
+        "from fedloom.build import build_clients\n"
+        "from fedloom.config import load_config\n"
+        "from fedloom.simulation.pool import Loaded, ProcessPoolTransport\n"
+        "cfg = load_config(None, ['data.dataset=\"synthetic\"', 'data.num_clients=10', 'model.name=\"logreg\"'])\n"
+        "p = ProcessPoolTransport(Loaded(*build_clients(cfg)), workers=2, vectorize=False)\n"
+        "print(*p.pids, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    pids = [int(p) for p in done.stdout.split()]
+    assert len(pids) == 2
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in pids), "a worker outlived its killed parent"
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended; only its parent's wait is due
+    except FileNotFoundError:
+        return False

@@ -60,7 +60,7 @@ def test_run_folder_holds_config_metrics_model_and_plot(tmp_path):
     run = result.run_dir
     assert run.parent == tmp_path and run.name.startswith("tiny-")
     assert sorted(p.name for p in run.iterdir()) == ["accuracy.png", "checkpoint.npz", "config.toml", "metrics.csv",
-                                                     "model.npz", "model.pt"]
+                                                     "model.npz", "model.pt", "timings.json"]
     assert load_config(run / "config.toml") == c
     names, params = load_params(run / "model.npz")
     assert names[0] == "embed.weight" and params[0].shape == (65, 8)

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 
 from fedloom.errors import DataError
-from fedloom.simulation.report import read_metrics
+from fedloom.simulation.report import figure, read_metrics
 
 
 def _value(row: dict[str, float], key: str) -> float | None:
@@ -104,17 +104,13 @@ def compare_runs(run_dirs: list[Path], target: float | None = None,
 
 
 def _plot(runs: list[tuple[str, list[dict[str, float]]]], target: float, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     def series(rows: list[dict[str, float]], x: str) -> tuple[list[float], list[float]]:
         pts = [(xv, acc) for r in rows
                if (xv := _value(r, x)) is not None and (acc := _value(r, "test_accuracy")) is not None]
         return [p[0] for p in pts], [p[1] for p in pts]
 
-    fig, (ax_time, ax_round) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = figure(11, 4)
+    ax_time, ax_round = fig.subplots(1, 2)
     untimed = []
     for i, (name, rows) in enumerate(runs):
         color = f"C{i % 10}"
@@ -139,4 +135,3 @@ def _plot(runs: list[tuple[str, list[dict[str, float]]]], target: float, out: Pa
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
-    plt.close(fig)

@@ -1,13 +1,16 @@
 """The process engine: a pool of local worker processes sharing a round's clients.
 
-Each worker is started with the ``spawn`` method (never ``fork``: forking a process in which
-torch has started its thread pools can deadlock). A worker calls the :data:`ClientSpec` once at
-start-up, so the client data is loaded once per worker and never sent per round, reports its
-clients' train and test sizes, builds a local engine (vectorized or sequential, see
-:func:`~fedloom.simulation.engines.local_engine`) and then serves rounds. With two or more
-workers each one runs torch on a single thread (``torch.set_num_threads(1)``): the workers
-themselves use the cores, and letting each also start one thread per core would oversubscribe
-them and slow every worker down.
+On Linux each worker is a ``fork`` of this process, made once the clients are loaded: it starts
+in milliseconds, imports nothing, and shares the parent's client data copy-on-write (its arrays
+are never written, so their pages stay shared). The parent hands the pool its loaded work and
+data (:class:`Loaded`); any other :data:`ClientSpec` is called once in each worker. A forked
+worker runs torch on one thread (``torch.set_num_threads(1)``), always: OpenMP cannot start a
+thread team in a child forked from a parent that used one (it hangs), and PyTorch's own data
+loader workers, also forked, do the same. Elsewhere (macOS, Windows), and for clients training on
+CUDA (which a forked child cannot use once the parent has), workers are started with ``spawn``:
+each imports torch and calls the spec to load the clients itself, which costs seconds
+per worker, and runs torch on one thread when there are two or more workers (the workers
+themselves use the cores).
 
 A round's requests are split over the workers by :func:`split_balanced` (weight: the client's
 local steps, or test size for an evaluation), each worker receives its whole share in one
@@ -24,8 +27,8 @@ Security: requests and replies are pickled over ``multiprocessing`` pipes betwee
 the child processes it started itself. That is trusted local IPC; nothing read from the network
 or a user's file is ever unpickled here.
 
-Scripts that create a pool must guard their entry point with ``if __name__ == "__main__":``,
-as ``spawn`` imports the main module again in every worker.
+Scripts that create a pool where workers are spawned must guard their entry point with
+``if __name__ == "__main__":``, as ``spawn`` imports the main module again in every worker.
 """
 
 from __future__ import annotations
@@ -37,14 +40,18 @@ import multiprocessing as mp
 import os
 import pickle
 import signal
+import sys
 import time
 import traceback
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from fedloom.client.pipeline import NO_STAGES, ClientPipeline
+from fedloom.client.work import ClientWork
+from fedloom.data.dataset import FederatedDataset
 from fedloom.errors import WorkerError
 from fedloom.messages import Reply, Request, error_reply
 from fedloom.simulation.engines import ClientSpec, local_engine, request_cost, split_balanced
@@ -53,8 +60,39 @@ log = logging.getLogger("fedloom")
 
 _POLL_S = 0.2  # how often a waiting parent checks that its workers are still alive
 _STOP_S = 5.0  # how long close() waits for a worker to leave before killing it
+START_METHOD = "fork" if sys.platform == "linux" else "spawn"
 
 
+def start_method(device: str = "cpu") -> str:
+    """How this process starts workers that train on ``device``: ``fork`` on Linux for a CPU; ``spawn`` elsewhere
+    and for CUDA, which cannot be used again in a child forked after the parent used it."""
+    return START_METHOD if device == "cpu" else "spawn"
+_PARENT_ENDS: weakref.WeakSet[Connection] = weakref.WeakSet()  # this process's ends of its children's pipes
+
+
+def child_pipe(ctx: Any) -> tuple[Connection, Connection]:
+    """A pipe to a child process: (this process's end, the child's end). Every forked child closes its copies
+    of this process's ends (:func:`forget_parent_ends`), so that each child sees this process's death."""
+    mine, child = ctx.Pipe()
+    _PARENT_ENDS.add(mine)
+    return mine, child
+
+
+def forget_parent_ends() -> None:
+    """In a forked child: close the copies of the parent's pipe ends (held here, they would hide its death)."""
+    for end in list(_PARENT_ENDS):
+        end.close()
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A :data:`ClientSpec` for the clients this process has already loaded: forked workers share them."""
+
+    work: ClientWork
+    data: FederatedDataset
+
+    def __call__(self) -> tuple[ClientWork, FederatedDataset]:
+        return self.work, self.data
 
 
 def error_replies(requests: Sequence[Request], reason: str, code: str = "worker_failed") -> list[Reply]:
@@ -66,6 +104,7 @@ def _serve(conn: Connection, spec: ClientSpec, vectorize: bool, group_size: int,
            pipeline: ClientPipeline) -> None:
     """A worker's whole life: load the clients once, report their sizes, then answer rounds until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it then stops the workers
+    forget_parent_ends()
     if single_thread:
         import torch
 
@@ -99,7 +138,7 @@ class _Worker:
     """The parent's handle on one worker process: its process and its end of the pipe."""
 
     def __init__(self, ctx: Any, args: tuple[Any, ...], index: int):
-        self.conn, child = ctx.Pipe()
+        self.conn, child = child_pipe(ctx)
         self.process = ctx.Process(target=_serve, args=(child, *args), name=f"fedloom-worker-{index}", daemon=True)
         self.process.start()
         child.close()  # only the worker holds it now, so its death reads as end-of-file here
@@ -163,19 +202,21 @@ class ProcessPoolTransport:
     """Runs a round's requests on ``workers`` local processes, each holding the client data once.
 
     ``workers=0`` means one per core (``os.cpu_count()``); ``vectorize`` and ``group_size`` set up
-    each worker's local engine. ``timeout`` (seconds, None = none) bounds how long a round waits
-    for a worker before killing it. Close it (or use it as a context manager) to stop the workers;
-    they never outlive this process.
+    each worker's local engine; a :class:`Loaded` ``spec`` shares this process's clients with forked
+    workers. ``start`` is the start method (:func:`start_method`). ``timeout`` (seconds, None = none)
+    bounds how long a round waits for a worker before killing it. Close it (or use it as a context
+    manager) to stop the workers; they never outlive this process.
     """
 
     def __init__(self, spec: ClientSpec, workers: int = 0, vectorize: bool = True, group_size: int = 0,
-                 *, timeout: float | None = None, pipeline: ClientPipeline = NO_STAGES):
+                 *, timeout: float | None = None, pipeline: ClientPipeline = NO_STAGES, start: str = START_METHOD):
         if workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
         self.num_workers = workers or os.cpu_count() or 1
         self.timeout = timeout
-        self._ctx = mp.get_context("spawn")
-        self._args = (spec, vectorize, group_size, self.num_workers >= 2, pipeline)
+        self._ctx = mp.get_context(start)
+        single_thread = start == "fork" or self.num_workers >= 2
+        self._args = (spec, vectorize, group_size, single_thread, pipeline)
         self._workers: list[_Worker] = []
         self._closed = False
         self._atexit = functools.partial(_close_if_alive, weakref.ref(self))

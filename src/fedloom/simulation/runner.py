@@ -9,8 +9,7 @@ import pickle
 import shutil
 import time
 from collections.abc import Callable
-from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -35,8 +34,10 @@ from fedloom.server import (
     SyncServer,
 )
 from fedloom.server.sync import RoundResult, ServerState
+from fedloom.simulation.choice import resolve_engine
 from fedloom.simulation.engines import WithClientState, local_engine
 from fedloom.simulation.outputs import RunOutputs
+from fedloom.simulation.plotter import Plotter
 from fedloom.simulation.report import (
     MetricsFile,
     append_client_rows,
@@ -46,6 +47,7 @@ from fedloom.simulation.report import (
     write_metrics,
 )
 from fedloom.simulation.timeline import AsyncRun, AsyncSnapshot, SecureAsyncRun, SimulatedClock
+from fedloom.simulation.timings import Timings
 from fedloom.transport.base import Transport
 from fedloom.transport.inprocess import InProcessTransport
 from fedloom.transport.metered import Metered, traffic_columns
@@ -55,12 +57,15 @@ log = logging.getLogger("fedloom")
 
 def build_engine(cfg: Config, work: TorchClientWork, dataset: FederatedDataset, own: tuple = (),
                  states: StateFiles | None = None) -> Transport:
-    """The engine ``[engine] executor`` selects; process and Ray workers rebuild the clients with
-    ``build_clients(cfg, *own)`` (``own``: a Python caller's model function, dataset and work), sent pickled.
+    """The engine ``[engine] executor`` selects (``auto``: :func:`~fedloom.simulation.choice.choose_engine`).
+    Process workers forked from this process share its loaded clients; spawned workers and Ray actors rebuild
+    them with ``build_clients(cfg, *own)`` (``own``: a Python caller's model function, dataset and work), sent
+    pickled.
 
     Every engine runs the client pipeline around each client's training (``client/pipeline.py``). When
     clients keep state, it lives in ``states`` (a temporary folder when None) and travels with each request.
     """
+    cfg = replace(cfg, engine=resolve_engine(cfg, work, dataset).engine)
     pipeline = client_pipeline(cfg, work, len(dataset))
     engine = _engine(cfg, work, dataset, own, pipeline)
     if not pipeline.stateful:
@@ -77,26 +82,33 @@ def _engine(cfg: Config, work: TorchClientWork, dataset: FederatedDataset, own: 
         return InProcessTransport(work, dataset, pipeline)
     if e.executor == "vectorized":
         return local_engine(work, dataset, vectorize=True, group_size=e.group_size, pipeline=pipeline)
-    spec = partial(build_clients, cfg, *own)
-    try:
-        pickle.dumps([o for o in own if not isinstance(o, FederatedDataset)])  # arrays always pickle
-    except Exception as exc:  # noqa: BLE001 - whatever fails to pickle, the user needs the same advice
-        raise ConfigError("engine.executor", f"{e.executor} workers rebuild the clients from what they are sent, and "
-                                             f"it does not pickle ({type(exc).__name__}: {exc}): pass a module-level "
-                                             "model function, or use the vectorized or sequential engine") from None
     if e.executor == "process":
-        from fedloom.simulation.pool import ProcessPoolTransport
+        from fedloom.simulation.pool import Loaded, ProcessPoolTransport, start_method
 
+        start = start_method(e.device)
+        spec = Loaded(work, dataset) if start == "fork" else _picklable_spec(cfg, own)
         return ProcessPoolTransport(spec, workers=e.workers, vectorize=e.vectorize, group_size=e.group_size,
-                                    pipeline=pipeline)
+                                    pipeline=pipeline, start=start)
     from fedloom.simulation.ray_engine import RayTransport, import_ray
 
     try:
         import_ray()
     except ImportError as exc:
         raise ConfigError("engine.executor", str(exc)) from None
-    return RayTransport(spec, address=e.ray_address, workers=e.workers, vectorize=e.vectorize,
+    return RayTransport(_picklable_spec(cfg, own), address=e.ray_address, workers=e.workers, vectorize=e.vectorize,
                         group_size=e.group_size, pipeline=pipeline)
+
+
+def _picklable_spec(cfg: Config, own: tuple) -> partial:
+    """How workers that share no memory with this process (spawned, Ray actors) rebuild the clients."""
+    try:
+        pickle.dumps([o for o in own if not isinstance(o, FederatedDataset)])  # arrays always pickle
+    except Exception as exc:  # noqa: BLE001 - whatever fails to pickle, the user needs the same advice
+        raise ConfigError("engine.executor", f"{cfg.engine.executor} workers rebuild the clients from what they are "
+                                             f"sent, and it does not pickle ({type(exc).__name__}: {exc}): pass a "
+                                             "module-level model function, or use the vectorized or sequential "
+                                             "engine") from None
+    return partial(build_clients, cfg, *own)
 
 
 @dataclass
@@ -111,6 +123,8 @@ class RunResult:
     setup_s: float = 0.0  # data loading and model construction
     param_names: list[str] = field(default_factory=list)
     stopped: str = ""  # why training ended before run.rounds (a privacy budget), if it did
+    timings: dict[str, float] = field(default_factory=dict)  # seconds by phase (simulation/timings.py)
+    engine: str = ""  # the engine the clients trained on, and why (engine.executor = "auto" chooses)
     failed: str = ""  # why the run failed: its last rounds applied no update (the CLI exits 1)
 
     @property
@@ -174,29 +188,34 @@ def simulate(cfg: Config, *, progress: bool = True, write: bool = True,
         raise ConfigError("hetero.population", f"a simulation of {cfg.server.aggregation} runs on the simulated clock: "
                                                "name a device population (mobile, silo or a trace)")
     own = (model_fn, dataset, work)
+    timings = Timings()
     start = time.perf_counter()
     if resume is not None:
         run_dir: Path | None = Path(resume)
         if not (run_dir / CHECKPOINT).exists():
             raise ConfigError("resume", f"{run_dir} has no {CHECKPOINT} to resume from")
-        (run_dir / "config.toml").write_text(to_toml(cfg))
-        return _run(cfg, run_dir, start, progress, own, resume=True)
-    run_dir = _run_dir(cfg) if write else None
+    else:
+        run_dir = _run_dir(cfg) if write else None
+    plotter = Plotter() if run_dir is not None else None  # forked now: its imports overlap the run
     try:
         if run_dir is not None:
             (run_dir / "config.toml").write_text(to_toml(cfg))
-        return _run(cfg, run_dir, start, progress, own)
+        return _run(cfg, run_dir, start, timings, plotter, progress, own, resume=resume is not None)
     except BaseException:
-        if run_dir is not None and not (run_dir / "metrics.csv").exists():
+        if resume is None and run_dir is not None and not (run_dir / "metrics.csv").exists():
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing ran: leave no empty folder behind
         raise
+    finally:
+        if plotter is not None:
+            plotter.close()
 
 
-def _run(cfg: Config, run_dir: Path | None, start: float, progress: bool, own: tuple,
-         resume: bool = False) -> RunResult:
+def _run(cfg: Config, run_dir: Path | None, start: float, timings: Timings, plotter: Plotter | None,
+         progress: bool, own: tuple, resume: bool = False) -> RunResult:
     from fedloom.simulation.progress import RoundProgress
 
-    work, dataset = build_clients(cfg, *own)
+    with timings("data"):
+        work, dataset = build_clients(cfg, *own)
     params = work.initial_params(cfg.run.seed)
     names = param_names(work.model)
     strategy = build_strategy(cfg, len(dataset))
@@ -233,7 +252,12 @@ def _run(cfg: Config, run_dir: Path | None, start: float, progress: bool, own: t
     if states is not None and resume:  # what clients made after the checkpoint never happened
         states.rewind(int(saved["async/dispatched"]) if saved else state.round)
     try:
-        transport = Metered(build_engine(cfg, work, dataset, own, states))
+        with timings("engine"):
+            choice = resolve_engine(cfg, work, dataset)
+            log.info("engine %s", choice.reason)
+            if progress:
+                print(f"engine {choice.reason}", flush=True)
+            transport = Metered(build_engine(replace(cfg, engine=choice.engine), work, dataset, own, states))
     except BaseException:
         if outputs is not None:
             outputs.close("FAILED")
@@ -260,7 +284,8 @@ def _run(cfg: Config, run_dir: Path | None, start: float, progress: bool, own: t
 
     def step(state: ServerState) -> tuple[RoundResult, ServerState]:
         timer["t0"] = time.perf_counter()
-        out = stream.next_update() if stream is not None else train_round(server, state, transport, clock)
+        with timings("train"):
+            out = stream.next_update() if stream is not None else train_round(server, state, transport, clock)
         timer["train_s"] += time.perf_counter() - timer["t0"]
         return out
 
@@ -272,7 +297,8 @@ def _run(cfg: Config, run_dir: Path | None, start: float, progress: bool, own: t
             stopped.append(reason)
         spent = (clock is not None and 0 < cfg.hetero.trip_budget <= clock.trips) or bool(reason)
         evaluate = state.round % cfg.eval.every == 0 or state.round == cfg.run.rounds or spent
-        row = round_metrics(result, state, server, transport, work, (x_test, y_test), cfg, evaluate)
+        with timings("evaluate" if evaluate else "other"):
+            row = round_metrics(result, state, server, transport, work, (x_test, y_test), cfg, evaluate)
         traffic = clock if clock is not None else transport  # the clock counts what its devices sent
         down, up = traffic.bytes_down, traffic.bytes_up  # type: ignore[union-attr]
         row.update(traffic_columns(down, up, sent))
@@ -280,27 +306,32 @@ def _run(cfg: Config, run_dir: Path | None, start: float, progress: bool, own: t
             row.update(sim_time_s=clock.now, trips=clock.trips)
         row["round_s"] = time.perf_counter() - timer["t0"]
         row["elapsed_s"] = time.perf_counter() - start
-        if metrics is not None:
-            metrics.append(row)
-        else:
-            history.append(row)
-        if outputs is not None:
-            outputs.log(row)
-        if run_dir is not None and cfg.run.client_metrics:
-            append_client_rows(run_dir / "clients.csv", state.round, result.selected, result.accepted,
-                               result.rejected, result.client_metrics)
-        snap = stream.snapshot() if stream is not None else None
-        every = cfg.run.checkpoint_every
-        if run_dir is not None and every and state.round % every == 0:
-            write_checkpoint(run_dir / CHECKPOINT, state, names, clock, states, snap)
+        with timings("write"):
+            if metrics is not None:
+                metrics.append(row)
+            else:
+                history.append(row)
+            if outputs is not None:
+                outputs.log(row)
+            if run_dir is not None and cfg.run.client_metrics:
+                append_client_rows(run_dir / "clients.csv", state.round, result.selected, result.accepted,
+                                   result.rejected, result.client_metrics)
+            snap = stream.snapshot() if stream is not None else None
+            every = cfg.run.checkpoint_every
+            if run_dir is not None and every and state.round % every == 0:
+                write_checkpoint(run_dir / CHECKPOINT, state, names, clock, states, snap)
         latest[:] = [state, snap]
         bar.advance(row)
         return spent
 
     status = "FAILED"
     try:
-        with closing(transport), RoundProgress(cfg.run.rounds, cfg.run.name, enabled=progress) as bar:
-            state = run_rounds(step, state, cfg.run.rounds, after)
+        try:
+            with RoundProgress(cfg.run.rounds, cfg.run.name, enabled=progress) as bar:
+                state = run_rounds(step, state, cfg.run.rounds, after)
+        finally:
+            with timings("engine"):
+                transport.close()
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -308,7 +339,8 @@ def _run(cfg: Config, run_dir: Path | None, start: float, progress: bool, own: t
             write_metrics(run_dir / "metrics.csv", [r for r in history if r["round"] <= latest[0].round])
             keep_client_rows(run_dir / "clients.csv", latest[0].round)
             write_checkpoint(run_dir / CHECKPOINT, latest[0], names, clock, states, latest[1])
-            _finish_folder(run_dir, work, latest[0].params, names)
+            _finish_folder(run_dir, work, latest[0].params, names, timings, plotter)
+            timings.write(run_dir)
             log.warning("interrupted after round %d; %s has its metrics and that round's model",
                         latest[0].round, run_dir)
         raise
@@ -322,12 +354,16 @@ def _run(cfg: Config, run_dir: Path | None, start: float, progress: bool, own: t
         log.warning("refused updates in this run, by code: %s", failures.summary())
     if failures.rounds_unchanged:
         log.warning("%d of %d rounds left the model unchanged", failures.rounds_unchanged, len(history))
-    result = RunResult(cfg, history, state.params, train_s=train_s, setup_s=setup_s,
+    result = RunResult(cfg, history, state.params, train_s=train_s, setup_s=setup_s, engine=choice.reason,
                        param_names=names, stopped=stopped[0] if stopped else "", failed=failures.verdict(len(history)))
     if run_dir is not None:
         result.run_dir = run_dir
-        write_checkpoint(run_dir / CHECKPOINT, state, names, clock, states, latest[1])
-        _finish_folder(run_dir, work, state.params, names)
+        with timings("write"):
+            write_checkpoint(run_dir / CHECKPOINT, state, names, clock, states, latest[1])
+        _finish_folder(run_dir, work, state.params, names, timings, plotter)
+        result.timings = timings.write(run_dir)
+    else:
+        result.timings = timings.summary()
     return result
 
 
@@ -383,9 +419,12 @@ def read_checkpoint(path: Path, fresh: ServerState, names: list[str],
             extra)
 
 
-def _finish_folder(run_dir: Path, work: TorchClientWork, params: Params, names: list[str]) -> None:
+def _finish_folder(run_dir: Path, work: TorchClientWork, params: Params, names: list[str],
+                   timings: Timings, plotter: Plotter | None) -> None:
     """``model.npz`` (arrays by name), ``model.pt`` (the model's ``state_dict`` for ``torch.load``) and the plot."""
-    save_params(run_dir / "model.npz", params, names)
-    set_params(work.model, params)
-    torch.save(work.model.state_dict(), run_dir / "model.pt")
-    plot_run(run_dir)
+    with timings("write"):
+        save_params(run_dir / "model.npz", params, names)
+        set_params(work.model, params)
+        torch.save(work.model.state_dict(), run_dir / "model.pt")
+    with timings("plot"):
+        plotter.draw(run_dir) if plotter is not None else plot_run(run_dir)
