@@ -183,15 +183,18 @@ def test_fedasync_over_grpc_applies_each_update_alone_with_the_staleness_of_the_
     """FedAsync (a buffer of one) with three real clients training at once, their updates compressed to 8 bits: every
     version uses one update, decoded at the door and journaled as the change it stands for, and an update that
     arrives after others were applied counts the versions since the one it was sent."""
+    (tmp_path / "slow_model.py").write_text(SLOW_MODEL)  # tasks of 0.5 s: the three clients' tasks overlap
     pki = tmp_path / "pki"
     make_dev_pki(pki, clients=["c0", "c1", "c2"])
     config = tmp_path / "run.toml"
     state = tmp_path / "state"
     config.write_text(BASE.format(port=free_port(), state=state, pki=pki).replace("rounds = 3", "rounds = 9")
                       .replace("every = 1", "every = 9")
+                      .replace('[model]\nname = "mlp"', '[model]\nfactory = "slow_model:make"')
                       .replace("[server]\n", '[server]\naggregation = "fedasync"\nconcurrency = 3\n')
                       + '\n[compression]\nuplink = "uniform8"\n')
-    federation(config, pki, state, [client_args(config, pki, state, f"c{i}", i) for i in range(3)])
+    federation(config, pki, state, [client_args(config, pki, state, f"c{i}", i) for i in range(3)],
+               envs=[{**os.environ, "SLOW_S": "0.05"}] * 3, cwd=tmp_path)
     rows = _sql(state / "server.db", "SELECT applied, version_sent FROM updates WHERE applied IS NOT NULL "
                                      "ORDER BY applied")
     assert [v for v, _ in rows] == list(range(1, 10))  # one update per version
