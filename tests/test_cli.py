@@ -47,6 +47,7 @@ def test_simulate_then_report(tmp_path):
     (run,) = (tmp_path / "runs").iterdir()
     assert str(run) in summary
     timings = json.loads((run / "timings.json").read_text())
+    assert 0.1 < timings["start"] < timings["total"]  # the interpreter and the imports, before the run began
     assert profile == f"where the time went (timings.json): total {timings['total']:.2f} s = " + " + ".join(
         f"{k} {v:.2f}" for k, v in timings.items() if k != "total" and v >= 0.005)
     assert 'lr = 0.5' in (run / "config.toml").read_text() and "rounds = 2" in (run / "config.toml").read_text()

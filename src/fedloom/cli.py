@@ -15,7 +15,10 @@ from fedloom.errors import FedloomError
 def _simulate(args: argparse.Namespace) -> int:
     from fedloom.config import load_config, with_rounds
     from fedloom.errors import ConfigError
+    from fedloom.simulation import timings
     from fedloom.simulation.runner import simulate
+
+    timings.COMMAND = True  # this process is the command's: its age when the run begins is the start-up
 
     if (args.config is None) == (args.resume is None):
         raise ConfigError("simulate", "give a config file, or --resume RUN_DIR (whose config.toml is used)")

@@ -11,7 +11,7 @@ from fedloom.config import load_config
 from fedloom.simulation.plotter import Plotter
 from fedloom.simulation.pool import START_METHOD
 from fedloom.simulation.runner import simulate
-from fedloom.simulation.timings import PHASES, process_age
+from fedloom.simulation.timings import PHASES
 
 TINY = ["data.dataset=\"synthetic\"", "data.num_clients=20", "model.name=\"logreg\"", "server.clients_per_round=5",
         "run.rounds=3", "eval.every=1"]
@@ -24,7 +24,7 @@ def test_a_run_folder_says_where_its_time_went(tmp_path):
     assert all(v >= 0 for v in saved.values())
     assert saved["train"] == pytest.approx(result.train_s, abs=0.01)
     assert saved["train"] > 0 and saved["evaluate"] > 0 and saved["plot"] > 0 and saved["write"] > 0
-    assert 0 < saved["start"] < process_age()  # this process started before the run did
+    assert saved["start"] == 0  # from Python the process is not the run's: its age says nothing of the run
     assert sum(v for k, v in saved.items() if k != "total") == pytest.approx(saved["total"], abs=0.01)
 
 

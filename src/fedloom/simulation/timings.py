@@ -1,8 +1,9 @@
 """Where a run's time went: the phases of a simulation, timed, written to the run folder as ``timings.json``.
 
 ``start`` is the process's life before the run began (the interpreter, and the imports of
-``fedloom`` and torch), read from ``/proc`` on Linux; the other phases are timed in the run.
-What happens after the run returns (the interpreter's exit) is outside every phase.
+``fedloom`` and torch), read from ``/proc`` on Linux, when the run is the ``fedloom`` command's
+(:data:`COMMAND`); from Python, where the process may be hours old, it is 0. The other phases are
+timed in the run. What happens after the run returns (the interpreter's exit) is outside every phase.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 PHASES = ("start", "data", "engine", "train", "evaluate", "write", "plot")
 TIMINGS = "timings.json"
+COMMAND = False  # set by the fedloom command: this process was started for the run, so its age is the start
 
 
 def process_age() -> float | None:
@@ -34,7 +36,7 @@ class Timings:
 
     def __init__(self) -> None:
         self.began = time.perf_counter()
-        age = process_age()
+        age = process_age() if COMMAND else None
         self.seconds: dict[str, float] = dict.fromkeys(PHASES, 0.0)
         if age is not None:
             self.seconds["start"] = age
