@@ -39,7 +39,7 @@ def test_auto_is_the_default_and_an_explicit_engine_always_wins():
 def test_a_model_batched_by_hand_is_vectorized_and_trains_as_the_vectorized_engine_does(tmp_path):
     got = choice(*LOGREG)
     assert got.engine.executor == "vectorized"
-    assert got.reason.startswith("vectorized: LogisticRegression is batched by hand")
+    assert got.reason.startswith("vectorized: the vectorized engine batches LogisticRegression")
     auto = simulate(load_config(None, [*LOGREG, f"run.out_dir=\"{tmp_path}\""]), progress=False)
     named = simulate(load_config(None, [*LOGREG, "engine.executor=\"vectorized\""]), progress=False, write=False)
     assert auto.engine == got.reason

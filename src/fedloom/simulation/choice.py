@@ -3,7 +3,7 @@
 The engines differ in what they remove from a round (``simulation/engines.py``):
 
 - ``vectorized`` trains a round's clients together. It removes the per-step cost of Python and of
-  launching small kernels, which is most of a step for the models it batches by hand (measured
+  launching small kernels, which is most of a step for the models it batches (measured
   against sequential on 2 cores: logistic regression 5x, MLP 6x, CNN 3.5x). The character LSTM is
   the exception: its batched form runs one small kernel per time step, where ``nn.LSTM`` runs one
   fused kernel per sequence, so on a CPU it loses (0.5x at 128 units, 0.4x at 32); on a GPU,
@@ -117,8 +117,9 @@ def choose_engine(cfg: Config, work: TorchClientWork, dataset: FederatedDataset)
     if k < 2:
         return chose("sequential", "one client per round")
     if forward is not None and not recurrent:
-        return chose("vectorized", f"{type(work.model).__name__} is batched by hand, and training the round's {k} "
-                                   "clients together removes most of a small step's cost (Python, kernel launches)")
+        return chose("vectorized", f"the vectorized engine batches {type(work.model).__name__}, and training the "
+                                   f"round's {k} clients together removes most of a small step's cost (Python, "
+                                   "kernel launches)")
     why = ("on a CPU its batched form (a kernel per time step) is slower than nn.LSTM's fused kernel" if recurrent
            else f"the vectorized engine cannot batch this model ({why_not})")
     cores = usable_cores()
