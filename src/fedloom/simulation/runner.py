@@ -274,7 +274,7 @@ def _run(cfg: Config, run_dir: Path | None, start: float, timings: Timings, plot
     setup_s = time.perf_counter() - start
     metrics = MetricsFile(run_dir / "metrics.csv", history) if run_dir is not None else None
     failures = Failures()
-    timer = {"train_s": 0.0, "t0": 0.0}
+    timer = {"t0": 0.0}  # when the round began (its round_s); the rounds' sum is timings' "train"
     stopped: list[str] = []  # why the run ended before its last round (a privacy budget)
     latest: list = [state, stream.snapshot() if stream is not None else None]  # the last round written: Ctrl-C keeps it
     if clock is None and history:  # resumed: the traffic so far is in the last row kept
@@ -286,7 +286,6 @@ def _run(cfg: Config, run_dir: Path | None, start: float, timings: Timings, plot
         timer["t0"] = time.perf_counter()
         with timings("train"):
             out = stream.next_update() if stream is not None else train_round(server, state, transport, clock)
-        timer["train_s"] += time.perf_counter() - timer["t0"]
         return out
 
     def after(result: RoundResult, state: ServerState) -> bool:
@@ -347,7 +346,7 @@ def _run(cfg: Config, run_dir: Path | None, start: float, timings: Timings, plot
     finally:
         if outputs is not None:
             outputs.close(status)
-    train_s = timer["train_s"]
+    train_s = timings.seconds["train"]
     if stopped:
         log.warning("%s", stopped[0])
     if failures.counts:
