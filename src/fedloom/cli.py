@@ -1,4 +1,5 @@
-"""The ``fedloom`` command: ``simulate`` a config, ``report`` a run folder."""
+"""The ``fedloom`` command: ``simulate`` a config, ``report`` a run folder, ``server``/``client`` a deployment,
+``dashboard`` any of them."""
 
 from __future__ import annotations
 
@@ -176,6 +177,17 @@ def _trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dashboard(args: argparse.Namespace) -> int:
+    from fedloom.dashboard.serve import serve
+
+    try:
+        serve(args.paths, host=args.host, port=args.port, cert=args.cert, key=args.key, token_file=args.token_file,
+              refresh_s=args.refresh)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def _init(args: argparse.Namespace) -> int:
     from fedloom.starter import write_defaults, write_project
 
@@ -246,6 +258,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", help="the run's name (default: the state's only run)")
     p.add_argument("--out", default="trace.csv", help="the trace file, .csv or .json (default: trace.csv)")
     p.set_defaults(func=_trace)
+    p = sub.add_parser("dashboard", help="a live, read-only web page of run folders and deployed servers' state")
+    p.add_argument("paths", nargs="+", help="run folders (or a folder of them, like runs/), server state folders "
+                   "(deploy.state_dir) or their server.db")
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1, this machine "
+                   "only; any other needs --cert, --key and --token-file)")
+    p.add_argument("--port", type=int, default=8050, help="the port (default: 8050; 0: any free one)")
+    p.add_argument("--cert", help="TLS certificate (PEM) to serve the page over HTTPS")
+    p.add_argument("--key", help="the certificate's private key (PEM)")
+    p.add_argument("--token-file", help="a file holding the token every request must carry (made when missing)")
+    p.add_argument("--refresh", type=float, default=2.0, help="seconds between the page's looks (default: 2)")
+    p.set_defaults(func=_dashboard)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -152,6 +152,7 @@ def round_metrics(result: RoundResult, state: ServerState, server: SyncServer, t
     row: dict[str, float] = {
         "round": state.round, "train_loss": result.train_loss, "clients": len(result.selected),
         "accepted": len(result.accepted), "rejected": len(result.rejected), "examples": result.examples,
+        "dense_bytes_up": len(result.accepted) * sum(p.nbytes for p in state.params),
         **result.measurements,
     }
     for reason in result.rejected.values():

@@ -23,6 +23,7 @@ import asyncio
 import logging
 import math
 import os
+import threading
 import time
 import tomllib
 from collections.abc import Callable, Sequence
@@ -215,6 +216,18 @@ class Connected:
         return list(replies), self.transport.round_trips()
 
 
+def _write_presence(store: StateStore, run_id: int, transport: Metered, every_s: float,
+                    done: threading.Event) -> None:
+    """Write each client's latest connected interval every ``every_s`` seconds until ``done``, so that who is
+    connected is on record between rounds too (``fedloom dashboard`` reads it); the rounds write the rest."""
+    while not done.wait(max(1.0, every_s)):
+        try:
+            latest = {c: spans[-1:] for c, spans in transport.engine.presence().items()}  # type: ignore[union-attr]
+            store.record_tasks(run_id, [], 0.0, latest)
+        except (StateError, RuntimeError, TimeoutError) as exc:  # the loop or the store is closing: the run goes on
+            log.debug("presence not written: %s", exc)
+
+
 def serve(cfg: Config, *, on_round: Callable[[dict[str, float]], None] | None = None) -> ServerState:
     """Run (or resume) the configured run as a gRPC server until its last round is done."""
     _check_config(cfg)
@@ -262,6 +275,7 @@ def serve(cfg: Config, *, on_round: Callable[[dict[str, float]], None] | None = 
             service.dispatcher.masked_bytes = server.strategy.secure.payload_bytes(
                 sum(p.size for p in state.params))
         completed = False
+        done = threading.Event()  # tells the presence writer to stop
         try:
             try:
                 port = loop.call(service.start(d.address, credentials))
@@ -274,6 +288,9 @@ def serve(cfg: Config, *, on_round: Callable[[dict[str, float]], None] | None = 
             transport = Metered(DeployedTransport(loop, service.dispatcher, d.round_timeout_s, 3 * d.heartbeat_s,
                                                   service.max_message_bytes),
                                 int(last.get("total_bytes_down", 0)), int(last.get("total_bytes_up", 0)))
+            presence = threading.Thread(target=_write_presence, args=(store, run_id, transport, d.heartbeat_s, done),
+                                        name="fedloom-presence", daemon=True)
+            presence.start()
             while len(transport.connected()) < d.min_clients:  # before the first round: no limit
                 time.sleep(0.1)
             pacer = Connected(transport.engine, d, cfg.hetero, num_clients)  # type: ignore[arg-type]
@@ -311,6 +328,7 @@ def serve(cfg: Config, *, on_round: Callable[[dict[str, float]], None] | None = 
             state = run_rounds(step, state, cfg.run.rounds, after)
             completed = True
         finally:
+            done.set()
             try:
                 loop.call(service.stop(completed, linger_s=min(10.0, 2 * d.heartbeat_s)), timeout=30)
             finally:

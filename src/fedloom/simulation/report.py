@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 METRIC_COLUMNS = ("round", "train_loss", "test_loss", "test_accuracy", "fed_loss", "fed_accuracy", "clients",
                   "accepted", "rejected", "examples", "round_s", "elapsed_s", "sim_time_s", "trips", "bytes_down",
-                  "bytes_up", "total_bytes_down", "total_bytes_up")
+                  "bytes_up", "total_bytes_down", "total_bytes_up", "dense_bytes_up")
 
 
 def _columns(rows: list[dict[str, float]]) -> list[str]:

@@ -1,0 +1,1 @@
+"""``fedloom dashboard``: a live, read-only web page of simulation run folders and deployed servers' state."""

@@ -1,0 +1,275 @@
+"""What the dashboard shows, read without changing anything: run folders and deployed servers' state.
+
+A **run folder** (``fedloom simulate``) is read from its files: ``metrics.csv`` (a row per round),
+``config.toml`` (the rounds planned, the privacy budget), ``clients.csv`` (a row per client asked in a
+round, when ``run.client_metrics`` is on). A **state folder** (``fedloom server``'s ``deploy.state_dir``,
+or its ``server.db``) holds one or more runs in SQLite: ``rounds`` (the same metrics rows, as JSON),
+``clients`` (the registry), ``tasks`` (what the server measured of every task) and ``presence`` (when each
+client was connected).
+
+The database is opened read-only (``mode=ro``, ``query_only``) for each look and closed after it, in
+autocommit mode: in WAL mode a reader takes no lock that holds up the server's writes, and a server that
+restarts (or a state folder that is moved aside) is simply read anew at the next look. A file that is
+missing or half-written is an empty run, never an error that stops the dashboard.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import sqlite3
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedloom.errors import DataError
+from fedloom.simulation.report import read_metrics
+
+CONNECTED_WITHIN_S = 15.0  # a client heard from this recently (presence or last_seen) is shown as connected
+MAX_CLIENTS = 200  # the clients table lists at most this many (the most recently asked first)
+
+
+def _finite(value: Any) -> float | None:
+    """``value`` as a float for JSON, or None where it is missing, NaN or infinite."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _clean(row: dict[str, Any]) -> dict[str, float | None]:
+    return {k: _finite(v) for k, v in row.items()}
+
+
+def _config(text: str) -> dict[str, Any]:
+    """The TOML text a run was started with, parsed; {} when it cannot be read."""
+    try:
+        return tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, TypeError):
+        return {}
+
+
+def summarize(rows: list[dict[str, float | None]], planned: int, config: dict[str, Any]) -> dict[str, Any]:
+    """What the page shows above the curves, from a run's metrics rows: progress, ETA, refusals by reason,
+    the aggregator's latest measurements, epsilon against its budget, the simulated clock and the traffic."""
+    done = int(rows[-1]["round"] or 0) if rows else 0
+    rejected: dict[str, float] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key.startswith("rejected.") and value:
+                rejected[key[len("rejected."):]] = rejected.get(key[len("rejected."):], 0) + value
+    measured: dict[str, float] = {}
+    for row in rows:  # each measurement's latest value
+        measured.update({k: v for k, v in row.items() if "." in k and not k.startswith("rejected.") and v is not None})
+    epsilon = next((v for k, v in measured.items() if k.endswith(".epsilon")), None)
+    privacy = config.get("privacy", {})
+    durations = [r["round_s"] for r in rows[-10:] if r.get("round_s") is not None]
+    eta = (planned - done) * sum(durations) / len(durations) if durations and planned > done else None
+    last = rows[-1] if rows else {}
+    dense, up = sum(r.get("dense_bytes_up") or 0 for r in rows), sum(r.get("bytes_up") or 0 for r in rows)
+    return {
+        "rounds_done": done, "rounds_planned": planned, "eta_s": eta,
+        "rejected": dict(sorted(rejected.items(), key=lambda kv: -kv[1])),
+        "measurements": measured,
+        "epsilon": epsilon, "epsilon_budget": _finite(privacy.get("epsilon_budget")) or None,
+        "delta": _finite(privacy.get("delta", 1e-5)) if epsilon is not None else None,
+        "sim_time_s": last.get("sim_time_s"), "trips": last.get("trips"),
+        "bytes_down": last.get("total_bytes_down"), "bytes_up": last.get("total_bytes_up"),
+        "compression_ratio": dense / up if dense and up else None,
+        "accepted": sum(r.get("accepted") or 0 for r in rows), "refused": sum(r.get("rejected") or 0 for r in rows),
+    }
+
+
+@dataclass
+class Run:
+    """One run as the page shows it: its rows (metrics per round) and a summary."""
+
+    key: str
+    name: str
+    kind: str  # "simulation" or "server"
+    where: str
+    rows: list[dict[str, float | None]]
+    summary: dict[str, Any]
+    clients: list[dict[str, Any]] = field(default_factory=list)
+    status: str = "running"
+    updated: float | None = None  # wall-clock seconds of the latest change seen
+
+    def view(self, since: int = 0) -> dict[str, Any]:
+        """The JSON the page asks for: the rows after round ``since``, and everything else whole."""
+        rows = [r for r in self.rows if (r.get("round") or 0) > since]
+        return {"key": self.key, "name": self.name, "kind": self.kind, "where": self.where, "status": self.status,
+                "updated": self.updated, "summary": self.summary, "clients": self.clients, "rows": rows,
+                "reset": bool(self.rows) and since > (self.rows[-1].get("round") or 0)}
+
+
+class Folder:
+    """A simulation's run folder."""
+
+    def __init__(self, path: Path, key: str):
+        self.path, self.key = path, key
+
+    def runs(self) -> list[Run]:
+        metrics = self.path / "metrics.csv"
+        try:
+            rows = [_clean(r) for r in read_metrics(metrics)]
+            updated = metrics.stat().st_mtime
+        except (DataError, OSError):
+            rows, updated = [], None
+        try:
+            config = _config((self.path / "config.toml").read_text())
+        except OSError:
+            config = {}
+        planned = int(config.get("run", {}).get("rounds", 0) or 0)
+        summary = summarize(rows, planned, config)
+        finished = (self.path / "model.npz").exists() and bool(rows)
+        status = "finished" if finished else "waiting" if not rows else \
+            "running" if updated is not None and time.time() - updated < _stale_after(rows) else "stopped"
+        return [Run(self.key, config.get("run", {}).get("name", self.path.name), "simulation", str(self.path), rows,
+                    summary, self._clients(), status, updated)]
+
+    def _clients(self) -> list[dict[str, Any]]:
+        """Each client asked so far (``clients.csv``): rounds asked, accepted, its latest status and report."""
+        table: dict[int, dict[str, Any]] = {}
+        try:
+            with open(self.path / "clients.csv", newline="") as f:
+                for r in csv.DictReader(f):
+                    cid = int(r["client"])
+                    c = table.setdefault(cid, {"client_id": cid, "name": str(cid), "asked": 0, "accepted": 0})
+                    c["asked"] += 1
+                    c["accepted"] += r["status"] == "accepted"
+                    c.update(last_round=int(r["round"]), state=r["status"], loss=_finite(r.get("loss")),
+                             examples=_finite(r.get("examples")))
+        except (OSError, KeyError, ValueError, csv.Error):
+            return []  # no per-client file (run.client_metrics off), or one being rewritten: the next look reads it
+        return sorted(table.values(), key=lambda c: (-c["last_round"], c["client_id"]))[:MAX_CLIENTS]
+
+
+def _stale_after(rows: list[dict[str, float | None]]) -> float:
+    """Seconds without a new row after which a run that is not finished is shown as stopped."""
+    longest = max((r.get("round_s") or 0 for r in rows[-10:]), default=0)
+    return max(60.0, 5 * longest)
+
+
+class Store:
+    """A deployed server's state folder (or its ``server.db``): each run in it."""
+
+    def __init__(self, path: Path, key: str):
+        self.db = path / "server.db" if path.is_dir() else path
+        self.key = key
+
+    def runs(self) -> list[Run]:
+        if not self.db.exists():
+            return []
+        try:
+            conn = sqlite3.connect(f"{self.db.resolve().as_uri()}?mode=ro", uri=True, timeout=1.0,
+                                   isolation_level=None, check_same_thread=False)
+        except sqlite3.Error:
+            return []
+        try:
+            conn.execute("PRAGMA query_only=1")
+            return [self._run(conn, *r) for r in conn.execute("SELECT id, name, config_toml FROM runs ORDER BY id")]
+        except sqlite3.Error:
+            return []  # not (yet) a fedloom state database, or busy past the timeout: the next look tries again
+        finally:
+            conn.close()
+
+    def _run(self, conn: sqlite3.Connection, run_id: int, name: str, config_toml: str) -> Run:
+        config = _config(config_toml)
+        rows, open_round, updated = [], None, None
+        for rnd, status, started, finished, metrics in conn.execute(
+                "SELECT round, status, started, finished, metrics_json FROM rounds WHERE run_id = ? ORDER BY round",
+                (run_id,)):
+            if status == "done":
+                row = _clean(json.loads(metrics or "{}"))
+                row.setdefault("round", float(rnd))
+                if finished is not None and started is not None:
+                    row["round_s"] = float(finished) - float(started)
+                rows.append(row)
+            else:
+                open_round = int(rnd)
+            updated = max(x for x in (updated, started, finished) if x is not None)
+        planned = int(config.get("run", {}).get("rounds", 0) or 0)
+        summary = summarize(rows, planned, config)
+        summary["open_round"] = open_round
+        clients = self._clients(conn, run_id)
+        heard = max((c["last_heard"] or 0 for c in clients), default=0)
+        done = summary["rounds_done"]
+        if planned and done >= planned:
+            status = "finished"
+        elif any(c["state"] == "connected" for c in clients) or time.time() - heard < CONNECTED_WITHIN_S:
+            status = "running" if open_round is not None or done else "waiting"
+        else:
+            status = "stopped"
+        return Run(f"{self.key}-{run_id}", name, "server", str(self.db.parent), rows, summary, clients, status, updated)
+
+    def _clients(self, conn: sqlite3.Connection, run_id: int) -> list[dict[str, Any]]:
+        """The registry joined with what the server measured of each client's tasks in this run."""
+        tasks = {int(r[0]): r[1:] for r in conn.execute(
+            "SELECT client_id, count(*), sum(outcome = 'ok'), avg(CASE WHEN outcome = 'ok' THEN work_s END), "
+            "avg(down_s), avg(up_s), sum(down_bytes), sum(up_bytes), max(round) FROM tasks "
+            "WHERE run_id = ? AND kind = 'TrainRequest' GROUP BY client_id", (run_id,))}
+        failed = {int(c): (str(o), int(n)) for c, o, n in conn.execute(
+            "SELECT client_id, outcome, count(*) FROM tasks WHERE run_id = ? AND outcome NOT IN ('ok', 'late') "
+            "GROUP BY client_id, outcome ORDER BY count(*)", (run_id,))}  # each client's most frequent failure
+        heard = {int(c): float(e) for c, e in conn.execute(
+            "SELECT client_id, max(end) FROM presence WHERE run_id = ? GROUP BY client_id", (run_id,))}
+        now = time.time()
+        out = []
+        for cid, name, revoked, last_seen in conn.execute(
+                "SELECT client_id, name, revoked, last_seen FROM clients ORDER BY client_id"):
+            n, ok, work, down, up, bytes_down, bytes_up, last_round = tasks.get(int(cid), (0, 0, *[None] * 7))
+            last = max((x for x in (heard.get(int(cid)), last_seen) if x is not None), default=None)
+            state = "revoked" if revoked else "connected" if last is not None and now - last < CONNECTED_WITHIN_S \
+                else "never connected" if last is None else "disconnected"
+            out.append({"client_id": int(cid), "name": name, "state": state, "last_heard": last,
+                        "asked": int(n or 0), "accepted": int(ok or 0), "work_s": _finite(work),
+                        "down_s": _finite(down), "up_s": _finite(up), "bytes_down": int(bytes_down or 0),
+                        "bytes_up": int(bytes_up or 0), "last_round": last_round,
+                        "failure": "{} x{}".format(*failed[int(cid)]) if int(cid) in failed else None})
+        return out[:MAX_CLIENTS]
+
+
+def _key(path: Path) -> str:
+    """A stable key for a source: the same folder has the same key at every look and in every browser tab."""
+    return hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
+
+
+def _source(path: Path) -> Folder | Store | None:
+    """The source ``path`` is now: a database file or a state folder (``server.db``), a run folder
+    (``config.toml`` or ``metrics.csv``), or None (nothing written there yet)."""
+    if path.is_file() or (path / "server.db").exists():
+        return Store(path, "s" + _key(path))
+    if (path / "config.toml").exists() or (path / "metrics.csv").exists():
+        return Folder(path, "f" + _key(path))
+    return None
+
+
+class Watched:
+    """The paths given to ``fedloom dashboard``, looked at anew each time: a run folder, a state folder or
+    its ``server.db``, or a folder of those (``runs/``), whose new run folders appear as they are made."""
+
+    def __init__(self, paths: list[str | Path]):
+        self.paths = [Path(p) for p in paths]
+        missing = [str(p) for p in self.paths if not p.exists()]
+        if missing:
+            raise DataError(f"nothing at {', '.join(missing)}: give a run folder `fedloom simulate` wrote (or a "
+                            "folder of them, like runs/), a server's deploy.state_dir, or its server.db")
+
+    def sources(self) -> list[Folder | Store]:
+        out: list[Folder | Store] = []
+        for path in self.paths:
+            found = _source(path)
+            if found is None and path.is_dir():
+                found_below = (_source(p) for p in sorted(path.iterdir()) if p.is_dir())
+                out.extend(s for s in found_below if s is not None)
+            elif found is not None:
+                out.append(found)
+        return out
+
+    def runs(self) -> list[Run]:
+        return [run for source in self.sources() for run in source.runs()]
