@@ -29,7 +29,7 @@ from typing import Any
 from fedloom.errors import DataError
 from fedloom.simulation.report import read_metrics
 
-CONNECTED_WITHIN_S = 15.0  # a client heard from this recently (presence or last_seen) is shown as connected
+HEARTBEAT_S = 5.0  # deploy.heartbeat_s's default: a client not heard from in 3 of them (and a second) is not connected
 MAX_CLIENTS = 200  # the clients table lists at most this many (the most recently asked first)
 
 
@@ -187,8 +187,8 @@ class Store:
             if status == "done":
                 row = _clean(json.loads(metrics or "{}"))
                 row.setdefault("round", float(rnd))
-                if finished is not None and started is not None:
-                    row["round_s"] = float(finished) - float(started)
+                if row.get("round_s") is None and finished is not None and started is not None:
+                    row["round_s"] = float(finished) - float(started)  # the server's rows time their rounds here
                 rows.append(row)
             else:
                 open_round = int(rnd)
@@ -196,19 +196,20 @@ class Store:
         planned = int(config.get("run", {}).get("rounds", 0) or 0)
         summary = summarize(rows, planned, config)
         summary["open_round"] = open_round
-        clients = self._clients(conn, run_id)
-        heard = max((c["last_heard"] or 0 for c in clients), default=0)
+        heartbeat = _finite(config.get("deploy", {}).get("heartbeat_s", HEARTBEAT_S)) or HEARTBEAT_S
+        clients = self._clients(conn, run_id, 3 * heartbeat + 1)  # the server's own rule, and a second to write it
         done = summary["rounds_done"]
         if planned and done >= planned:
             status = "finished"
-        elif any(c["state"] == "connected" for c in clients) or time.time() - heard < CONNECTED_WITHIN_S:
+        elif any(c["state"] == "connected" for c in clients):
             status = "running" if open_round is not None or done else "waiting"
         else:
-            status = "stopped"
+            status = "stopped"  # nobody heard from: the server is down, or no client is connected to it
         return Run(f"{self.key}-{run_id}", name, "server", str(self.db.parent), rows, summary, clients, status, updated)
 
-    def _clients(self, conn: sqlite3.Connection, run_id: int) -> list[dict[str, Any]]:
-        """The registry joined with what the server measured of each client's tasks in this run."""
+    def _clients(self, conn: sqlite3.Connection, run_id: int, lost_after_s: float) -> list[dict[str, Any]]:
+        """The registry joined with what the server measured of each client's tasks in this run; a client is
+        connected when the server heard from it (as recorded) within ``lost_after_s``."""
         tasks = {int(r[0]): r[1:] for r in conn.execute(
             "SELECT client_id, count(*), sum(outcome = 'ok'), avg(CASE WHEN outcome = 'ok' THEN work_s END), "
             "avg(down_s), avg(up_s), sum(down_bytes), sum(up_bytes), max(round) FROM tasks "
@@ -222,9 +223,9 @@ class Store:
         out = []
         for cid, name, revoked, last_seen in conn.execute(
                 "SELECT client_id, name, revoked, last_seen FROM clients ORDER BY client_id"):
-            n, ok, work, down, up, bytes_down, bytes_up, last_round = tasks.get(int(cid), (0, 0, *[None] * 7))
+            n, ok, work, down, up, bytes_down, bytes_up, last_round = tasks.get(int(cid), (0, 0, *[None] * 6))
             last = max((x for x in (heard.get(int(cid)), last_seen) if x is not None), default=None)
-            state = "revoked" if revoked else "connected" if last is not None and now - last < CONNECTED_WITHIN_S \
+            state = "revoked" if revoked else "connected" if last is not None and now - last < lost_after_s \
                 else "never connected" if last is None else "disconnected"
             out.append({"client_id": int(cid), "name": name, "state": state, "last_heard": last,
                         "asked": int(n or 0), "accepted": int(ok or 0), "work_s": _finite(work),

@@ -94,7 +94,7 @@ function traces(keyX, keysY) {
   return out;
 }
 
-const LAYOUT = { margin: { l: 50, r: 10, t: 36, b: 40 }, legend: { orientation: "h", y: -0.2 }, font: { size: 12 } };
+const LAYOUT = { margin: { l: 50, r: 10, t: 36, b: 80 }, legend: { orientation: "h", y: -0.32 }, font: { size: 12 } };
 const CONFIG = { displaylogo: false, responsive: true, modeBarButtonsToRemove: ["sendDataToCloud"] };
 
 function renderCharts() {
