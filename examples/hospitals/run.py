@@ -57,6 +57,7 @@ def main() -> int:
                        "--set", f'deploy.key="{PKI / "clients" / f"{h}.key"}"',
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                for h in HOSPITALS]
+    print(f"watch it live: .venv/bin/fedloom dashboard {STATE}  (then open http://127.0.0.1:8050/)", flush=True)
     code = server.wait()
     codes = [c.wait(timeout=60) for c in clients]
     print(f"server exit {code}, hospital clients exit {codes}; state and checkpoints in {STATE}")

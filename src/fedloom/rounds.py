@@ -148,7 +148,8 @@ def round_metrics(result: RoundResult, state: ServerState, server: SyncServer, t
                   evaluate: bool) -> dict[str, float]:
     """A round's metrics row: training counts and loss; with ``evaluate``, centralised and federated evaluation
     (with FedBN's local layers the federated one is the run's test accuracy: each client tests with its own; a
-    server without a ``test`` set has only the federated one)."""
+    server without a ``test`` set has only the federated one). ``dense_bytes_up`` is what the accepted updates would
+    weigh as dense arrays (the model's bytes each): against the measured ``bytes_up``, the compression ratio."""
     row: dict[str, float] = {
         "round": state.round, "train_loss": result.train_loss, "clients": len(result.selected),
         "accepted": len(result.accepted), "rejected": len(result.rejected), "examples": result.examples,

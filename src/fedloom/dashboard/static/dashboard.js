@@ -94,21 +94,23 @@ function traces(keyX, keysY) {
   return out;
 }
 
-const LAYOUT = { margin: { l: 50, r: 10, t: 36, b: 80 }, legend: { orientation: "h", y: -0.32 }, font: { size: 12 } };
+const LAYOUT = { margin: { l: 50, r: 10, t: 36, b: 80 }, legend: { orientation: "h", y: -0.32 }, font: { size: 12 },
+  showlegend: true };
+const title = text => ({ text, x: 0.01, xanchor: "left" });
 const CONFIG = { displaylogo: false, responsive: true, modeBarButtonsToRemove: ["sendDataToCloud"] };
 
 function renderCharts() {
   const acc = [["test_accuracy", "central accuracy", "solid"], ["fed_accuracy", "federated accuracy", "dot"]];
   const loss = [["train_loss", "training loss", "solid"], ["test_loss", "central loss", "dash"], ["fed_loss", "federated loss", "dot"]];
   Plotly.react("chart-accuracy", traces("round", acc),
-    { ...LAYOUT, title: { text: "accuracy by round" }, xaxis: { title: { text: "round" } }, yaxis: { rangemode: "tozero" } }, CONFIG);
+    { ...LAYOUT, title: title("accuracy by round"), xaxis: { title: { text: "round" } }, yaxis: { rangemode: "tozero" } }, CONFIG);
   Plotly.react("chart-loss", traces("round", loss),
-    { ...LAYOUT, title: { text: "loss by round" }, xaxis: { title: { text: "round" } } }, CONFIG);
+    { ...LAYOUT, title: title("loss by round"), xaxis: { title: { text: "round" } } }, CONFIG);
   const clock = traces("sim_time_s", acc);
   const div = document.getElementById("chart-clock");
   div.hidden = !clock.length;
   if (clock.length) {
-    Plotly.react(div, clock, { ...LAYOUT, title: { text: "accuracy on the simulated clock" },
+    Plotly.react(div, clock, { ...LAYOUT, title: title("accuracy on the simulated clock"),
       xaxis: { title: { text: "simulated seconds" } }, yaxis: { rangemode: "tozero" } }, CONFIG);
   }
 }
