@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from fedloom.config import load_config
 from fedloom.deploy.certs import make_dev_pki
+from fedloom.simulation.runner import simulate
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 if not (CHROMIUM and DRIVER):
@@ -29,6 +31,8 @@ from selenium.webdriver.chrome.service import Service  # noqa: E402
 
 OUTPUT = Path(__file__).resolve().parents[2] / "test-output"
 ROUNDS = 40
+PHONES = ["run.name=\"phones\"", "run.rounds=5", "data.dataset=\"synthetic\"", "data.num_clients=20",
+          "model.name=\"logreg\"", "server.clients_per_round=5", "hetero.population=\"mobile\""]
 CONFIG = """
 [run]
 name = "hospitals"
@@ -130,11 +134,12 @@ def test_the_page_follows_a_deployed_run_through_a_server_restart(tmp_path, brow
     make_dev_pki(pki, clients=["st-mary", "general", "university"])
     config = tmp_path / "hospitals.toml"
     config.write_text(CONFIG.format(rounds=ROUNDS, port=free_port(), state=state, pki=pki))
+    phones = simulate(load_config(None, PHONES + [f'run.out_dir="{tmp_path / "runs"}"']), progress=False).run_dir
     server = start("server", "--config", str(config))
     procs = [server]
     try:
         until(lambda: (state / "tokens" / "university.token").exists(), "the server's tokens", 60)
-        view, url = dashboard(str(state))
+        view, url = dashboard(str(state), str(phones))  # the deployment and a simulation, side by side
         procs.append(view)
         for name in ("st-mary", "general", "university"):
             procs.append(start("client", "--config", str(config), "--set", f'deploy.name="{name}"',
@@ -173,6 +178,14 @@ def test_the_page_follows_a_deployed_run_through_a_server_restart(tmp_path, brow
         assert browser.execute_script("return window.sameLoad")
         assert server.wait(timeout=60) == 0
         assert f"rounds: {ROUNDS} of {ROUNDS}" in end["text"] and "refused updates by reason" in end["text"]
+
+        both = browser.execute_script(
+            "const clock = document.getElementById('chart-clock');"
+            "return {cards: [...document.querySelectorAll('article.card')].map(c => c.dataset.status),"
+            " traces: document.getElementById('chart-accuracy').data.map(t => t.name),"
+            " clock: clock.hidden ? 0 : clock.data.length}")
+        assert both["cards"] == ["finished", "finished"] and both["clock"] >= 1  # the simulation's clock, charted
+        assert {"hospitals: federated accuracy", "phones: central accuracy"} <= set(both["traces"])
 
         # read-only from the page itself: nothing to submit, and the server refuses anything but GET
         assert browser.execute_script(  # (Plotly's own zoom and pan buttons aside)

@@ -42,6 +42,29 @@ def test_a_run_folder_shows_progress_privacy_clients_and_traffic(tmp_path):
     assert [r["round"] for r in Watched([run]).runs()[0].view(since=2)["rows"]] == [3, 4]  # only what is new
 
 
+def test_runs_side_by_side_with_the_simulated_clock_and_clients_read_as_they_grow(tmp_path):
+    plain = simulate(load_config(None, [*PRIVATE, f"run.out_dir=\"{tmp_path}\"", "run.name=\"plain\""]),
+                     progress=False).run_dir
+    simulate(load_config(None, [*PRIVATE, f"run.out_dir=\"{tmp_path}\"", "run.name=\"phones\"",
+                                "hetero.population=\"mobile\""]), progress=False)
+    watched = Watched([tmp_path])
+    views = {r.name: r.view() for r in watched.runs()}
+    assert set(views) == {"plain", "phones"} and len({v["key"] for v in views.values()}) == 2
+    assert views["plain"]["summary"]["sim_time_s"] is None
+    assert views["phones"]["summary"]["sim_time_s"] > 0 and views["phones"]["summary"]["trips"] >= 20
+    assert all(r["sim_time_s"] > 0 for r in views["phones"]["rows"])
+
+    with open(plain / "clients.csv", "a") as f:  # the next round's rows, the last one half-written
+        f.write("5,3,accepted,0.25,,10,1\n5,4,invalid_upd")
+    (view,) = [r.view() for r in watched.runs() if r.name == "plain"]
+    clients = {c["client_id"]: c for c in view["clients"]}
+    assert clients[3]["last_round"] == 5 and clients[3]["loss"] == 0.25
+    assert sum(c["asked"] for c in view["clients"]) == 20 + 1  # the half-written row waits for the next look
+    (plain / "clients.csv").write_text("round,client,status,loss,loss_sq,examples,steps\n1,7,no_reply,,,,\n")
+    (view,) = [r.view() for r in watched.runs() if r.name == "plain"]
+    assert [(c["client_id"], c["state"]) for c in view["clients"]] == [(7, "no_reply")]  # rewritten: read anew
+
+
 def test_a_folder_of_runs_shows_new_ones_as_they_appear_and_nothing_is_an_error(tmp_path):
     watched = Watched([tmp_path])
     assert watched.runs() == []
@@ -140,6 +163,7 @@ def test_the_served_page_is_read_only_and_loads_nothing_from_elsewhere(tmp_path)
         status, headers, page = ask(url)
         assert status == 200 and "default-src 'self'" in headers["content-security-policy"]
         assert not re.search(rb"(src|href)=\"(https?:)?//", page)  # every script and style is served from here
+        assert ask(url, headers={"Host": "rebound.example"})[0] == 400  # loopback: only its own names
         status, _, body = ask(url, path="/static/plotly.min.js")
         assert status == 200 and len(body) > 1_000_000
         status, _, body = ask(url, path="/api/state")

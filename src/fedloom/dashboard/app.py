@@ -29,6 +29,7 @@ STATIC = Path(__file__).parent / "static"
 PLOTLY_JS = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
 COOKIE = "fedloom_dashboard"
 READ_ONLY = ("GET", "HEAD")
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 HEADERS = {
     "Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
                                "connect-src 'self'; frame-ancestors 'none'; form-action 'none'",
@@ -48,13 +49,19 @@ def _since(text: str) -> dict[str, int]:
     return out
 
 
-def make_app(watched: Watched, token: str | None = None, refresh_s: float = 2.0) -> Starlette:
-    """The application over ``watched``'s runs; with ``token``, every request must present it."""
+def make_app(watched: Watched, token: str | None = None, refresh_s: float = 2.0,
+             names: tuple[str, ...] | None = LOOPBACK_NAMES) -> Starlette:
+    """The application over ``watched``'s runs; with ``token``, every request must present it. With ``names``
+    (bound to loopback) it answers only requests addressed to one of them: no DNS rebinding, where a web page
+    elsewhere has the browser read the dashboard under a name of its own."""
 
     async def guard(request: Request, call_next: RequestResponseEndpoint) -> Response:
         if request.method not in READ_ONLY:
             return PlainTextResponse("the dashboard is read-only: it answers GET only", status_code=405,
                                      headers={"Allow": "GET, HEAD", **HEADERS})
+        if names is not None and request.url.hostname not in names:
+            return PlainTextResponse(f"this dashboard answers as {', '.join(names)} only", status_code=400,
+                                     headers=HEADERS)
         if token is not None:
             given = request.query_params.get("token")
             if given is not None and request.url.path == "/" and hmac.compare_digest(given.encode(), token.encode()):

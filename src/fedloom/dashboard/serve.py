@@ -7,7 +7,7 @@ import os
 import socket
 from pathlib import Path
 
-from fedloom.dashboard.app import make_app
+from fedloom.dashboard.app import LOOPBACK_NAMES, make_app
 from fedloom.dashboard.sources import Watched
 from fedloom.deploy.certs import issue_token
 from fedloom.errors import ConfigError
@@ -83,6 +83,7 @@ def serve(paths: list[str], host: str = "127.0.0.1", port: int = DEFAULT_PORT, c
     elif is_loopback(host):
         print("  bound to loopback only: other machines cannot reach it (--host, --cert, --key and --token-file "
               "serve it further)", flush=True)
-    config = uvicorn.Config(make_app(watched, token, refresh_s), ssl_certfile=cert, ssl_keyfile=key,
+    names = (*LOOPBACK_NAMES, host.strip("[]")) if is_loopback(host) else None
+    config = uvicorn.Config(make_app(watched, token, refresh_s, names), ssl_certfile=cert, ssl_keyfile=key,
                             log_level="warning", access_log=False, server_header=False, lifespan="off")
     uvicorn.Server(config).run(sockets=[sock])

@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import sqlite3
+import threading
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -107,19 +108,35 @@ class Run:
                 "reset": bool(self.rows) and since > (self.rows[-1].get("round") or 0)}
 
 
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    """What tells a file's new content from its old: inode, size and modification time (None: no file)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 class Folder:
-    """A simulation's run folder."""
+    """A simulation's run folder. ``metrics.csv`` is read again only when it changed; ``clients.csv`` (a row per
+    client and round: long) only from where the last look stopped, while it only grows."""
 
     def __init__(self, path: Path, key: str):
         self.path, self.key = path, key
+        self._metrics: tuple[tuple[int, int, int] | None, list[dict[str, float | None]]] = (None, [])
+        self._table: dict[int, dict[str, Any]] = {}
+        self._read: tuple[int, int, list[str]] | None = None  # clients.csv: inode, bytes read, header
 
     def runs(self) -> list[Run]:
         metrics = self.path / "metrics.csv"
-        try:
-            rows = [_clean(r) for r in read_metrics(metrics)]
-            updated = metrics.stat().st_mtime
-        except (DataError, OSError):
-            rows, updated = [], None
+        sig = _signature(metrics)
+        if sig != self._metrics[0]:
+            try:
+                self._metrics = (sig, [_clean(r) for r in read_metrics(metrics)])
+            except (DataError, OSError):
+                self._metrics = (None, [])  # missing, or caught being rewritten: the next look reads it
+        rows = self._metrics[1]
+        updated = sig[2] / 1e9 if sig is not None else None
         try:
             config = _config((self.path / "config.toml").read_text())
         except OSError:
@@ -134,19 +151,42 @@ class Folder:
 
     def _clients(self) -> list[dict[str, Any]]:
         """Each client asked so far (``clients.csv``): rounds asked, accepted, its latest status and report."""
-        table: dict[int, dict[str, Any]] = {}
+        path = self.path / "clients.csv"
+        sig = _signature(path)
+        if sig is None:
+            self._table, self._read = {}, None
+            return []
+        if self._read is not None and (self._read[0] != sig[0] or self._read[1] > sig[1]):
+            self._table, self._read = {}, None  # rewritten (a resumed run drops the rows of rounds it redoes)
         try:
-            with open(self.path / "clients.csv", newline="") as f:
-                for r in csv.DictReader(f):
-                    cid = int(r["client"])
-                    c = table.setdefault(cid, {"client_id": cid, "name": str(cid), "asked": 0, "accepted": 0})
-                    c["asked"] += 1
-                    c["accepted"] += r["status"] == "accepted"
-                    c.update(last_round=int(r["round"]), state=r["status"], loss=_finite(r.get("loss")),
-                             examples=_finite(r.get("examples")))
-        except (OSError, KeyError, ValueError, csv.Error):
-            return []  # no per-client file (run.client_metrics off), or one being rewritten: the next look reads it
-        return sorted(table.values(), key=lambda c: (-c["last_round"], c["client_id"]))[:MAX_CLIENTS]
+            with open(path, "rb") as f:
+                f.seek(0 if self._read is None else self._read[1])
+                data = f.read()
+        except OSError:
+            return self._listed()
+        complete = data[:data.rfind(b"\n") + 1]  # a row being written waits for the next look
+        lines = complete.decode("utf-8", "replace").splitlines()
+        if self._read is None:
+            if not lines:
+                return []
+            header, lines = lines[0].split(","), lines[1:]
+        else:
+            header = self._read[2]
+        self._read = (sig[0], (0 if self._read is None else self._read[1]) + len(complete), header)
+        for r in csv.DictReader(lines, fieldnames=header):
+            try:
+                cid = int(r["client"])
+                c = self._table.setdefault(cid, {"client_id": cid, "name": str(cid), "asked": 0, "accepted": 0})
+                c["asked"] += 1
+                c["accepted"] += r["status"] == "accepted"
+                c.update(last_round=int(r["round"]), state=r["status"], loss=_finite(r.get("loss")),
+                         examples=_finite(r.get("examples")))
+            except (KeyError, TypeError, ValueError):
+                continue  # not a row of clients.csv's columns
+        return self._listed()
+
+    def _listed(self) -> list[dict[str, Any]]:
+        return sorted(self._table.values(), key=lambda c: (-c["last_round"], c["client_id"]))[:MAX_CLIENTS]
 
 
 def _stale_after(rows: list[dict[str, float | None]]) -> float:
@@ -161,6 +201,7 @@ class Store:
     def __init__(self, path: Path, key: str):
         self.db = path / "server.db" if path.is_dir() else path
         self.key = key
+        self._rows: dict[int, list[dict[str, float | None]]] = {}  # done rounds never change: each is read once
 
     def runs(self) -> list[Run]:
         if not self.db.exists():
@@ -180,19 +221,21 @@ class Store:
 
     def _run(self, conn: sqlite3.Connection, run_id: int, name: str, config_toml: str) -> Run:
         config = _config(config_toml)
-        rows, open_round, updated = [], None, None
-        for rnd, status, started, finished, metrics in conn.execute(
-                "SELECT round, status, started, finished, metrics_json FROM rounds WHERE run_id = ? ORDER BY round",
-                (run_id,)):
-            if status == "done":
-                row = _clean(json.loads(metrics or "{}"))
-                row.setdefault("round", float(rnd))
-                if row.get("round_s") is None and finished is not None and started is not None:
-                    row["round_s"] = float(finished) - float(started)  # the server's rows time their rounds here
-                rows.append(row)
-            else:
-                open_round = int(rnd)
-            updated = max(x for x in (updated, started, finished) if x is not None)
+        rows = self._rows.setdefault(run_id, [])
+        done, open_round, updated = conn.execute(
+            "SELECT count(*) FILTER (WHERE status = 'done'), max(round) FILTER (WHERE status = 'open'), "
+            "max(coalesce(finished, started)) FROM rounds WHERE run_id = ?", (run_id,)).fetchone()
+        if done < len(rows):
+            rows.clear()  # another database in the same place (a state folder started afresh)
+        last = int(rows[-1]["round"] or 0) if rows else 0
+        for rnd, started, finished, metrics in conn.execute(
+                "SELECT round, started, finished, metrics_json FROM rounds WHERE run_id = ? AND status = 'done' "
+                "AND round > ? ORDER BY round", (run_id, last)):
+            row = _clean(json.loads(metrics or "{}"))
+            row.setdefault("round", float(rnd))
+            if row.get("round_s") is None and finished is not None and started is not None:
+                row["round_s"] = float(finished) - float(started)  # the server's rows time their rounds here
+            rows.append(row)
         planned = int(config.get("run", {}).get("rounds", 0) or 0)
         summary = summarize(rows, planned, config)
         summary["open_round"] = open_round
@@ -205,7 +248,8 @@ class Store:
             status = "running" if open_round is not None or done else "waiting"
         else:
             status = "stopped"  # nobody heard from: the server is down, or no client is connected to it
-        return Run(f"{self.key}-{run_id}", name, "server", str(self.db.parent), rows, summary, clients, status, updated)
+        return Run(f"{self.key}-{run_id}", name, "server", str(self.db.parent), list(rows), summary, clients, status,
+                   updated)
 
     def _clients(self, conn: sqlite3.Connection, run_id: int, lost_after_s: float) -> list[dict[str, Any]]:
         """The registry joined with what the server measured of each client's tasks in this run; a client is
@@ -256,21 +300,25 @@ class Watched:
 
     def __init__(self, paths: list[str | Path]):
         self.paths = [Path(p) for p in paths]
+        self._known: dict[str, Folder | Store] = {}  # by key: each source keeps what it has read
+        self._lock = threading.Lock()  # two pages looking at once take turns with the caches
         missing = [str(p) for p in self.paths if not p.exists()]
         if missing:
             raise DataError(f"nothing at {', '.join(missing)}: give a run folder `fedloom simulate` wrote (or a "
                             "folder of them, like runs/), a server's deploy.state_dir, or its server.db")
 
     def sources(self) -> list[Folder | Store]:
-        out: list[Folder | Store] = []
+        found: list[Folder | Store] = []
         for path in self.paths:
-            found = _source(path)
-            if found is None and path.is_dir():
-                found_below = (_source(p) for p in sorted(path.iterdir()) if p.is_dir())
-                out.extend(s for s in found_below if s is not None)
-            elif found is not None:
-                out.append(found)
-        return out
+            here = _source(path)
+            if here is None and path.is_dir():
+                below = (_source(p) for p in sorted(path.iterdir()) if p.is_dir())
+                found.extend(s for s in below if s is not None)
+            elif here is not None:
+                found.append(here)
+        self._known = {s.key: self._known.get(s.key, s) for s in found}
+        return list(self._known.values())
 
     def runs(self) -> list[Run]:
-        return [run for source in self.sources() for run in source.runs()]
+        with self._lock:
+            return [run for source in self.sources() for run in source.runs()]

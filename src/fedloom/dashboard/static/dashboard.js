@@ -108,7 +108,10 @@ function renderCharts() {
     { ...LAYOUT, title: title("loss by round"), xaxis: { title: { text: "round" } } }, CONFIG);
   const clock = traces("sim_time_s", acc);
   const div = document.getElementById("chart-clock");
-  div.hidden = !clock.length;
+  if (div.hidden !== !clock.length) {  // the grid changed: the other charts take their new widths
+    div.hidden = !clock.length;
+    for (const id of ["chart-accuracy", "chart-loss"]) Plotly.Plots.resize(id);
+  }
   if (clock.length) {
     Plotly.react(div, clock, { ...LAYOUT, title: title("accuracy on the simulated clock"),
       xaxis: { title: { text: "simulated seconds" } }, yaxis: { rangemode: "tozero" } }, CONFIG);
