@@ -86,7 +86,8 @@ def test_server_state_shows_clients_connection_refusals_and_is_read_without_bloc
     db = tmp_path / "state" / "server.db"
     now = time.time()
     with StateStore(db) as store:
-        run = store.start_run("hospitals", "[run]\nrounds = 10\n[deploy]\nheartbeat_s = 1.0\n")
+        run = store.start_run("hospitals", "[run]\nrounds = 10\n[privacy]\nepsilon_budget = 8.0\ndelta = 1e-6\n"
+                                           "[deploy]\nheartbeat_s = 1.0\n")
         for name in ("st-mary", "general", "university", "gone"):
             store.enroll(name)
         store.revoke("gone")
@@ -94,7 +95,8 @@ def test_server_state_shows_clients_connection_refusals_and_is_read_without_bloc
             store.open_round(run, rnd)
             store.complete_round(run, rnd, [np.zeros(3, np.float32)], ["w"],
                                  {"round": rnd, "train_loss": 0.5, "accepted": 2, "rejected": 1,
-                                  "rejected.not_finite": 1, "clip.clip_bound": 1.0, "round_s": 2.0})
+                                  "rejected.not_finite": 1, "clip.clip_bound": 1.0, "dp_noise.epsilon": rnd * 1.5,
+                                  "round_s": 2.0})
             store.record_tasks(run, [measured(0, rnd), measured(1, rnd), measured(2, rnd, "not_finite")], 1.0,
                                {0: [(now - 60, now)], 1: [(now - 60, now - 30)]})
         store.open_round(run, 3)
@@ -102,6 +104,7 @@ def test_server_state_shows_clients_connection_refusals_and_is_read_without_bloc
         s = view["summary"]
         assert view["kind"] == "server" and view["status"] == "running" and view["name"] == "hospitals"
         assert (s["rounds_done"], s["open_round"], s["rejected"]) == (2, 3, {"not_finite": 2})
+        assert (s["epsilon"], s["epsilon_budget"], s["delta"]) == (3.0, 8.0, 1e-6)
         assert s["eta_s"] == pytest.approx(8 * 2.0, rel=0.2)  # the rounds' own durations, from the rounds table
         clients = {c["name"]: c for c in view["clients"]}
         assert [clients[n]["state"] for n in ("st-mary", "general", "university", "gone")] == [
@@ -121,6 +124,11 @@ def test_server_state_shows_clients_connection_refusals_and_is_read_without_bloc
         writer.close()
         store.complete_round(run, 3, [np.zeros(3, np.float32)], ["w"], {"round": 3})
     assert Watched([db]).runs()[0].summary["rounds_done"] == 3
+    bad = sqlite3.connect(db)
+    bad.execute("UPDATE rounds SET metrics_json = '{not json' WHERE round = 3")
+    bad.commit()
+    bad.close()
+    assert Watched([db]).runs() == []  # said in the log; the next look tries again, the page stays up
 
 
 def test_binding_beyond_loopback_needs_tls_and_a_token():

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import math
 import sqlite3
 import threading
@@ -30,6 +31,7 @@ from typing import Any
 from fedloom.errors import DataError
 from fedloom.simulation.report import read_metrics
 
+log = logging.getLogger("fedloom")
 HEARTBEAT_S = 5.0  # deploy.heartbeat_s's default: a client not heard from in 3 of them (and a second) is not connected
 MAX_CLIENTS = 200  # the clients table lists at most this many (the most recently asked first)
 
@@ -320,5 +322,12 @@ class Watched:
         return list(self._known.values())
 
     def runs(self) -> list[Run]:
+        out: list[Run] = []
         with self._lock:
-            return [run for source in self.sources() for run in source.runs()]
+            for source in self.sources():
+                try:
+                    out.extend(source.runs())
+                except (OSError, ValueError, KeyError, TypeError, sqlite3.Error) as exc:  # e.g. a row of bad JSON
+                    log.warning("cannot read %s now: %s: %s", getattr(source, "db", getattr(source, "path", "?")),
+                                type(exc).__name__, exc)
+        return out
