@@ -41,7 +41,8 @@ class RunConfig:
     rounds: int = _f(20, "number of training rounds", ">=1")
     out_dir: str = _f("runs", "folder that receives run folders")
     client_metrics: bool = _f(False, "also write clients.csv: a row per asked client and round (accepted or the "
-                                     "refusal's code, and what the client reported)")
+                                     "refusal's code, what the client reported, and its round trip on the simulated "
+                                     "clock)")
     checkpoint_every: int = _f(10, "write checkpoint.npz every N rounds (and at the end and at Ctrl-C) for "
                                    "`fedloom simulate --resume`; 0 = only at the end and at Ctrl-C", ">=0")
 

@@ -53,14 +53,17 @@ def test_runs_side_by_side_with_the_simulated_clock_and_clients_read_as_they_gro
     assert views["plain"]["summary"]["sim_time_s"] is None
     assert views["phones"]["summary"]["sim_time_s"] > 0 and views["phones"]["summary"]["trips"] >= 20
     assert all(r["sim_time_s"] > 0 for r in views["phones"]["rows"])
+    timed = [c for c in views["phones"]["clients"] if c["accepted"]]
+    assert timed and all(c["mean_s"] > 0 for c in timed)  # each client's round trips on the simulated clock
+    assert all(c["mean_s"] is None for c in views["plain"]["clients"])  # no clock, no seconds
 
     with open(plain / "clients.csv", "a") as f:  # the next round's rows, the last one half-written
-        f.write("5,3,accepted,0.25,,10,1\n5,4,invalid_upd")
+        f.write("5,3,accepted,0.25,,10,1,\n5,4,invalid_upd")
     (view,) = [r.view() for r in watched.runs() if r.name == "plain"]
     clients = {c["client_id"]: c for c in view["clients"]}
     assert clients[3]["last_round"] == 5 and clients[3]["loss"] == 0.25
     assert sum(c["asked"] for c in view["clients"]) == 20 + 1  # the half-written row waits for the next look
-    (plain / "clients.csv").write_text("round,client,status,loss,loss_sq,examples,steps\n1,7,no_reply,,,,\n")
+    (plain / "clients.csv").write_text("round,client,status,loss,loss_sq,examples,steps,seconds\n1,7,no_reply,,,,,\n")
     (view,) = [r.view() for r in watched.runs() if r.name == "plain"]
     assert [(c["client_id"], c["state"]) for c in view["clients"]] == [(7, "no_reply")]  # rewritten: read anew
 

@@ -158,10 +158,12 @@ def test_per_client_rows_on_request(tmp_path):
     run_dir = next((tmp_path / "runs").iterdir())
     with open(run_dir / "clients.csv", newline="") as f:
         table = list(csv.DictReader(f))
-    assert list(table[0]) == ["round", "client", "status", "loss", "loss_sq", "examples", "steps"]
+    assert list(table[0]) == ["round", "client", "status", "loss", "loss_sq", "examples", "steps",
+                             "seconds"]
     assert {r["round"] for r in table} == {"1", "2", "3"} and len(table) == 3 * 6  # 1.5 x 4 asked a round
     accepted = [r for r in table if r["status"] == "accepted"]
     assert len(accepted) == 3 * 4 and all(float(r["loss"]) > 0 and float(r["examples"]) > 0 for r in accepted)
+    assert all(float(r["seconds"]) > 0 for r in accepted)  # each one's round trip on the simulated clock
     assert {r["status"] for r in table} - {"accepted"} == {"not_kept"} and all(
         r["loss"] == "" for r in table if r["status"] != "accepted")
     metrics = rows(run_dir)

@@ -178,11 +178,17 @@ class Folder:
         for r in csv.DictReader(lines, fieldnames=header):
             try:
                 cid = int(r["client"])
-                c = self._table.setdefault(cid, {"client_id": cid, "name": str(cid), "asked": 0, "accepted": 0})
+                c = self._table.setdefault(cid, {"client_id": cid, "name": str(cid), "asked": 0, "accepted": 0,
+                                                 "timed": 0, "seconds": 0.0, "mean_s": None})
                 c["asked"] += 1
                 c["accepted"] += r["status"] == "accepted"
                 c.update(last_round=int(r["round"]), state=r["status"], loss=_finite(r.get("loss")),
                          examples=_finite(r.get("examples")))
+                seconds = _finite(r.get("seconds"))  # its round trip on the simulated clock
+                if seconds is not None:
+                    c["timed"] += 1
+                    c["seconds"] += seconds
+                    c["mean_s"] = c["seconds"] / c["timed"]
             except (KeyError, TypeError, ValueError):
                 continue  # not a row of clients.csv's columns
         return self._listed()

@@ -61,6 +61,7 @@ class RoundResult:
     measurements: dict[str, float] = field(default_factory=dict)  # the aggregator's, e.g. clip bound, epsilon
     problem: str = ""  # why the model was left unchanged, when it was
     client_metrics: dict[int, dict[str, float]] = field(default_factory=dict)  # each accepted client's report
+    durations: dict[int, float] = field(default_factory=dict)  # asked clients' measured round trips, where known
 
 
 @dataclass(frozen=True)
@@ -184,7 +185,7 @@ class SyncServer:
         rejected = {u: why for u, why in outcome.rejected.items() if u not in kept}  # a survivor that failed to
         measurements["secagg.unmask_failed"] = float(len(outcome.rejected) - len(rejected))  # unmask: its input is in
         result = RoundResult(rnd, [r.client_id for r in requests], kept, rejected, loss, examples,
-                             measurements, problem, outcome.metrics)
+                             measurements, problem, outcome.metrics, dict(outcome.durations))
         return result, ServerState(rnd, params, opt_state, selection, aggregation)
 
     def apply(self, state: ServerState, requests: Sequence[TrainRequest], replies: Sequence[TrainReply],
@@ -242,7 +243,8 @@ class SyncServer:
             if not is_finite(params):
                 problem, params, opt_state = "the server optimizer's step is not finite", state.params, state.opt_state
         result = RoundResult(rnd, [r.client_id for r in requests], list(kept), rejected, loss, examples,
-                             agg.measurements, problem, {cid: dict(u.metrics) for cid, u in kept.items()})
+                             agg.measurements, problem, {cid: dict(u.metrics) for cid, u in kept.items()},
+                             dict(durations))
         aggregation = agg.state if not problem else state.aggregation
         return result, ServerState(rnd, params, opt_state, selection, aggregation)
 

@@ -119,12 +119,14 @@ def plot_run(run_dir: str | Path) -> Path:
     return out
 
 
-CLIENT_COLUMNS = ("round", "client", "status", "loss", "loss_sq", "examples", "steps")
+CLIENT_COLUMNS = ("round", "client", "status", "loss", "loss_sq", "examples", "steps", "seconds")
 
 
 def append_client_rows(path: Path, round: int, selected: list[int], accepted: list[int],
-                       rejected: dict[int, str], reports: dict[int, dict[str, float]]) -> None:
-    """``clients.csv``: a row per client asked in ``round``: ``accepted`` or the refusal's code, and its report."""
+                       rejected: dict[int, str], reports: dict[int, dict[str, float]],
+                       durations: dict[int, float]) -> None:
+    """``clients.csv``: a row per client asked in ``round``: ``accepted`` or the refusal's code, its report, and
+    its round trip in ``seconds`` where one was measured (on the simulated clock; empty without one)."""
     new = not path.exists()
     with open(path, "a", newline="") as f:
         writer = csv.writer(f)
@@ -133,7 +135,8 @@ def append_client_rows(path: Path, round: int, selected: list[int], accepted: li
         for cid in dict.fromkeys([*selected, *accepted, *rejected]):
             status = "accepted" if cid in accepted else reason_code(rejected.get(cid, "no_reply: no reply"))
             report = reports.get(cid, {})
-            writer.writerow([round, cid, status, *(report.get(k, "") for k in CLIENT_COLUMNS[3:])])
+            writer.writerow([round, cid, status, *(report.get(k, "") for k in CLIENT_COLUMNS[3:-1]),
+                             durations.get(cid, "")])
 
 
 def keep_client_rows(path: Path, last_round: int) -> None:

@@ -314,7 +314,7 @@ def _run(cfg: Config, run_dir: Path | None, start: float, timings: Timings, plot
                 outputs.log(row)
             if run_dir is not None and cfg.run.client_metrics:
                 append_client_rows(run_dir / "clients.csv", state.round, result.selected, result.accepted,
-                                   result.rejected, result.client_metrics)
+                                   result.rejected, result.client_metrics, result.durations)
             snap = stream.snapshot() if stream is not None else None
             every = cfg.run.checkpoint_every
             if run_dir is not None and every and state.round % every == 0:

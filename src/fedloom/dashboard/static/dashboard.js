@@ -161,10 +161,11 @@ function card({ view, rows }) {
           fmt.n(c.down_s, 3), fmt.n(c.up_s, 3), fmt.bytes(c.bytes_down), fmt.bytes(c.bytes_up), c.failure || "" ] })),
       [3, 4, 5, 6, 7, 8, 9]));
   } else {
-    parts.push(table(["client", "last round", "last status", "asked", "accepted", "loss", "examples"],
+    parts.push(table(["client", "last round", "last status", "asked", "accepted", "loss", "examples", "simulated s"],
       view.clients.map(c => ({ attrs: { class: "client", "data-client": c.name },
-        cells: [c.name, fmt.int(c.last_round), c.state, fmt.int(c.asked), fmt.int(c.accepted), fmt.n(c.loss, 3), fmt.int(c.examples)] })),
-      [1, 3, 4, 5, 6]));
+        cells: [c.name, fmt.int(c.last_round), c.state, fmt.int(c.asked), fmt.int(c.accepted), fmt.n(c.loss, 3),
+          fmt.int(c.examples), fmt.n(c.mean_s, 2)] })),
+      [1, 3, 4, 5, 6, 7]));
   }
   return el("article", { class: "card", id: `run-${view.key}`, "data-round": String(s.rounds_done), "data-status": view.status }, ...parts);
 }
