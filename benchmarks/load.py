@@ -217,10 +217,12 @@ def _wait_listening(port: int, server: subprocess.Popen[str], deadline: float) -
 
 def run_load(mode: str = "sync", clients: int | None = None, rounds: int | None = None, tls: bool = True,
              timeout_s: float = 900.0, concurrency: int = 50, buffer_size: int = 25,
-             ceiling: bool = False) -> dict[str, Any]:
+             ceiling: bool = False, watcher: Any = None) -> dict[str, Any]:
     """Run ``clients`` clients against a real server process for ``rounds`` rounds (server updates, for ``"async"``);
     return the record. Defaults: sync, 200 clients, 5 rounds; async, 1,000 clients, 40 versions. With ``ceiling``
-    the async record adds the reference, :func:`grpc_ceiling`, and the run's share of it.
+    the async record adds the reference, :func:`grpc_ceiling`, and the run's share of it. A ``watcher``
+    (``benchmarks/dashboard.py``) is started on the folder that will hold the state before the server starts,
+    stopped when the server has exited, and adds its fields to the record.
 
     Raises ``RuntimeError`` when the server fails (with the tail of its log) and ``TimeoutError`` when
     the run takes longer than ``timeout_s``; either way the server and the clients are killed and the folder removed.
@@ -252,6 +254,8 @@ def run_load(mode: str = "sync", clients: int | None = None, rounds: int | None 
             cfg = _async_config(clients, rounds, min(concurrency, clients), buffer_size, tls, port, state, pki, test)
         config_path = tmp / "load.toml"
         config_path.write_text(to_toml(cfg))
+        if watcher is not None:  # on the folder that will hold the state: it looks from the server's first round
+            watcher.start(tmp)
 
         cmd = [sys.executable, "-m", "fedloom.cli", "server", "--config", str(config_path)]
         if tls:
@@ -363,9 +367,13 @@ def run_load(mode: str = "sync", clients: int | None = None, rounds: int | None 
                 if record["updates_per_s"]:
                     record["of_ceiling"] = round(record["updates_per_s"] / record["ceiling_updates_per_s"], 3)
         record["wall_s"] = round(time.monotonic() - start, 2)
+        if watcher is not None:
+            record.update(watcher.stop())
         return record
     finally:
         stop.set()
+        if watcher is not None:
+            watcher.close()
         if server is not None and server.poll() is None:
             server.terminate()
             try:

@@ -14,6 +14,7 @@
     python -m benchmarks.run codecs      # encode + decode speed of each codec, 10M values (benchmarks/codecs.py)
     python -m benchmarks.run compression # accuracy against uplink bytes per codec (benchmarks/compression.py)
     python -m benchmarks.run secagg      # secure aggregation's round against a plain one (benchmarks/secagg.py)
+    python -m benchmarks.run dashboard   # the sync load alone and watched by the dashboard (benchmarks/dashboard.py)
 
 Each implementation runs in its own child process of this script (so start-up and peak memory are
 its own): imports, data, one untimed warm-up round, then ``--repeat`` timed runs, of which the
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run")
     parser.add_argument("workload", choices=sorted([*WORKLOADS, "load", "hetero", "attacks", "robust",
                                                     "aggregation-cost", "privacy", "codecs",
-                                                    "compression", "secagg"]))
+                                                    "compression", "secagg", "dashboard"]))
     parser.add_argument("--repeat", type=int, help="timed runs per implementation (default: the workload's)")
     parser.add_argument("--only", help="run one implementation in this process (used by the parent)")
     parser.add_argument("--implementations", help="comma-separated subset to run after plain-pytorch "
@@ -137,6 +138,11 @@ def main(argv: list[str] | None = None) -> None:
 
         for mode in ("sync", "async"):
             print(json.dumps(run_load(mode, ceiling=mode == "async")), flush=True)
+        return
+    if args.workload == "dashboard":
+        from benchmarks.dashboard import run_dashboard
+
+        run_dashboard(repeat=args.repeat or 3)
         return
     if args.workload == "robust":
         from benchmarks.robust import run_robust

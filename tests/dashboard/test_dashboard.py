@@ -216,3 +216,13 @@ def test_beyond_loopback_it_is_refused_without_a_token_and_over_tls_asks_for_it(
         proc.kill()
         proc.wait()
     assert Path(token_file).read_text().strip() == token  # kept for the next start
+
+
+def test_the_dashboard_benchmark_watches_a_real_load_run_to_its_end():
+    from benchmarks.dashboard import Watcher
+    from benchmarks.load import run_load
+
+    record = run_load("sync", clients=4, rounds=3, timeout_s=180.0, watcher=Watcher(every_s=0.05))
+    assert record["lost"] == 0 and record["rounds_seen"] == 3  # the last look saw every round
+    assert record["polls"] > 0 and record["poll_errors"] == 0 and record["poll_ms_median"] > 0
+    assert record["dashboard_rss_mb"] > 10
