@@ -9,6 +9,12 @@ values (a code and a reason), never exceptions leaking through it.
 from __future__ import annotations
 
 
+def reason_code(reason: str) -> str:
+    """The code a refusal's reason starts with (``client_failed: ValueError: ...``), or ``other``."""
+    head = reason.split(":", 1)[0]
+    return head if head.isidentifier() and head.islower() else "other"
+
+
 class FedloomError(Exception):
     """Base class of every error fedloom raises on purpose."""
 

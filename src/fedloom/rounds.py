@@ -20,6 +20,7 @@ import numpy as np
 
 from fedloom.client.torch_work import TorchClientWork
 from fedloom.config import Config
+from fedloom.errors import reason_code
 from fedloom.messages import Reply, Request, TrainRequest
 from fedloom.server.sync import RoundResult, ServerState, SyncServer
 from fedloom.transport.base import Transport
@@ -81,12 +82,6 @@ def run_rounds(step: Step, state: ServerState, rounds: int,
         if after(result, state):
             break
     return state
-
-
-def reason_code(reason: str) -> str:
-    """The code a refusal's reason starts with (``client_failed: ValueError: ...``), or ``other``."""
-    head = reason.split(":", 1)[0]
-    return head if head.isidentifier() and head.islower() else "other"
 
 
 def _kind(text: str) -> str:

@@ -7,8 +7,7 @@ import math
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from fedloom.errors import DataError
-from fedloom.rounds import reason_code
+from fedloom.errors import DataError, reason_code
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
