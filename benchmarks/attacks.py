@@ -268,7 +268,10 @@ class Deployment:
         end = time.monotonic() + timeout
         while not self.rounds or self.rounds[-1][1] < n:
             if time.monotonic() > end or (self.server is not None and self.server.poll() is not None):
-                raise AssertionError(f"round {n} never came; the server said:\n{self.server.err[-3000:]}")
+                clients = "\n".join(f"{name} ({'running' if c.poll() is None else f'exit {c.poll()}'}):\n"
+                                     f"{c.err[-1500:]}" for name, c in self.clients.items())
+                raise AssertionError(f"round {n} never came; the server said:\n{self.server.err[-3000:]}\n"
+                                     f"the clients said:\n{clients}")
             time.sleep(0.05)
 
     def window(self, seconds: float) -> dict[str, float]:
