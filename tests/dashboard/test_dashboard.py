@@ -81,6 +81,16 @@ def test_a_folder_of_runs_shows_new_ones_as_they_appear_and_nothing_is_an_error(
         Watched([tmp_path / "missing"])
 
 
+def test_a_long_client_list_shows_the_most_recent_and_says_of_how_many(tmp_path):
+    (tmp_path / "config.toml").write_text("[run]\nrounds = 300\n")
+    (tmp_path / "metrics.csv").write_text("round,train_loss\n1,0.5\n")
+    rows = "".join(f"{i + 1},{i},accepted,0.5,,10,1,\n" for i in range(205))  # client i asked in round i + 1
+    (tmp_path / "clients.csv").write_text("round,client,status,loss,loss_sq,examples,steps,seconds\n" + rows)
+    view = Watched([tmp_path]).runs()[0].view()
+    assert view["clients_total"] == 205 and len(view["clients"]) == 200
+    assert [c["client_id"] for c in view["clients"][:2]] == [204, 203] and view["clients"][-1]["client_id"] == 5
+
+
 def measured(cid, rnd, outcome="ok"):
     return Measured(cid, rnd, "TrainRequest", outcome, time.time(), 0.01, 0.5, 0.02, 1000, 400, 32.0)
 
@@ -109,6 +119,7 @@ def test_server_state_shows_clients_connection_refusals_and_is_read_without_bloc
         assert (s["rounds_done"], s["open_round"], s["rejected"]) == (2, 3, {"not_finite": 2})
         assert (s["epsilon"], s["epsilon_budget"], s["delta"]) == (3.0, 8.0, 1e-6)
         assert s["eta_s"] == pytest.approx(8 * 2.0, rel=0.2)  # the rounds' own durations, from the rounds table
+        assert view["clients_total"] == 4
         clients = {c["name"]: c for c in view["clients"]}
         assert [clients[n]["state"] for n in ("st-mary", "general", "university", "gone")] == [
             "connected", "disconnected", "never connected", "revoked"]

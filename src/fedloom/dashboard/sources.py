@@ -33,7 +33,7 @@ from fedloom.simulation.report import read_metrics
 
 log = logging.getLogger("fedloom")
 HEARTBEAT_S = 5.0  # deploy.heartbeat_s's default: a client not heard from in 3 of them (and a second) is not connected
-MAX_CLIENTS = 200  # the clients table lists at most this many (the most recently asked first)
+MAX_CLIENTS = 200  # the clients table lists at most this many: the most recently asked or heard from
 
 
 def _finite(value: Any) -> float | None:
@@ -101,12 +101,14 @@ class Run:
     clients: list[dict[str, Any]] = field(default_factory=list)
     status: str = "running"
     updated: float | None = None  # wall-clock seconds of the latest change seen
+    clients_total: int = 0  # the clients there are, of which ``clients`` lists at most MAX_CLIENTS
 
     def view(self, since: int = 0) -> dict[str, Any]:
         """The JSON the page asks for: the rows after round ``since``, and everything else whole."""
         rows = [r for r in self.rows if (r.get("round") or 0) > since]
         return {"key": self.key, "name": self.name, "kind": self.kind, "where": self.where, "status": self.status,
-                "updated": self.updated, "summary": self.summary, "clients": self.clients, "rows": rows,
+                "updated": self.updated, "summary": self.summary, "clients": self.clients,
+                "clients_total": self.clients_total, "rows": rows,
                 "reset": bool(self.rows) and since > (self.rows[-1].get("round") or 0)}
 
 
@@ -148,8 +150,9 @@ class Folder:
         finished = (self.path / "model.npz").exists() and bool(rows)
         status = "finished" if finished else "waiting" if not rows else \
             "running" if updated is not None and time.time() - updated < _stale_after(rows) else "stopped"
+        clients = self._clients()
         return [Run(self.key, config.get("run", {}).get("name", self.path.name), "simulation", str(self.path), rows,
-                    summary, self._clients(), status, updated)]
+                    summary, clients[:MAX_CLIENTS], status, updated, len(clients))]
 
     def _clients(self) -> list[dict[str, Any]]:
         """Each client asked so far (``clients.csv``): rounds asked, accepted, its latest status and report."""
@@ -194,7 +197,8 @@ class Folder:
         return self._listed()
 
     def _listed(self) -> list[dict[str, Any]]:
-        return sorted(self._table.values(), key=lambda c: (-c["last_round"], c["client_id"]))[:MAX_CLIENTS]
+        """Every client asked so far, the most recently asked first."""
+        return sorted(self._table.values(), key=lambda c: (-c["last_round"], c["client_id"]))
 
 
 def _stale_after(rows: list[dict[str, float | None]]) -> float:
@@ -256,8 +260,10 @@ class Store:
             status = "running" if open_round is not None or done else "waiting"
         else:
             status = "stopped"  # nobody heard from: the server is down, or no client is connected to it
-        return Run(f"{self.key}-{run_id}", name, "server", str(self.db.parent), list(rows), summary, clients, status,
-                   updated)
+        shown = clients if len(clients) <= MAX_CLIENTS else sorted(  # the most recently heard, in the registry's order
+            sorted(clients, key=lambda c: -(c["last_heard"] or 0))[:MAX_CLIENTS], key=lambda c: c["client_id"])
+        return Run(f"{self.key}-{run_id}", name, "server", str(self.db.parent), list(rows), summary, shown, status,
+                   updated, len(clients))
 
     def _clients(self, conn: sqlite3.Connection, run_id: int, lost_after_s: float) -> list[dict[str, Any]]:
         """The registry joined with what the server measured of each client's tasks in this run; a client is
@@ -284,7 +290,7 @@ class Store:
                         "down_s": _finite(down), "up_s": _finite(up), "bytes_down": int(bytes_down or 0),
                         "bytes_up": int(bytes_up or 0), "last_round": last_round,
                         "failure": "{} x{}".format(*failed[int(cid)]) if int(cid) in failed else None})
-        return out[:MAX_CLIENTS]
+        return out
 
 
 def _key(path: Path) -> str:

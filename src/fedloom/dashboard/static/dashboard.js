@@ -151,7 +151,8 @@ function card({ view, rows }) {
     parts.push(el("h3", { text: "aggregator's measurements (latest round)" }),
       table(["measurement", "value"], measured.map(([k, v]) => ({ cells: [k, fmt.n(v, 4)] })), [1]));
   }
-  parts.push(el("h3", { text: `clients (${view.clients.length})` }));
+  const listed = view.clients.length < view.clients_total ? `${view.clients.length} of ${view.clients_total}, the most recently ${view.kind === "server" ? "heard from" : "asked"}` : `${view.clients_total}`;
+  parts.push(el("h3", { text: `clients (${listed})` }));
   if (!view.clients.length) {
     parts.push(el("div", { class: "empty", text: view.kind === "simulation" ? "no clients.csv in this run folder (run.client_metrics)" : "none enrolled" }));
   } else if (view.kind === "server") {
