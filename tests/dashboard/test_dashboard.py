@@ -190,6 +190,8 @@ def test_the_served_page_is_read_only_and_loads_nothing_from_elsewhere(tmp_path)
         assert status == 200 and len(body) > 1_000_000
         status, _, body = ask(url, path="/api/state")
         assert status == 200 and json.loads(body)["runs"][0]["summary"]["rounds_done"] == 4
+        status, _, body = ask(url, path="/api/state?since=x:y,:,k:-1,k:" + "9" * 5000)  # garbage is ignored
+        assert status == 200 and len(json.loads(body)["runs"][0]["rows"]) == 4
         for method in ("POST", "PUT", "DELETE", "PATCH"):
             for path in ("/", "/api/state", "/static/dashboard.js"):
                 status, headers, _ = ask(url, method, path)

@@ -40,11 +40,11 @@ HEADERS = {
 
 
 def _since(text: str) -> dict[str, int]:
-    """``key:round,key:round``: the last round the page has of each run."""
+    """``key:round,key:round``: the last round the page has of each run (anything else is ignored)."""
     out = {}
-    for part in text.split(","):
+    for part in text.split(",")[:1000]:
         key, _, rnd = part.partition(":")
-        if key and rnd.isdigit():
+        if key and rnd.isdigit() and len(rnd) <= 12:  # int() refuses numbers of thousands of digits
             out[key] = int(rnd)
     return out
 
