@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.attacks import free_port
 from fedloom.config import load_config
 from fedloom.deploy.certs import make_dev_pki
 from fedloom.simulation.runner import simulate
@@ -83,14 +84,6 @@ const d = document.getElementById('chart-accuracy').data || [];
 return {round: +c.dataset.round, status: c.dataset.status, text: c.innerText,
         points: d.reduce((n, t) => n + t.x.length, 0),
         connected: [...c.querySelectorAll('tr.client.connected')].map(r => r.dataset.client)}"""
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(*args: str) -> subprocess.Popen:

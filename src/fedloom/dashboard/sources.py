@@ -15,6 +15,7 @@ missing or half-written is an empty run, never an error that stops the dashboard
 
 from __future__ import annotations
 
+import bisect
 import csv
 import hashlib
 import json
@@ -65,7 +66,8 @@ def summarize(rows: list[dict[str, float | None]], planned: int, config: dict[st
     for row in rows:
         for key, value in row.items():
             if key.startswith("rejected.") and value:
-                rejected[key[len("rejected."):]] = rejected.get(key[len("rejected."):], 0) + value
+                code = key.removeprefix("rejected.")
+                rejected[code] = rejected.get(code, 0) + value
     measured: dict[str, float] = {}
     for row in rows:  # each measurement's latest value
         measured.update({k: v for k, v in row.items() if "." in k and not k.startswith("rejected.") and v is not None})
@@ -105,7 +107,7 @@ class Run:
 
     def view(self, since: int = 0) -> dict[str, Any]:
         """The JSON the page asks for: the rows after round ``since``, and everything else whole."""
-        rows = [r for r in self.rows if (r.get("round") or 0) > since]
+        rows = self.rows[bisect.bisect_right(self.rows, since, key=lambda r: r.get("round") or 0):]  # in round order
         return {"key": self.key, "name": self.name, "kind": self.kind, "where": self.where, "status": self.status,
                 "updated": self.updated, "summary": self.summary, "clients": self.clients,
                 "clients_total": self.clients_total, "rows": rows,
@@ -127,26 +129,31 @@ class Folder:
 
     def __init__(self, path: Path, key: str):
         self.path, self.key = path, key
-        self._metrics: tuple[tuple[int, int, int] | None, list[dict[str, float | None]]] = (None, [])
+        self._read_at: tuple[int, int, int] | None | bool = False  # metrics.csv's signature when read (False: never)
+        self._rows: list[dict[str, float | None]] = []
+        self._config: dict[str, Any] = {}
+        self._summary: dict[str, Any] = {}
         self._table: dict[int, dict[str, Any]] = {}
         self._read: tuple[int, int, list[str]] | None = None  # clients.csv: inode, bytes read, header
+        self._listing: list[dict[str, Any]] | None = None  # the clients as listed, until clients.csv grows
 
     def runs(self) -> list[Run]:
         metrics = self.path / "metrics.csv"
         sig = _signature(metrics)
-        if sig != self._metrics[0]:
+        if sig != self._read_at:  # the rows, the config and the summary change only with metrics.csv
             try:
-                self._metrics = (sig, [_clean(r) for r in read_metrics(metrics)])
+                self._rows = [_clean(r) for r in read_metrics(metrics)]
+                self._read_at = sig
             except (DataError, OSError):
-                self._metrics = (None, [])  # missing, or caught being rewritten: the next look reads it
-        rows = self._metrics[1]
+                self._rows, self._read_at = [], False  # missing, or caught being rewritten: the next look reads it
+            try:
+                self._config = _config((self.path / "config.toml").read_text())
+            except OSError:
+                self._config = {}
+            self._summary = summarize(self._rows, int(self._config.get("run", {}).get("rounds", 0) or 0),
+                                      self._config)
+        rows, config, summary = self._rows, self._config, self._summary
         updated = sig[2] / 1e9 if sig is not None else None
-        try:
-            config = _config((self.path / "config.toml").read_text())
-        except OSError:
-            config = {}
-        planned = int(config.get("run", {}).get("rounds", 0) or 0)
-        summary = summarize(rows, planned, config)
         finished = (self.path / "model.npz").exists() and bool(rows)
         status = "finished" if finished else "waiting" if not rows else \
             "running" if updated is not None and time.time() - updated < _stale_after(rows) else "stopped"
@@ -159,10 +166,12 @@ class Folder:
         path = self.path / "clients.csv"
         sig = _signature(path)
         if sig is None:
-            self._table, self._read = {}, None
+            self._table, self._read, self._listing = {}, None, None
             return []
         if self._read is not None and (self._read[0] != sig[0] or self._read[1] > sig[1]):
             self._table, self._read = {}, None  # rewritten (a resumed run drops the rows of rounds it redoes)
+        if self._read is not None and self._read[1] == sig[1] and self._listing is not None:
+            return self._listing  # nothing new
         try:
             with open(path, "rb") as f:
                 f.seek(0 if self._read is None else self._read[1])
@@ -182,29 +191,76 @@ class Folder:
             try:
                 cid = int(r["client"])
                 c = self._table.setdefault(cid, {"client_id": cid, "name": str(cid), "asked": 0, "accepted": 0,
-                                                 "timed": 0, "seconds": 0.0, "mean_s": None})
+                                                 "_seconds": 0.0, "_timed": 0})
                 c["asked"] += 1
                 c["accepted"] += r["status"] == "accepted"
                 c.update(last_round=int(r["round"]), state=r["status"], loss=_finite(r.get("loss")),
                          examples=_finite(r.get("examples")))
                 seconds = _finite(r.get("seconds"))  # its round trip on the simulated clock
                 if seconds is not None:
-                    c["timed"] += 1
-                    c["seconds"] += seconds
-                    c["mean_s"] = c["seconds"] / c["timed"]
+                    c["_seconds"] += seconds
+                    c["_timed"] += 1
             except (KeyError, TypeError, ValueError):
                 continue  # not a row of clients.csv's columns
-        return self._listed()
+        self._listing = self._listed()
+        return self._listing
 
     def _listed(self) -> list[dict[str, Any]]:
-        """Every client asked so far, the most recently asked first."""
-        return sorted(self._table.values(), key=lambda c: (-c["last_round"], c["client_id"]))
+        """Every client asked so far, the most recently asked first, with its mean round trip (``mean_s``)."""
+        return [{**{k: v for k, v in c.items() if not k.startswith("_")},
+                 "mean_s": c["_seconds"] / c["_timed"] if c["_timed"] else None}
+                for c in sorted(self._table.values(), key=lambda c: (-c["last_round"], c["client_id"]))]
 
 
 def _stale_after(rows: list[dict[str, float | None]]) -> float:
     """Seconds without a new row after which a run that is not finished is shown as stopped."""
     longest = max((r.get("round_s") or 0 for r in rows[-10:]), default=0)
     return max(60.0, 5 * longest)
+
+
+class _Tally:
+    """What the server measured of each client's tasks in one run, added up from the ``tasks`` rows recorded since
+    the last look (rows are only ever appended)."""
+
+    def __init__(self) -> None:
+        self.last_rowid = 0
+        self.sums: dict[int, dict[str, Any]] = {}
+
+    def add(self, conn: sqlite3.Connection, run_id: int) -> None:
+        if (conn.execute("SELECT max(rowid) FROM tasks").fetchone()[0] or 0) < self.last_rowid:
+            self.last_rowid, self.sums = 0, {}  # another database in the same place: count afresh
+        for rowid, cid, kind, outcome, rnd, work, down, up, bytes_down, bytes_up in conn.execute(
+                "SELECT rowid, client_id, kind, outcome, round, work_s, down_s, up_s, down_bytes, up_bytes FROM tasks "
+                "WHERE run_id = ? AND rowid > ? ORDER BY rowid", (run_id, self.last_rowid)):
+            self.last_rowid = rowid
+            s = self.sums.setdefault(int(cid), {"asked": 0, "accepted": 0, "work": [0.0, 0], "down": [0.0, 0],
+                                                "up": [0.0, 0], "bytes_down": 0, "bytes_up": 0, "last_round": None,
+                                                "failures": {}})
+            if outcome not in ("ok", "late"):
+                s["failures"][outcome] = s["failures"].get(outcome, 0) + 1
+            if kind != "TrainRequest":
+                continue
+            s["asked"] += 1
+            s["accepted"] += outcome == "ok"
+            for key, value in (("work", work if outcome == "ok" else None), ("down", down), ("up", up)):
+                if value is not None:
+                    s[key][0] += value
+                    s[key][1] += 1
+            s["bytes_down"] += int(bytes_down)
+            s["bytes_up"] += int(bytes_up)
+            s["last_round"] = max(int(rnd), s["last_round"] or 0)
+
+    def of(self, cid: int) -> dict[str, Any]:
+        """The client's columns of the table: tasks, updates, mean seconds, bytes, last round, most frequent failure."""
+        s = self.sums.get(cid)
+        if s is None:
+            return {"asked": 0, "accepted": 0, "work_s": None, "down_s": None, "up_s": None, "bytes_down": 0,
+                    "bytes_up": 0, "last_round": None, "failure": None}
+        mean = {f"{k}_s": _finite(s[k][0] / s[k][1]) if s[k][1] else None for k in ("work", "down", "up")}
+        worst = max(s["failures"].items(), key=lambda kv: kv[1], default=None)
+        return {"asked": s["asked"], "accepted": s["accepted"], **mean, "bytes_down": s["bytes_down"],
+                "bytes_up": s["bytes_up"], "last_round": s["last_round"],
+                "failure": f"{worst[0]} x{worst[1]}" if worst else None}
 
 
 class Store:
@@ -214,6 +270,8 @@ class Store:
         self.db = path / "server.db" if path.is_dir() else path
         self.key = key
         self._rows: dict[int, list[dict[str, float | None]]] = {}  # done rounds never change: each is read once
+        self._summaries: dict[int, tuple[int, dict[str, Any]]] = {}  # by run: (rows summarized, the summary)
+        self._tallies: dict[int, _Tally] = {}  # by run: its tasks, added up as they are recorded
 
     def runs(self) -> list[Run]:
         if not self.db.exists():
@@ -239,6 +297,8 @@ class Store:
             "max(coalesce(finished, started)) FROM rounds WHERE run_id = ?", (run_id,)).fetchone()
         if done < len(rows):
             rows.clear()  # another database in the same place (a state folder started afresh)
+            self._tallies.pop(run_id, None)
+            self._summaries.pop(run_id, None)
         last = int(rows[-1]["round"] or 0) if rows else 0
         for rnd, started, finished, metrics in conn.execute(
                 "SELECT round, started, finished, metrics_json FROM rounds WHERE run_id = ? AND status = 'done' "
@@ -249,8 +309,11 @@ class Store:
                 row["round_s"] = float(finished) - float(started)  # the server's rows time their rounds here
             rows.append(row)
         planned = int(config.get("run", {}).get("rounds", 0) or 0)
-        summary = summarize(rows, planned, config)
-        summary["open_round"] = open_round
+        summarized, summary = self._summaries.get(run_id, (-1, {}))
+        if summarized != len(rows):
+            summary = summarize(rows, planned, config)
+            self._summaries[run_id] = (len(rows), summary)
+        summary = {**summary, "open_round": open_round}
         heartbeat = _finite(config.get("deploy", {}).get("heartbeat_s", HEARTBEAT_S)) or HEARTBEAT_S
         clients = self._clients(conn, run_id, 3 * heartbeat + 1)  # the server's own rule, and a second to write it
         done = summary["rounds_done"]
@@ -268,28 +331,19 @@ class Store:
     def _clients(self, conn: sqlite3.Connection, run_id: int, lost_after_s: float) -> list[dict[str, Any]]:
         """The registry joined with what the server measured of each client's tasks in this run; a client is
         connected when the server heard from it (as recorded) within ``lost_after_s``."""
-        tasks = {int(r[0]): r[1:] for r in conn.execute(
-            "SELECT client_id, count(*), sum(outcome = 'ok'), avg(CASE WHEN outcome = 'ok' THEN work_s END), "
-            "avg(down_s), avg(up_s), sum(down_bytes), sum(up_bytes), max(round) FROM tasks "
-            "WHERE run_id = ? AND kind = 'TrainRequest' GROUP BY client_id", (run_id,))}
-        failed = {int(c): (str(o), int(n)) for c, o, n in conn.execute(
-            "SELECT client_id, outcome, count(*) FROM tasks WHERE run_id = ? AND outcome NOT IN ('ok', 'late') "
-            "GROUP BY client_id, outcome ORDER BY count(*)", (run_id,))}  # each client's most frequent failure
+        tally = self._tallies.setdefault(run_id, _Tally())
+        tally.add(conn, run_id)
         heard = {int(c): float(e) for c, e in conn.execute(
             "SELECT client_id, max(end) FROM presence WHERE run_id = ? GROUP BY client_id", (run_id,))}
         now = time.time()
         out = []
         for cid, name, revoked, last_seen in conn.execute(
                 "SELECT client_id, name, revoked, last_seen FROM clients ORDER BY client_id"):
-            n, ok, work, down, up, bytes_down, bytes_up, last_round = tasks.get(int(cid), (0, 0, *[None] * 6))
             last = max((x for x in (heard.get(int(cid)), last_seen) if x is not None), default=None)
             state = "revoked" if revoked else "connected" if last is not None and now - last < lost_after_s \
                 else "never connected" if last is None else "disconnected"
             out.append({"client_id": int(cid), "name": name, "state": state, "last_heard": last,
-                        "asked": int(n or 0), "accepted": int(ok or 0), "work_s": _finite(work),
-                        "down_s": _finite(down), "up_s": _finite(up), "bytes_down": int(bytes_down or 0),
-                        "bytes_up": int(bytes_up or 0), "last_round": last_round,
-                        "failure": "{} x{}".format(*failed[int(cid)]) if int(cid) in failed else None})
+                        **tally.of(int(cid))})
         return out
 
 

@@ -5,6 +5,7 @@ const runs = new Map();   // key -> {view, rows}
 const hidden = new Set(); // runs unticked in the list
 let refreshMs = 2000;
 let lastOk = null;
+let chartsStale = true;   // the curves change only with new rows, runs that come or go, or a run ticked or unticked
 
 const fmt = {
   n(v, d = 3) { return v === null || v === undefined ? "–" : Number(v).toFixed(d); },
@@ -53,9 +54,10 @@ async function poll() {
       seen.add(view.key);
       const known = runs.get(view.key);
       const rows = !known || view.reset ? view.rows : known.rows.concat(view.rows);
+      chartsStale = chartsStale || !known || view.reset || view.rows.length > 0;
       runs.set(view.key, { view, rows });
     }
-    for (const key of [...runs.keys()]) if (!seen.has(key)) runs.delete(key);
+    for (const key of [...runs.keys()]) if (!seen.has(key)) { runs.delete(key); chartsStale = true; }
     lastOk = Date.now();
     render();
   } catch (err) {
@@ -74,7 +76,11 @@ function renderList() {
   nav.replaceChildren(...[...runs.values()].map(({ view }) => {
     const box = el("input", { type: "checkbox", "data-key": view.key });
     box.checked = !hidden.has(view.key);
-    box.addEventListener("change", () => { if (box.checked) hidden.delete(view.key); else hidden.add(view.key); render(); });
+    box.addEventListener("change", () => {
+      if (box.checked) hidden.delete(view.key); else hidden.add(view.key);
+      chartsStale = true;
+      render();
+    });
     return el("label", {}, box, ` ${view.name} `, el("span", { class: "muted", text: `(${view.kind})` }));
   }));
   if (!runs.size) nav.replaceChildren(el("span", { class: "empty", text: "no run yet: waiting for one to write its first round" }));
@@ -176,7 +182,8 @@ function render() {
   link.textContent = `updated ${new Date(lastOk).toLocaleTimeString()}, every ${refreshMs / 1000} s`;
   link.className = "muted";
   renderList();
-  renderCharts();
+  if (chartsStale) renderCharts();
+  chartsStale = false;
   document.getElementById("cards").replaceChildren(...shown().map(card));
 }
 
